@@ -1,0 +1,1 @@
+"""The JTrack-compatible upload server (Bottle); see :func:`server.app.create_app`."""

@@ -1,0 +1,187 @@
+"""The Bottle upload server: routes parse the request, call :mod:`workbench.ingest`, answer JSON.
+
+JTrack-compatible: ``POST /`` or ``POST /api`` with an ``ACTION`` header (``write_data``,
+``add_user``, ``update_user``); the EMA resources archive at ``GET /resources/<study>`` or
+JTrack's ``GET`` with ``ACTION: download_zip``; ``GET /health``; ``GET /openapi.yaml``.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+from pathlib import Path
+
+import orjson
+from bottle import Bottle, HTTPResponse, request
+
+from workbench.config import Config
+from workbench.errors import BadRequest, BodyTooLarge, UploadRejected, WorkbenchError
+from workbench.ingest import Ingest, Upload
+
+log = logging.getLogger("workbench.server")
+
+OPENAPI = Path(__file__).with_name("openapi.yaml")
+CHUNK = 64 * 1024
+
+
+def create_app(config: Config) -> Bottle:
+    """The WSGI application for one workbench home."""
+    app = Bottle()
+    ingest = Ingest(config)
+    atexit.register(ingest.close)
+    limit = config.server.max_body_bytes
+    actions = {
+        "write_data": ingest.write_data,
+        "add_user": ingest.add_user,
+        "update_user": ingest.update_user,
+    }
+
+    def answer(status: int, body: dict, headers: dict | None = None) -> HTTPResponse:
+        return HTTPResponse(
+            orjson.dumps(body),
+            status=status,
+            headers={"Content-Type": "application/json", **(headers or {})},
+        )
+
+    def failure(exc: WorkbenchError) -> HTTPResponse:
+        return answer(exc.status, exc.to_json())
+
+    def post_action():
+        action = request.get_header("ACTION", "")
+        handler = actions.get(action)
+        upload = Upload(
+            body=b"",
+            md5=request.get_header("md5"),
+            content_digest=request.get_header("Content-Digest"),
+            authorization=request.get_header("Authorization"),
+            remote_addr=request.remote_addr,
+        )
+        if handler is None:
+            return failure(
+                ingest.reject_unread(
+                    action[:32] or "none",
+                    upload,
+                    BadRequest(
+                        f"unknown ACTION header {action[:40]!r}: use write_data, add_user or update_user"
+                    ),
+                )
+            )
+        try:
+            upload.body = _read_body(limit)
+        except UploadRejected as exc:
+            return failure(ingest.reject_unread(action, upload, exc))
+        try:
+            receipt = handler(upload)
+        except WorkbenchError as exc:
+            return failure(exc)
+        return answer(receipt.status, receipt.body)
+
+    def download(study):
+        try:
+            status, etag, data = ingest.resources(
+                study,
+                authorization=request.get_header("Authorization"),
+                if_none_match=request.get_header("If-None-Match"),
+            )
+        except WorkbenchError as exc:
+            return failure(exc)
+        headers = {"ETag": etag, "Cache-Control": "no-cache"}
+        if status == 304:
+            return HTTPResponse(status=304, headers=headers)
+        return HTTPResponse(
+            data,
+            status=200,
+            headers={
+                **headers,
+                "Content-Type": "application/zip",
+                "Content-Disposition": f'attachment; filename="{study}.zip"',
+            },
+        )
+
+    @app.post("/")
+    @app.post("/api")
+    def post_root():
+        return post_action()
+
+    @app.get("/")
+    @app.get("/api")
+    def get_root():
+        if request.get_header("ACTION", "") == "download_zip":
+            study = request.get_header("studyId") or request.query.get("studyId")
+            return download(study)
+        return answer(
+            200,
+            {
+                "ok": True,
+                "message": "workbench upload server; POST with an ACTION header, see /openapi.yaml",
+            },
+        )
+
+    @app.get("/resources/<study>")
+    def get_resources(study):
+        return download(study)
+
+    @app.get("/health")
+    def health():
+        try:
+            with ingest.catalog.engine.connect() as conn:
+                conn.exec_driver_sql("SELECT 1")
+        except Exception as exc:  # any failure to reach the catalog is "unhealthy"
+            log.error("health check failed: %s", exc)
+            return answer(503, {"ok": False, "message": "the catalog cannot be reached"})
+        return answer(200, {"ok": True, "message": "healthy"})
+
+    @app.get("/openapi.yaml")
+    def openapi():
+        return HTTPResponse(
+            OPENAPI.read_bytes(), status=200, headers={"Content-Type": "application/yaml"}
+        )
+
+    def json_error(error) -> bytes:
+        request_status = error.status_code
+        if request_status >= 500:
+            log.error("internal error on %s %s: %s", request.method, request.path, error.exception)
+        error.content_type = "application/json"
+        return orjson.dumps(
+            {
+                "ok": False,
+                "error": "http_error",
+                "message": (
+                    error.body
+                    if isinstance(error.body, str) and request_status < 500
+                    else "internal error"
+                ),
+            }
+        )
+
+    for code in (400, 404, 405, 500):
+        app.error_handler[code] = json_error
+    return app
+
+
+def _read_body(limit: int) -> bytes:
+    """Read the request body, refusing (413) anything over ``limit`` before reading it whole."""
+    length_header = request.environ.get("CONTENT_LENGTH", "")
+    stream = request.environ["wsgi.input"]
+    if length_header:
+        try:
+            length = int(length_header)
+        except ValueError:
+            raise BadRequest("Content-Length is not a number") from None
+        if length < 0:
+            raise BadRequest("Content-Length is negative")
+        if length > limit:
+            raise BodyTooLarge(f"body of {length} bytes is over the server's limit of {limit}")
+        body = stream.read(length)
+        if len(body) != length:
+            raise BadRequest("the body ended before Content-Length bytes")
+        return body
+    parts, size = [], 0
+    while True:
+        chunk = stream.read(CHUNK)
+        if not chunk:
+            return b"".join(parts)
+        size += len(chunk)
+        if size > limit:
+            raise BodyTooLarge(f"body is over the server's limit of {limit} bytes")
+        parts.append(chunk)

@@ -1,0 +1,336 @@
+"""The catalog: studies, subjects, devices, the upload ledger and rejections, via SQLAlchemy 2.
+
+The same code runs on a SQLite file (WAL mode, the embedded default) and on PostgreSQL: the
+URL decides. Times are integers, milliseconds since the Unix epoch (UTC), as the phone apps
+send them. The schema carries a version in ``schema_info`` and upgrades itself on open.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import threading
+import time
+from collections import namedtuple
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    Connection,
+    Engine,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+    create_engine,
+    event,
+    select,
+)
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import SQLAlchemyError
+
+from workbench.errors import CatalogError
+
+SCHEMA_VERSION = 1
+
+# A migration upgrades the catalog from version N-1 to N; it is keyed by N.
+MIGRATIONS: dict[int, Callable[[Connection], None]] = {}
+
+metadata = MetaData()
+
+# Autoincrementing 64-bit keys; SQLite only makes INTEGER PRIMARY KEY an alias of the rowid.
+Id = BigInteger().with_variant(Integer, "sqlite")
+
+schema_info = Table(
+    "schema_info",
+    metadata,
+    Column("key", String(64), primary_key=True),
+    Column("value", String(256), nullable=False),
+)
+
+studies = Table(
+    "studies",
+    metadata,
+    Column("study_id", String(64), primary_key=True),
+    Column("definition", Text, nullable=False),  # JSON, validated by study.schema.json
+    Column("status", String(16), nullable=False, default="active"),  # active | archived
+    Column("revision", Integer, nullable=False, default=1),
+    Column("created_at", BigInteger, nullable=False),
+    Column("archived_at", BigInteger),
+)
+
+subjects = Table(
+    "subjects",
+    metadata,
+    Column("study_id", String(64), primary_key=True),
+    Column("subject_id", String(128), primary_key=True),
+    Column("token_hash", String(64), nullable=False),  # sha256 hex of the secret token
+    Column("enrolled_at", BigInteger, nullable=False),
+    Index("ix_subjects_token_hash", "token_hash"),
+)
+
+devices = Table(
+    "devices",
+    metadata,
+    Column("study_id", String(64), primary_key=True),
+    Column("subject_id", String(128), primary_key=True),
+    Column("app", String(16), primary_key=True),  # main | ema
+    Column("device_id", String(128), primary_key=True),
+    Column("status", Integer, nullable=False, default=0),  # 0 active, 1/2 left, 3 removed
+    Column("time_joined", BigInteger),
+    Column("time_left", BigInteger),
+    Column("registered_at", BigInteger, nullable=False),
+    Column("updated_at", BigInteger, nullable=False),
+)
+
+uploads = Table(
+    "uploads",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("study_id", String(64), nullable=False),
+    Column("subject_id", String(128), nullable=False),
+    Column("device_id", String(128), nullable=False),
+    Column("sensor", String(64), nullable=False),
+    Column("received_at", BigInteger, nullable=False),
+    Column("path", String(512), nullable=False, unique=True),
+    Column("bytes", BigInteger, nullable=False),
+    Column("sha256", String(64), nullable=False),
+    Column("n_records", Integer, nullable=False),
+    Column("first_ts", BigInteger),
+    Column("last_ts", BigInteger),
+    UniqueConstraint("study_id", "subject_id", "device_id", "sensor", "sha256", name="uq_batch"),
+    Index("ix_uploads_sha256", "sha256"),
+    Index("ix_uploads_study_id", "study_id", "id"),
+)
+
+rejections = Table(
+    "rejections",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("received_at", BigInteger, nullable=False),
+    Column("action", String(32), nullable=False),
+    Column("status", Integer, nullable=False),
+    Column("reason", String(64), nullable=False),
+    Column("message", Text, nullable=False),
+    Column("study_id", String(128)),  # as claimed by the sender, possibly invalid
+    Column("subject_id", String(128)),
+    Column("device_id", String(128)),
+    Column("sensor", String(128)),
+    Column("bytes", BigInteger),
+    Column("sha256", String(64)),
+    Column("path", String(512)),  # the body kept under junk/, when it was kept
+    Column("remote_addr", String(64)),
+    Index("ix_rejections_study_id", "study_id", "id"),
+)
+
+
+class Prepared:
+    """A SQLAlchemy statement compiled once for the catalog's driver and run on a DBAPI
+    cursor: the same SQL on SQLite and PostgreSQL, without per-call statement overhead.
+
+    Example: ``q = Prepared(engine, select(studies).where(studies.c.study_id == bindparam("s")))``
+    then ``q.all(cursor, {"s": "demo"})``.
+    """
+
+    def __init__(self, engine: Engine, statement, *, column_keys: list[str] | None = None) -> None:
+        compiled = statement.compile(dialect=engine.dialect, column_keys=column_keys)
+        self.sql = str(compiled)
+        self._order = compiled.positiontup if engine.dialect.positional else None
+        names = getattr(statement, "selected_columns", None)
+        if names is None:
+            names = getattr(statement, "_returning", ())
+        self.row = namedtuple("Row", [c.key for c in names]) if names else None
+
+    def params(self, values: dict):
+        """The parameters in the form the driver wants."""
+        return tuple(values[name] for name in self._order) if self._order is not None else values
+
+    def all(self, cursor, values: dict) -> list:
+        """Execute and return every row as a named tuple."""
+        cursor.execute(self.sql, self.params(values))
+        return [self.row._make(r) for r in cursor.fetchall()]
+
+    def scalar(self, cursor, values: dict):
+        """Execute and return the first column of the first row, or None."""
+        cursor.execute(self.sql, self.params(values))
+        first = cursor.fetchone()
+        return None if first is None else first[0]
+
+
+def now_ms() -> int:
+    """Current time in milliseconds since the epoch."""
+    return time.time_ns() // 1_000_000
+
+
+class Catalog:
+    """A connection to the catalog database.
+
+    Example: ``catalog = Catalog("sqlite:///pool/catalog.sqlite"); catalog.upgrade()``.
+    """
+
+    def __init__(self, url: str) -> None:
+        try:
+            parsed = make_url(url)
+        except SQLAlchemyError as exc:
+            raise CatalogError(f"bad catalog URL: {exc}") from exc
+        self.url = parsed
+        self.is_sqlite = parsed.get_backend_name() == "sqlite"
+        if self.is_sqlite and parsed.database and parsed.database != ":memory:":
+            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.engine: Engine = create_engine(parsed, pool_pre_ping=not self.is_sqlite)
+        except (SQLAlchemyError, ImportError) as exc:
+            raise CatalogError(f"cannot open catalog {parsed!r}: {exc}") from exc
+        self._lock_path = None
+        self._lock_fd: int | None = None
+        self._lock_pid = 0
+        self._thread_lock = threading.Lock()
+        self._local = threading.local()
+        if self.is_sqlite:
+            _configure_sqlite(self.engine)
+            if parsed.database and parsed.database != ":memory:":
+                self._lock_path = f"{parsed.database}.lock"
+
+    def upgrade(self) -> int:
+        """Create the schema or upgrade it to :data:`SCHEMA_VERSION`; return the version."""
+        try:
+            with self.writing() as conn:
+                metadata.create_all(conn, tables=[schema_info])
+                row = conn.execute(
+                    select(schema_info.c.value).where(schema_info.c.key == "version")
+                ).first()
+                if row is None:
+                    metadata.create_all(conn)
+                    conn.execute(
+                        schema_info.insert().values(key="version", value=str(SCHEMA_VERSION))
+                    )
+                    return SCHEMA_VERSION
+                version = int(row.value)
+                if version > SCHEMA_VERSION:
+                    raise CatalogError(
+                        f"the catalog has schema version {version}, newer than this workbench "
+                        f"({SCHEMA_VERSION}); upgrade the workbench"
+                    )
+                for target in range(version + 1, SCHEMA_VERSION + 1):
+                    MIGRATIONS[target](conn)
+                    conn.execute(
+                        schema_info.update()
+                        .where(schema_info.c.key == "version")
+                        .values(value=str(target))
+                    )
+                return SCHEMA_VERSION
+        except SQLAlchemyError as exc:
+            raise CatalogError(f"cannot open or upgrade the catalog: {exc}") from exc
+
+    @contextlib.contextmanager
+    def writing(self, *, durable: bool = True) -> Iterator[Connection]:
+        """A write transaction, made durable against power loss on exit unless ``durable``
+        is False (the caller then calls :meth:`sync` itself).
+
+        On SQLite, writers queue on a file lock rather than on SQLite's busy handler, which
+        sleeps and retries and so stalls under load.
+        """
+        with self._write_lock(), self.engine.begin() as conn:
+            yield conn
+        if durable:
+            self.sync()
+
+    @contextlib.contextmanager
+    def _write_lock(self) -> Iterator[None]:
+        if self._lock_path is None:
+            yield
+            return
+        with self._thread_lock:
+            if self._lock_fd is None or self._lock_pid != os.getpid():
+                self._lock_fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o640)
+                self._lock_pid = os.getpid()
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+
+    def sync(self) -> None:
+        """Make every committed transaction durable against power loss.
+
+        SQLite runs with ``synchronous=NORMAL``: a commit is in the OS, not yet on the disk.
+        One small commit with ``synchronous=FULL`` fsyncs the write-ahead log, and with it
+        every commit before. (Opening and closing the database file here instead would drop
+        SQLite's POSIX locks for the whole process.) Servers such as PostgreSQL make each
+        commit durable themselves, so this does nothing for them.
+        """
+        if not self.is_sqlite:
+            return
+        with self._write_lock(), self.engine.connect() as conn:
+            # pysqlite opens a transaction only before a data change, so the pragmas run
+            # outside it and the commit in between is the one made with FULL.
+            conn.exec_driver_sql("PRAGMA synchronous = FULL")
+            try:
+                stamp = {"value": str(now_ms())}
+                if not conn.execute(
+                    schema_info.update().where(schema_info.c.key == "synced_at"), stamp
+                ).rowcount:
+                    conn.execute(schema_info.insert(), {"key": "synced_at", **stamp})
+                conn.commit()
+            finally:
+                conn.exec_driver_sql("PRAGMA synchronous = NORMAL")
+                conn.commit()
+
+    def raw_connection(self):
+        """This thread's own DBAPI connection, kept open, for statements on the hot path."""
+        conn = getattr(self._local, "conn", None)
+        if conn is None or self._local.pid != os.getpid():
+            conn = self._local.conn = self.engine.raw_connection()
+            self._local.pid = os.getpid()
+        return conn
+
+    @contextlib.contextmanager
+    def raw_writing(self) -> Iterator:
+        """A write transaction on this thread's DBAPI connection (see :meth:`writing`)."""
+        conn = self.raw_connection()
+        with self._write_lock():
+            try:
+                yield conn.cursor()
+                conn.commit()
+            except BaseException:
+                conn.rollback()
+                raise
+
+    def version(self) -> int:
+        """The schema version stored in the catalog."""
+        with self.engine.connect() as conn:
+            return int(
+                conn.execute(
+                    select(schema_info.c.value).where(schema_info.c.key == "version")
+                ).scalar_one()
+            )
+
+    def dispose(self) -> None:
+        """Close all pooled connections."""
+        self.engine.dispose()
+
+
+def _configure_sqlite(engine: Engine) -> None:
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection, _record) -> None:
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA busy_timeout = 30000")
+        cursor.execute("PRAGMA journal_mode = WAL")
+        # Commits reach the OS at once (safe against a process crash); :meth:`Catalog.sync`
+        # makes them safe against power loss, after each write or, for the upload ledger,
+        # in the background (see workbench.ledger.LedgerWriter).
+        cursor.execute("PRAGMA synchronous = NORMAL")
+        cursor.close()
+
+
+def open_catalog(config) -> Catalog:
+    """Open (and create or upgrade) the catalog named by a :class:`~workbench.config.Config`."""
+    catalog = Catalog(config.catalog_url)
+    catalog.upgrade()
+    return catalog

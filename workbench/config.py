@@ -1,0 +1,114 @@
+"""Find and read the workbench configuration (``workbench.toml``)."""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from workbench.errors import ConfigError
+from workbench.templates import template_path
+
+CONFIG_NAME = "workbench.toml"
+HOME_ENV = "WORKBENCH_HOME"
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Settings of the upload server."""
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+    workers: int = 2
+    threads: int = 4
+    public_url: str = "http://127.0.0.1:8080"
+    max_body_bytes: int = 16 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Config:
+    """One workbench home: where the pool is and how to reach the catalog."""
+
+    home: Path
+    pool: Path
+    catalog_url: str
+    server: ServerConfig = field(default_factory=ServerConfig)
+
+
+def find_home(home: str | os.PathLike | None = None) -> Path:
+    """The home folder: ``home`` if given, else ``$WORKBENCH_HOME``, else the current directory.
+
+    Example: ``find_home("/srv/study-lab")``.
+    """
+    chosen = home or os.environ.get(HOME_ENV) or os.getcwd()
+    return Path(chosen).expanduser().resolve()
+
+
+def load_config(home: str | os.PathLike | None = None) -> Config:
+    """Read ``workbench.toml`` from the home folder and return a :class:`Config`.
+
+    Example: ``cfg = load_config("~/demo"); cfg.pool``.
+    """
+    root = find_home(home)
+    path = root / CONFIG_NAME
+    if not path.is_file():
+        raise ConfigError(f"no {CONFIG_NAME} in {root}; run `workbench init --home {root}` first")
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"cannot read {path}: {exc}") from exc
+    return config_from_dict(raw, home=root)
+
+
+def config_from_dict(raw: dict, *, home: Path) -> Config:
+    """Build a :class:`Config` from parsed TOML, resolving paths against ``home``."""
+    pool_section = _section(raw, "pool")
+    catalog = _section(raw, "catalog")
+    server = _section(raw, "server")
+    pool = (home / str(pool_section.get("path", "pool"))).resolve()
+    url = str(catalog.get("url", "") or "")
+    url_env = str(catalog.get("url_env", "WORKBENCH_CATALOG_URL"))
+    url = os.environ.get(url_env) or url or f"sqlite:///{pool / 'catalog.sqlite'}"
+    known = set(ServerConfig.__dataclass_fields__)
+    unknown = set(server) - known
+    if unknown:
+        raise ConfigError(f"unknown keys in [server]: {', '.join(sorted(unknown))}")
+    try:
+        server_cfg = ServerConfig(**{**server})
+        for name in ("port", "workers", "threads", "max_body_bytes"):
+            if not isinstance(getattr(server_cfg, name), int) or getattr(server_cfg, name) < 1:
+                raise ConfigError(f"[server] {name} must be a positive integer")
+    except TypeError as exc:
+        raise ConfigError(f"bad [server] section: {exc}") from exc
+    return Config(
+        home=home,
+        pool=pool,
+        catalog_url=url,
+        server=server_cfg,
+    )
+
+
+def _section(raw: dict, name: str) -> dict:
+    value = raw.get(name, {})
+    if not isinstance(value, dict):
+        raise ConfigError(f"[{name}] must be a table in {CONFIG_NAME}")
+    return value
+
+
+def init_home(home: str | os.PathLike | None = None, *, force: bool = False) -> Config:
+    """Write a commented ``workbench.toml`` into the home and create the pool there.
+
+    Example: ``init_home("~/demo")``.
+    """
+    root = find_home(home)
+    root.mkdir(parents=True, exist_ok=True)
+    target = root / CONFIG_NAME
+    if target.exists() and not force:
+        raise ConfigError(f"{target} exists already; use --force to overwrite it")
+    target.write_text(template_path("workbench.toml").read_text(encoding="utf-8"), encoding="utf-8")
+    config = load_config(root)
+    from workbench.pool import DataPool
+
+    DataPool(config.pool).create()
+    return config

@@ -1,0 +1,110 @@
+"""The demo behind ``make run``: a demo home, the upload server and simulated phones."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from workbench.catalog import open_catalog
+from workbench.config import CONFIG_NAME, init_home, load_config
+from workbench.errors import StudyExists, WorkbenchError
+from workbench.ledger import verify
+from workbench.simulator import simulate
+from workbench.studies import create_study, definition_from_options
+
+DEMO_STUDY = "demo"
+DEMO_SENSORS = ["accelerometer", "activity", "location", "ema"]
+
+
+def wait_for_server(
+    url: str, *, timeout: float = 30.0, process: subprocess.Popen | None = None
+) -> None:
+    """Wait until ``url``/health answers 200, or raise :class:`WorkbenchError`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise WorkbenchError(f"the upload server exited with status {process.returncode}")
+        try:
+            if httpx.get(f"{url}/health", timeout=1.0).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    raise WorkbenchError(f"the upload server did not answer at {url} within {timeout:.0f} s")
+
+
+def run_demo(
+    home: Path, *, port: int = 8080, subjects: int = 12, days: int = 3, keep_serving: bool = True
+) -> None:
+    """Initialise ``home`` if needed, create the demo study, serve, simulate and verify."""
+    if not (home / CONFIG_NAME).exists():
+        init_home(home)
+    config = load_config(home)
+    catalog = open_catalog(config)
+    try:
+        create_study(
+            catalog,
+            {
+                **definition_from_options(DEMO_STUDY, duration_days=28, sensors=DEMO_SENSORS),
+                "name": "Demo study",
+            },
+        )
+        print(f"created study {DEMO_STUDY!r}")
+    except StudyExists:
+        print(f"study {DEMO_STUDY!r} exists; adding new simulated subjects to it")
+    finally:
+        catalog.dispose()
+    url = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "workbench.cli",
+            "--home",
+            str(home),
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        start_new_session=True,
+    )
+    try:
+        wait_for_server(url, process=server)
+        print(f"upload server running at {url} (health: {url}/health, API: {url}/openapi.yaml)")
+        report = simulate(
+            config,
+            DEMO_STUDY,
+            subjects=subjects,
+            days=days,
+            url=url,
+            batches_per_day=12,
+            progress=True,
+        )
+        print(report.summary())
+        problems = verify(config)
+        print(
+            "verify: ledger and files agree"
+            if not problems
+            else f"verify: {len(problems)} discrepancies"
+        )
+        print(f"data pool: {config.pool}")
+        if keep_serving:
+            print(f"\nupload server: {url}   (Ctrl-C to stop)")
+            server.wait()
+    except KeyboardInterrupt:
+        print("\nstopping")
+    finally:
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGTERM)
+            try:
+                server.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(server.pid, signal.SIGKILL)

@@ -1,0 +1,127 @@
+"""Errors raised by the workbench.
+
+Every failure a user can cause or meet has a named type here; anything else is a bug and
+keeps its traceback. The CLI turns these into a one-line message and an exit code, the
+upload server into an HTTP status and a JSON body (``status`` and ``code`` attributes).
+
+    WorkbenchError                 base of everything below (exit 1, HTTP 500)
+    ├── ConfigError                workbench.toml missing, unreadable or invalid (exit 2)
+    ├── CatalogError               the catalog cannot be opened or upgraded (exit 3)
+    ├── InvalidDefinition          a study definition fails its JSON Schema (exit 2)
+    ├── UnknownStudy               no such study (HTTP 409, exit 4)
+    ├── StudyExists                a study of that id already exists (exit 4)
+    ├── StudyArchived              the study no longer takes data (HTTP 409, exit 4)
+    ├── UploadRejected             base of the upload server's refusals (HTTP 400)
+    │   ├── BadRequest             malformed body, header or identifier (HTTP 400)
+    │   ├── ChecksumMismatch       md5 / Content-Digest does not match the body (HTTP 400)
+    │   ├── Unauthorized           missing or wrong Bearer token (HTTP 401)
+    │   ├── SubjectNotActive       subject or device has left or was removed (HTTP 403)
+    │   ├── UnknownSubject         subject not enrolled or device not attached (HTTP 403)
+    │   ├── UnknownSensor          sensor not in the study's list (HTTP 422)
+    │   ├── Conflict               e.g. too many devices for one subject (HTTP 409)
+    │   └── BodyTooLarge           body over the configured limit (HTTP 413)
+    └── VerifyFailed               ledger and files disagree (exit 5)
+"""
+
+from __future__ import annotations
+
+
+class WorkbenchError(Exception):
+    """Base of every error the workbench raises on purpose."""
+
+    status = 500
+    exit_code = 1
+    code = "error"
+
+    def __init__(self, message: str, **details: object) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = details
+
+    def to_json(self) -> dict:
+        """The JSON body the upload server answers with."""
+        return {"ok": False, "error": self.code, "message": self.message, **self.details}
+
+
+class ConfigError(WorkbenchError):
+    exit_code = 2
+    code = "config"
+
+
+class CatalogError(WorkbenchError):
+    exit_code = 3
+    code = "catalog"
+
+
+class InvalidDefinition(WorkbenchError):
+    status = 400
+    exit_code = 2
+    code = "invalid_definition"
+
+
+class UnknownStudy(WorkbenchError):
+    status = 409
+    exit_code = 4
+    code = "unknown_study"
+
+
+class StudyExists(WorkbenchError):
+    status = 409
+    exit_code = 4
+    code = "study_exists"
+
+
+class StudyArchived(WorkbenchError):
+    status = 409
+    exit_code = 4
+    code = "study_archived"
+
+
+class UploadRejected(WorkbenchError):
+    status = 400
+    code = "rejected"
+
+
+class BadRequest(UploadRejected):
+    status = 400
+    code = "bad_request"
+
+
+class ChecksumMismatch(UploadRejected):
+    status = 400
+    code = "checksum_mismatch"
+
+
+class Unauthorized(UploadRejected):
+    status = 401
+    code = "unauthorized"
+
+
+class SubjectNotActive(UploadRejected):
+    status = 403
+    code = "subject_not_active"
+
+
+class UnknownSubject(UploadRejected):
+    status = 403
+    code = "unknown_subject"
+
+
+class UnknownSensor(UploadRejected):
+    status = 422
+    code = "unknown_sensor"
+
+
+class Conflict(UploadRejected):
+    status = 409
+    code = "conflict"
+
+
+class BodyTooLarge(UploadRejected):
+    status = 413
+    code = "body_too_large"
+
+
+class VerifyFailed(WorkbenchError):
+    exit_code = 5
+    code = "verify_failed"

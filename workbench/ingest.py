@@ -1,0 +1,755 @@
+"""The upload path behind the server: check, authenticate, file durably, record in the ledger.
+
+One :class:`Ingest` per server process. Each action takes an :class:`Upload` (the body bytes
+and the few headers that matter) and returns a :class:`Receipt` (HTTP status and JSON body), or
+raises a :class:`~workbench.errors.UploadRejected` after recording the rejection. Nothing here
+knows about Bottle.
+
+The durable order for a batch: body written to the pool's incoming folder and fsynced → ledger
+row committed → file hard-linked under its final name (never overwriting) and the folder
+fsynced → answer 200. :func:`recover_incoming` finishes or discards what a crash interrupted.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import hashlib
+import hmac
+import io
+import json
+import os
+import time
+import zipfile
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import jsonschema
+import jsonschema_rs
+import orjson
+from sqlalchemy import and_, bindparam, func, select
+
+from workbench.catalog import (
+    Catalog,
+    Prepared,
+    devices,
+    now_ms,
+    rejections,
+    studies,
+    subjects,
+    uploads,
+)
+from workbench.config import Config
+from workbench.enrollment import hash_token
+from workbench.errors import (
+    BadRequest,
+    BodyTooLarge,
+    ChecksumMismatch,
+    Conflict,
+    StudyArchived,
+    SubjectNotActive,
+    Unauthorized,
+    UnknownSensor,
+    UnknownStudy,
+    UnknownSubject,
+    UploadRejected,
+)
+from workbench.identifiers import check_identifier, is_identifier
+from workbench.ledger import LedgerWriter, insert_ignore
+from workbench.pool import DataPool, fsync_dir, incoming_tag
+from workbench.templates import load_schema
+
+ACTIVE, LEFT_CLIENT_TIME, LEFT_SERVER_TIME, REMOVED = 0, 1, 2, 3
+APPS = ("main", "ema")
+
+
+@dataclass
+class Upload:
+    """One request as the ingest path sees it."""
+
+    body: bytes
+    md5: str | None = None
+    content_digest: str | None = None
+    authorization: str | None = None
+    remote_addr: str | None = None
+
+
+@dataclass
+class Receipt:
+    """What to answer: an HTTP status and a JSON body."""
+
+    status: int
+    body: dict = field(default_factory=dict)
+
+
+@dataclass
+class _Claimed:
+    """Identifiers the sender claims, kept for the rejection record."""
+
+    study: object = None
+    subject: object = None
+    device: object = None
+    sensor: object = None
+
+
+class Ingest:
+    """The upload service's logic for one workbench home.
+
+    Example: ``Ingest(load_config()).write_data(Upload(body=b'[...]', authorization="Bearer …"))``.
+    """
+
+    def __init__(self, config: Config, *, catalog: Catalog | None = None) -> None:
+        self.config = config
+        self.pool = DataPool(config.pool)
+        self.pool.create()
+        self.catalog = catalog or Catalog(config.catalog_url)
+        self.catalog.upgrade()
+        self.ledger = LedgerWriter(self.catalog, self.pool)
+        self._batch_schema = load_schema("batch")
+        self._check_batch = jsonschema_rs.validator_for(self._batch_schema).is_valid
+        self._user_schema = load_schema("user")
+        self._check_user = jsonschema_rs.validator_for(self._user_schema).is_valid
+        self._definitions: dict[str, tuple[int, dict, frozenset]] = {}
+        self._zips: dict[str, tuple[tuple, str, bytes]] = {}
+        self._lookup = (
+            select(
+                studies.c.status,
+                studies.c.revision,
+                studies.c.definition,
+                subjects.c.token_hash,
+            )
+            .select_from(studies)
+            .outerjoin(
+                subjects,
+                and_(
+                    subjects.c.study_id == studies.c.study_id,
+                    subjects.c.subject_id == bindparam("subject"),
+                ),
+            )
+            .where(studies.c.study_id == bindparam("study"))
+        )
+        # The same, with the states of one device (one row per app it is registered for).
+        self._lookup_device = Prepared(
+            self.catalog.engine,
+            self._lookup.add_columns(
+                devices.c.status.label("device_status"), devices.c.time_left
+            ).outerjoin(
+                devices,
+                and_(
+                    devices.c.study_id == studies.c.study_id,
+                    devices.c.subject_id == subjects.c.subject_id,
+                    devices.c.device_id == bindparam("device"),
+                ),
+            ),
+        )
+
+    # ------------------------------------------------------------------ write_data
+
+    def write_data(self, upload: Upload) -> Receipt:
+        """File one batch of sensor records (JTrack ``write_data``)."""
+        claimed = _Claimed()
+        try:
+            return self._write_data(upload, claimed)
+        except UploadRejected as exc:
+            raise self._rejected("write_data", upload, claimed, exc) from None
+
+    def _write_data(self, upload: Upload, claimed: _Claimed) -> Receipt:
+        has_checksum = _verify_checksum(upload)
+        records = self._parse(upload.body, self._check_batch, self._batch_schema, "a JSON array")
+        first = records[0]
+        claimed.study, claimed.subject = first["studyId"], first["username"]
+        claimed.device, claimed.sensor = first["deviceid"], first["sensorname"]
+        study_id = check_identifier("study", claimed.study)
+        subject_id = check_identifier("subject", claimed.subject)
+        device_id = check_identifier("device", claimed.device)
+        sensor = check_identifier("sensor", claimed.sensor)
+
+        rows = self._lookup_device.all(
+            self.catalog.raw_connection().cursor(),
+            {"study": study_id, "subject": subject_id, "device": device_id},
+        )
+        if not rows:
+            raise _keep(UnknownStudy(f"unknown study {study_id!r}; the batch is kept in junk"))
+        row = rows[0]
+        definition, sensors = self._definition(study_id, row.revision, row.definition)
+        self._authenticate(definition, row.token_hash, upload, subject_id)
+        if row.status != "active":
+            raise _keep(StudyArchived(f"study {study_id!r} is archived; the batch is kept in junk"))
+        first_ts, last_ts = _span_of_batch(records, study_id, subject_id, device_id, sensor)
+        if definition["checksum_required"] and not has_checksum:
+            raise BadRequest(
+                f"study {study_id!r} requires an md5 or Content-Digest header on uploads"
+            )
+        if len(upload.body) > definition["max_body_bytes"]:
+            raise BodyTooLarge(
+                f"body of {len(upload.body)} bytes is over study {study_id!r}'s limit of "
+                f"{definition['max_body_bytes']}"
+            )
+        if sensor not in sensors:
+            raise _keep(
+                UnknownSensor(
+                    f"sensor {sensor!r} is not recorded by study {study_id!r}; "
+                    "the batch is kept in junk"
+                )
+            )
+        self._check_device_active(definition, rows, subject_id, device_id)
+
+        sha = hashlib.sha256(upload.body).hexdigest()
+        row = batch_row(
+            study_id,
+            subject_id,
+            device_id,
+            sensor,
+            upload.body,
+            sha,
+            len(records),
+            first_ts,
+            last_ts,
+            received=now_ms(),
+        )
+        incoming = self.pool.write_incoming(upload.body, tag=f"b{sha}")
+        try:
+            row_id = self.ledger.record(row)
+        except BaseException:
+            os.unlink(incoming)  # not acknowledged: the phone keeps the batch and retries
+            raise
+        if row_id is None:
+            return self._duplicate(incoming, row)
+        self.ledger.published(incoming, self.pool.link(incoming, row["path"]))
+        return Receipt(
+            200,
+            {
+                "ok": True,
+                "message": f"stored {len(records)} records",
+                "duplicate": False,
+                "id": row_id,
+                "records": len(records),
+                "sha256": sha,
+            },
+        )
+
+    def _duplicate(self, incoming: Path, row: dict) -> Receipt:
+        """A retried batch: answer 200 once the first copy is surely in place."""
+        with self.catalog.engine.connect() as conn:
+            first = conn.execute(
+                select(uploads.c.id, uploads.c.path, uploads.c.n_records).where(
+                    uploads.c.study_id == row["study_id"],
+                    uploads.c.subject_id == row["subject_id"],
+                    uploads.c.device_id == row["device_id"],
+                    uploads.c.sensor == row["sensor"],
+                    uploads.c.sha256 == row["sha256"],
+                )
+            ).one()
+        try:
+            # The first attempt may have been committed and then interrupted before its file
+            # was linked: this retry carries the same bytes, so it completes the first attempt.
+            self.ledger.published(incoming, self.pool.link(incoming, first.path))
+        except FileExistsError:
+            os.unlink(incoming)
+        return Receipt(
+            200,
+            {
+                "ok": True,
+                "message": "this batch was stored before; nothing new was written",
+                "duplicate": True,
+                "id": first.id,
+                "records": first.n_records,
+                "sha256": row["sha256"],
+            },
+        )
+
+    # ------------------------------------------------------------------ add_user / update_user
+
+    def add_user(self, upload: Upload) -> Receipt:
+        """Attach a device to an enrolled subject (JTrack ``add_user``)."""
+        claimed = _Claimed()
+        try:
+            return self._add_user(upload, claimed)
+        except UploadRejected as exc:
+            raise self._rejected("add_user", upload, claimed, exc) from None
+
+    def _add_user(self, upload: Upload, claimed: _Claimed) -> Receipt:
+        user = self._user_message(upload, claimed)
+        study_id, subject_id, device_id, app, definition = self._registration(upload, user)
+        status = user["status"] if user["status"] is not None else ACTIVE
+        if status != ACTIVE:
+            raise BadRequest("add_user registers an active device: status must be 0")
+        now = now_ms()
+        with self.catalog.writing() as conn:
+            existing = conn.execute(
+                select(devices.c.device_id, devices.c.status).where(
+                    devices.c.study_id == study_id,
+                    devices.c.subject_id == subject_id,
+                    devices.c.app == app,
+                )
+            ).all()
+            mine = [d for d in existing if d.device_id == device_id]
+            if mine:
+                if mine[0].status != ACTIVE:
+                    raise SubjectNotActive(
+                        f"device {device_id!r} of {subject_id!r} has left the study; "
+                        "it cannot be registered again"
+                    )
+                return Receipt(
+                    200,
+                    {
+                        "ok": True,
+                        "message": "device already registered",
+                        "already_registered": True,
+                    },
+                )
+            active = sum(1 for d in existing if d.status == ACTIVE)
+            if active >= definition["max_devices"]:
+                raise Conflict(
+                    f"subject {subject_id!r} has {active} active {app} devices, the study's "
+                    f"maximum; ask the coordinator to remove one"
+                )
+            conn.execute(
+                devices.insert().values(
+                    study_id=study_id,
+                    subject_id=subject_id,
+                    app=app,
+                    device_id=device_id,
+                    status=ACTIVE,
+                    time_joined=user["time_joined"] or now,
+                    time_left=None,
+                    registered_at=now,
+                    updated_at=now,
+                )
+            )
+        return Receipt(
+            200,
+            {"ok": True, "message": f"device {device_id} registered for {subject_id}", "app": app},
+        )
+
+    def update_user(self, upload: Upload) -> Receipt:
+        """Change a device's status, e.g. when the subject leaves (JTrack ``update_user``)."""
+        claimed = _Claimed()
+        try:
+            return self._update_user(upload, claimed)
+        except UploadRejected as exc:
+            raise self._rejected("update_user", upload, claimed, exc) from None
+
+    def _update_user(self, upload: Upload, claimed: _Claimed) -> Receipt:
+        user = self._user_message(upload, claimed)
+        study_id, subject_id, device_id, app, _definition = self._registration(upload, user)
+        status = user["status"]
+        if status is None:
+            raise BadRequest("update_user needs a status: 0 active, 1 or 2 left, 3 removed")
+        now = now_ms()
+        if status == ACTIVE:
+            time_left = None
+        elif status == LEFT_CLIENT_TIME:
+            time_left = user["time_left"] or now
+        else:
+            time_left = now
+        with self.catalog.writing() as conn:
+            key = (
+                (devices.c.study_id == study_id)
+                & (devices.c.subject_id == subject_id)
+                & (devices.c.app == app)
+                & (devices.c.device_id == device_id)
+            )
+            # Write first, so SQLite takes its write lock before the read below.
+            updated = conn.execute(
+                devices.update()
+                .where(key & (devices.c.status != REMOVED))
+                .values(status=status, time_left=time_left, updated_at=now)
+            ).rowcount
+            if not updated:
+                current = conn.execute(select(devices.c.status).where(key)).scalar()
+                if current is None:
+                    raise UnknownSubject(
+                        f"device {device_id!r} is not registered for {subject_id!r}; send add_user first"
+                    )
+                raise SubjectNotActive(
+                    f"{subject_id!r} was removed from the study by the investigator"
+                )
+        return Receipt(
+            200, {"ok": True, "message": f"status of {device_id} set to {status}", "status": status}
+        )
+
+    def _user_message(self, upload: Upload, claimed: _Claimed) -> dict:
+        _verify_checksum(upload)
+        raw = self._parse(upload.body, self._check_user, self._user_schema, "a JSON object")
+        app = "ema" if "deviceid_ema" in raw else "main"
+        suffix = "_ema" if app == "ema" else ""
+        user = {
+            "app": app,
+            "studyId": raw["studyId"],
+            "username": raw["username"],
+            "deviceid": raw.get(f"deviceid{suffix}"),
+            "status": raw.get(f"status{suffix}"),
+            "time_joined": raw.get(f"time_joined{suffix}"),
+            "time_left": raw.get(f"time_left{suffix}"),
+        }
+        claimed.study, claimed.subject, claimed.device = (
+            user["studyId"],
+            user["username"],
+            user["deviceid"],
+        )
+        if user["deviceid"] is None:
+            raise BadRequest("the message names no device: send deviceid or deviceid_ema")
+        return user
+
+    def _registration(self, upload: Upload, user: dict):
+        study_id = check_identifier("study", user["studyId"])
+        subject_id = check_identifier("subject", user["username"])
+        device_id = check_identifier("device", user["deviceid"])
+        with self.catalog.engine.connect() as conn:
+            row = conn.execute(self._lookup, {"study": study_id, "subject": subject_id}).first()
+        if row is None:
+            raise _keep(UnknownStudy(f"unknown study {study_id!r}"))
+        definition, _sensors = self._definition(study_id, row.revision, row.definition)
+        self._authenticate(definition, row.token_hash, upload, subject_id)
+        if row.status != "active":
+            raise _keep(StudyArchived(f"study {study_id!r} is archived"))
+        return study_id, subject_id, device_id, user["app"], definition
+
+    # ------------------------------------------------------------------ resources
+
+    def resources(
+        self, study_id: object, *, authorization: str | None, if_none_match: str | None
+    ) -> tuple[int, str, bytes]:
+        """The study's resources archive as ``(status, etag, zip bytes)``; 304 when unchanged."""
+        study_id = check_identifier("study", study_id)
+        with self.catalog.engine.connect() as conn:
+            row = conn.execute(
+                select(studies.c.status, studies.c.revision, studies.c.definition).where(
+                    studies.c.study_id == study_id
+                )
+            ).first()
+            if row is None:
+                raise UnknownStudy(f"unknown study {study_id!r}")
+            definition, _ = self._definition(study_id, row.revision, row.definition)
+            if definition["auth"] == "token":
+                token = _bearer(authorization)
+                found = conn.execute(
+                    select(func.count()).where(
+                        subjects.c.study_id == study_id,
+                        subjects.c.token_hash == hash_token(token),
+                    )
+                ).scalar()
+                if not found:
+                    raise Unauthorized("the Bearer token belongs to no subject of this study")
+        if not definition.get("resources"):
+            raise UnknownSensor(f"study {study_id!r} has no resources folder")
+        folder = (self.config.home / definition["resources"]).resolve()
+        etag, data = self._zip(study_id, folder)
+        if if_none_match and etag in [t.strip() for t in if_none_match.split(",")]:
+            return 304, etag, b""
+        return 200, etag, data
+
+    def _zip(self, study_id: str, folder: Path) -> tuple[str, bytes]:
+        if not folder.is_dir():
+            raise UnknownSensor(f"resources folder {folder} of study {study_id!r} does not exist")
+        files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.is_symlink())
+        fingerprint = tuple(
+            (str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns) for p in files
+        )
+        cached = self._zips.get(study_id)
+        if cached and cached[0] == fingerprint:
+            return cached[1], cached[2]
+        buffer = io.BytesIO()
+        with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+            for path in files:
+                info = zipfile.ZipInfo(
+                    str(path.relative_to(folder)), date_time=(2020, 1, 1, 0, 0, 0)
+                )
+                info.compress_type = zipfile.ZIP_DEFLATED
+                archive.writestr(info, path.read_bytes())
+        data = buffer.getvalue()
+        etag = '"' + hashlib.sha256(data).hexdigest()[:32] + '"'
+        self._zips[study_id] = (fingerprint, etag, data)
+        return etag, data
+
+    # ------------------------------------------------------------------ shared steps
+
+    def close(self) -> None:
+        """Make everything recorded durable and stop the background threads."""
+        self.ledger.close()
+        self.catalog.dispose()
+
+    def reject_unread(self, action: str, upload: Upload, exc: UploadRejected) -> UploadRejected:
+        """Record a rejection made before the body was read (e.g. 413)."""
+        return self._rejected(action, upload, _Claimed(), exc)
+
+    def _parse(self, body: bytes, check, schema: dict, expected: str):
+        try:
+            data = orjson.loads(body)
+        except orjson.JSONDecodeError as exc:
+            raise BadRequest(f"the body is not valid JSON: {exc}") from None
+        if not check(data):
+            error = jsonschema.exceptions.best_match(
+                jsonschema.Draft202012Validator(schema).iter_errors(data)
+            )
+            where = "/".join(map(str, error.absolute_path)) if error else ""
+            message = error.message if error else "does not match the schema"
+            raise BadRequest(
+                f"the body must be {expected}: {where + ': ' if where else ''}{message[:300]}"
+            )
+        return data
+
+    def _definition(self, study_id: str, revision: int, text: str) -> tuple[dict, frozenset]:
+        cached = self._definitions.get(study_id)
+        if cached is None or cached[0] != revision:
+            definition = json.loads(text)
+            cached = (revision, definition, frozenset(definition["sensors"]))
+            self._definitions[study_id] = cached
+        return cached[1], cached[2]
+
+    def _authenticate(self, definition: dict, token_hash, upload: Upload, subject_id: str) -> None:
+        if token_hash is None:
+            raise UnknownSubject(f"subject {subject_id!r} is not enrolled in this study")
+        if definition["auth"] == "legacy":
+            return
+        token = _bearer(upload.authorization)
+        if not hmac.compare_digest(hash_token(token), token_hash):
+            raise Unauthorized(f"wrong token for subject {subject_id!r}")
+
+    def _check_device_active(self, definition, states, subject_id, device_id) -> None:
+        states = [r for r in states if r.device_status is not None]
+        if not states:
+            raise _keep(
+                UnknownSubject(
+                    f"device {device_id!r} is not registered for {subject_id!r}; send add_user "
+                    "first. The batch is kept in junk"
+                )
+            )
+        if any(s.device_status == ACTIVE for s in states):
+            return
+        if any(s.device_status == REMOVED for s in states):
+            raise _keep(
+                SubjectNotActive(
+                    f"{subject_id!r} was removed from the study; the batch is kept in junk"
+                )
+            )
+        grace_ms = definition["left_grace_hours"] * 3_600_000
+        left = max((s.time_left or 0) for s in states)
+        if now_ms() - left > grace_ms:
+            raise _keep(
+                SubjectNotActive(
+                    f"{subject_id!r} left the study on "
+                    f"{datetime.fromtimestamp(left / 1000, UTC):%Y-%m-%d %H:%M} UTC; "
+                    "the batch is kept in junk"
+                )
+            )
+
+    def _rejected(
+        self, action: str, upload: Upload, claimed: _Claimed, exc: UploadRejected
+    ) -> UploadRejected:
+        """Record a refusal in the catalog (and keep the body in junk when flagged)."""
+        received = now_ms()
+        sha = hashlib.sha256(upload.body).hexdigest() if upload.body else None
+        path = None
+        incoming = None
+        if getattr(exc, "keep_body", False) and upload.body:
+            stamp = time.strftime("%Y-%m-%d/%H%M%S", time.gmtime(received / 1000))
+            path = f"junk/{stamp}-{exc.code}-{sha[:16]}-{os.urandom(4).hex()}.json"
+            incoming = self.pool.write_incoming(upload.body, tag=f"j{sha}")
+        with self.catalog.writing() as conn:
+            conn.execute(
+                rejections.insert().values(
+                    received_at=received,
+                    action=action,
+                    status=exc.status,
+                    reason=exc.code,
+                    message=exc.message[:2000],
+                    study_id=_claim(claimed.study),
+                    subject_id=_claim(claimed.subject),
+                    device_id=_claim(claimed.device),
+                    sensor=_claim(claimed.sensor),
+                    bytes=len(upload.body),
+                    sha256=sha,
+                    path=path,
+                    remote_addr=(upload.remote_addr or "")[:64] or None,
+                )
+            )
+        if incoming is not None:
+            self.pool.publish(incoming, path)
+            exc.details["kept_in_junk"] = True
+        return exc
+
+
+def batch_row(
+    study: str,
+    subject: str,
+    device: str,
+    sensor: str,
+    body: bytes,
+    sha: str,
+    n_records: int,
+    first_ts: int,
+    last_ts: int,
+    *,
+    received: int,
+) -> dict:
+    """The ledger row of a batch, with the pool-relative path it is filed under."""
+    stamp = time.strftime("%Y-%m-%dT%H-%M-%S", time.gmtime(received / 1000))
+    return {
+        "study_id": study,
+        "subject_id": subject,
+        "device_id": device,
+        "sensor": sensor,
+        "received_at": received,
+        "path": (
+            f"studies/{study}/{subject}/{device}/{sensor}/"
+            f"{study}_{subject}_{device}_{sensor}_{stamp}_{sha[:16]}.json"
+        ),
+        "bytes": len(body),
+        "sha256": sha,
+        "n_records": n_records,
+        "first_ts": first_ts,
+        "last_ts": last_ts,
+    }
+
+
+def recover_incoming(config: Config) -> dict[str, int]:
+    """Finish the writes a crash or power loss interrupted; return counts of what was done.
+
+    Every batch file in the incoming folder was checked and fsynced before it was recorded.
+    Its ledger row is inserted again if it was lost (the sender's retry then answers
+    ``duplicate``) and its final name linked if missing; then the incoming name goes. A junk
+    file whose rejection was never recorded was never answered: it is discarded.
+    Run it while no server on this host is writing (``workbench serve`` does, before starting).
+    """
+    pool = DataPool(config.pool)
+    catalog = Catalog(config.catalog_url)
+    catalog.upgrade()
+    done = {"completed": 0, "reledgered": 0, "discarded": 0}
+    folders: set[Path] = set()
+    try:
+        for incoming in pool.incoming_files():
+            tag = incoming_tag(incoming)
+            kind, sha = tag[:1], tag[1:]
+            with catalog.engine.connect() as conn:
+                if kind == "b":
+                    paths = list(
+                        conn.execute(
+                            select(uploads.c.path).where(uploads.c.sha256 == sha)
+                        ).scalars()
+                    )
+                else:
+                    paths = [
+                        p
+                        for p in conn.execute(
+                            select(rejections.c.path).where(rejections.c.sha256 == sha)
+                        ).scalars()
+                        if p
+                    ]
+            if not paths and kind == "b":
+                row = _row_from_file(incoming, sha)
+                if row is not None:
+                    with catalog.writing(durable=False) as conn:
+                        conn.execute(insert_ignore(catalog), row)
+                    paths = [row["path"]]
+                    done["reledgered"] += 1
+            for relative in paths:
+                with contextlib.suppress(FileExistsError):
+                    folders.add(pool.link(incoming, relative).parent)
+            catalog.sync()
+            for folder in folders:
+                fsync_dir(folder)
+            os.unlink(incoming)
+            done["completed" if paths else "discarded"] += 1
+    finally:
+        catalog.dispose()
+    return done
+
+
+def _row_from_file(incoming: Path, sha: str) -> dict | None:
+    """Rebuild a batch's ledger row from its incoming file (None if it is not a batch)."""
+    body = incoming.read_bytes()
+    if hashlib.sha256(body).hexdigest() != sha:
+        return None
+    try:
+        records = orjson.loads(body)
+        first = records[0]
+        ids = [first["studyId"], first["username"], first["deviceid"], first["sensorname"]]
+    except (orjson.JSONDecodeError, LookupError, TypeError):
+        return None
+    kinds = ("study", "subject", "device", "sensor")
+    if not all(is_identifier(kind, value) for kind, value in zip(kinds, ids, strict=True)):
+        return None
+    first_ts, last_ts = _span_of_batch(records, *ids)
+    received = incoming.stat().st_mtime_ns // 1_000_000
+    return batch_row(*ids, body, sha, len(records), first_ts, last_ts, received=received)
+
+
+def _keep(exc: UploadRejected) -> UploadRejected:
+    """Mark a rejection whose body is kept in junk."""
+    exc.keep_body = True  # type: ignore[attr-defined]
+    return exc
+
+
+def _span_of_batch(records: list, study: str, subject: str, device: str, sensor: str):
+    """First and last sample time of a batch whose records must all name the same source."""
+    first_ts = last_ts = records[0]["timestamp"]
+    for record in records:
+        if (
+            record["username"] != subject
+            or record["studyId"] != study
+            or record["deviceid"] != device
+            or record["sensorname"] != sensor
+        ):
+            raise _keep(
+                BadRequest(
+                    "every record of a batch must name the same study, subject, device and "
+                    "sensor; the batch is kept in junk"
+                )
+            )
+        ts = record["timestamp"]
+        if ts < first_ts:
+            first_ts = ts
+        elif ts > last_ts:
+            last_ts = ts
+    return first_ts, last_ts
+
+
+def _claim(value: object) -> str | None:
+    if value is None:
+        return None
+    return str(value)[:128]
+
+
+def _bearer(authorization: str | None) -> str:
+    if not authorization or not authorization.startswith("Bearer "):
+        raise Unauthorized(
+            "this study needs the subject's token: send Authorization: Bearer <token>"
+        )
+    return authorization[7:].strip()
+
+
+def _verify_checksum(upload: Upload) -> bool:
+    """Check the md5 and Content-Digest headers against the body; True if one was given."""
+    given = False
+    if upload.md5:
+        given = True
+        if upload.md5.strip().lower() != hashlib.md5(upload.body).hexdigest():
+            raise ChecksumMismatch("md5 header does not match the body; nothing was stored, retry")
+    if upload.content_digest:
+        expected = _sha256_digest(upload.content_digest)
+        if expected is not None:
+            given = True
+            if not hmac.compare_digest(expected, hashlib.sha256(upload.body).digest()):
+                raise ChecksumMismatch(
+                    "Content-Digest sha-256 does not match the body; nothing was stored, retry"
+                )
+    return given
+
+
+def _sha256_digest(header: str) -> bytes | None:
+    """The sha-256 value of an RFC 9530 Content-Digest header, or None if it has none."""
+    for part in header.split(","):
+        name, _, value = part.strip().partition("=")
+        if name.strip().lower() != "sha-256":
+            continue
+        value = value.strip()
+        if not (value.startswith(":") and value.endswith(":") and len(value) > 2):
+            raise BadRequest("Content-Digest sha-256 must be a byte sequence, :base64:")
+        try:
+            return base64.b64decode(value[1:-1], validate=True)
+        except ValueError:
+            raise BadRequest("Content-Digest sha-256 is not valid base64") from None
+    return None

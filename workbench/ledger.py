@@ -1,0 +1,252 @@
+"""The upload ledger: what was stored, and proof that the ledger and the files agree."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from sqlalchemy import func, select
+from tqdm import tqdm
+
+from workbench.catalog import Catalog, Prepared, rejections, uploads
+from workbench.config import Config
+from workbench.errors import CatalogError
+from workbench.pool import INCOMING, DataPool, fsync_dir
+
+log = logging.getLogger("workbench.ledger")
+
+
+@dataclass(frozen=True)
+class Discrepancy:
+    """One way in which the ledger and the files disagree."""
+
+    kind: str  # missing | size | hash | unrecorded | temporary
+    path: str
+    detail: str
+
+    def __str__(self) -> str:
+        return f"{self.kind:<10} {self.path}  {self.detail}"
+
+
+def verify(
+    config: Config, *, check_hashes: bool = True, progress: bool = False
+) -> list[Discrepancy]:
+    """Check that every ledger row's file exists with its size and hash, that no stored file
+    lacks a row, and that no temporary file is left; return every discrepancy found.
+
+    Example: ``assert verify(load_config()) == []``.
+    """
+    pool = DataPool(config.pool)
+    catalog = Catalog(config.catalog_url)
+    catalog.upgrade()
+    found: list[Discrepancy] = []
+    recorded: set[str] = set()
+    recorded_ids: set[tuple[int, int]] = set()
+    try:
+        with catalog.engine.connect() as conn:
+            total = conn.execute(select(func.count()).select_from(uploads)).scalar_one()
+            total += conn.execute(
+                select(func.count()).select_from(rejections).where(rejections.c.path.is_not(None))
+            ).scalar_one()
+            rows = conn.execute(
+                select(uploads.c.path, uploads.c.bytes, uploads.c.sha256).union_all(
+                    select(rejections.c.path, rejections.c.bytes, rejections.c.sha256).where(
+                        rejections.c.path.is_not(None)
+                    )
+                )
+            )
+            bar = tqdm(rows, total=total, unit="file", desc="ledger", disable=not progress)
+            for path, size, sha in bar:
+                recorded.add(path)
+                found.extend(_check_file(pool, path, size, sha, check_hashes, recorded_ids))
+    finally:
+        catalog.dispose()
+    for top in (pool.studies, pool.junk):
+        for folder, _dirs, files in os.walk(top):
+            for name in files:
+                relative = os.path.relpath(os.path.join(folder, name), pool.root)
+                if name.endswith((".part", ".tmp")) or name.startswith("."):
+                    found.append(Discrepancy("temporary", relative, "a temporary file is visible"))
+                elif relative not in recorded:
+                    found.append(
+                        Discrepancy("unrecorded", relative, "stored file has no ledger row")
+                    )
+    incoming_root = pool.root / INCOMING
+    if incoming_root.is_dir():
+        for folder, _dirs, files in os.walk(incoming_root):
+            for name in files:
+                path = Path(folder) / name
+                if _awaiting_sync(path, recorded_ids):
+                    continue
+                found.append(
+                    Discrepancy(
+                        "temporary",
+                        os.path.relpath(path, pool.root),
+                        "an interrupted write awaits recovery (`workbench recover`)",
+                    )
+                )
+    return found
+
+
+def _awaiting_sync(path: Path, inodes: set[tuple[int, int]]) -> bool:
+    """True for an incoming name a running server keeps until its next background sync:
+    a second name of a file that is recorded in the ledger."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return True  # synced and removed while we looked
+    return st.st_nlink > 1 and (st.st_dev, st.st_ino) in inodes
+
+
+def _check_file(pool: DataPool, path: str, size: int, sha: str | None, check_hashes: bool, inodes):
+    full = pool.root / path
+    try:
+        st = full.stat()
+    except FileNotFoundError:
+        return [Discrepancy("missing", path, "ledger row without a file")]
+    inodes.add((st.st_dev, st.st_ino))
+    actual = st.st_size
+    if actual != size:
+        return [Discrepancy("size", path, f"{actual} bytes on disk, {size} in the ledger")]
+    if check_hashes and sha:
+        digest = hashlib.sha256()
+        with open(full, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+        if digest.hexdigest() != sha:
+            return [Discrepancy("hash", path, "SHA-256 on disk differs from the ledger")]
+    return []
+
+
+def ledger_counts(catalog: Catalog, study_id: str | None = None) -> dict[str, int]:
+    """Number of stored batches, records and bytes (optionally for one study)."""
+    query = select(
+        func.count(),
+        func.coalesce(func.sum(uploads.c.n_records), 0),
+        func.coalesce(func.sum(uploads.c.bytes), 0),
+    )
+    if study_id:
+        query = query.where(uploads.c.study_id == study_id)
+    with catalog.engine.connect() as conn:
+        batches, records, size = conn.execute(query).one()
+    return {"batches": int(batches), "records": int(records), "bytes": int(size)}
+
+
+def insert_ignore(catalog: Catalog):
+    """INSERT of an upload row that does nothing (and returns no id) if the batch is there."""
+    dialect = catalog.engine.dialect.name
+    if dialect == "sqlite":
+        from sqlalchemy.dialects.sqlite import insert
+    elif dialect == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    else:  # pragma: no cover - only SQLite and PostgreSQL are supported
+        raise CatalogError(f"unsupported catalog database {dialect!r}")
+    return insert(uploads).on_conflict_do_nothing().returning(uploads.c.id)
+
+
+class LedgerWriter:
+    """Records upload rows for many threads at once: group commit, deferred durability.
+
+    A thread that hands its row to :meth:`record` while no commit is running commits it
+    itself, together with every row that queued up meanwhile; rows arriving during a commit
+    wait and go in the next one. So concurrent uploads share one transaction, and a lone
+    upload pays no hand-over between threads.
+
+    A row's batch file is already fsynced in the pool's incoming folder when it is recorded,
+    and that incoming name is kept until the background sync has made the catalog and the
+    final name durable (:meth:`Catalog.sync` and a folder fsync): after a power loss, recovery
+    rebuilds a lost row or link from it. The answer 200 thus waits for one fsync of its own
+    (the batch file) and shares the rest.
+    """
+
+    def __init__(self, catalog: Catalog, pool: DataPool, *, sync_interval: float = 0.25) -> None:
+        self.catalog = catalog
+        self.pool = pool
+        self.sync_interval = sync_interval
+        self._insert = Prepared(
+            catalog.engine,
+            insert_ignore(catalog),
+            column_keys=[c.name for c in uploads.columns if c.name != "id"],
+        )
+        self._queue: list[_Pending] = []
+        self._committing = False
+        self._unsynced: list[tuple[Path, Path]] = []
+        self._cond = threading.Condition()
+        self._sync_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._syncer = threading.Thread(target=self._sync_loop, name="ledger-sync", daemon=True)
+        self._syncer.start()
+
+    def record(self, row: dict) -> int | None:
+        """Insert ``row`` into the ledger; its id, or None if the same batch is there already."""
+        pending = _Pending(row)
+        with self._cond:
+            self._queue.append(pending)
+            while self._committing and not pending.finished:
+                self._cond.wait()
+            if not pending.finished:
+                self._committing = True
+                batch, self._queue = self._queue, []
+        if not pending.finished:
+            try:
+                with self.catalog.raw_writing() as cursor:
+                    for item in batch:
+                        item.row_id = self._insert.scalar(cursor, item.row)
+            except BaseException as exc:  # every row of the batch fails; each request answers 500
+                for item in batch:
+                    item.error = exc
+            finally:
+                with self._cond:
+                    for item in batch:
+                        item.finished = True
+                    self._committing = False
+                    self._cond.notify_all()
+        if pending.error is not None:
+            raise pending.error
+        return pending.row_id
+
+    def published(self, incoming: Path, final: Path) -> None:
+        """Note a batch linked under its final name; its incoming name goes once durable."""
+        with self._cond:
+            self._unsynced.append((incoming, final.parent))
+
+    def sync(self) -> int:
+        """Make all recorded rows and links durable now and drop their incoming names."""
+        with self._sync_lock:
+            with self._cond:
+                batch, self._unsynced = self._unsynced, []
+            if not batch:
+                return 0
+            self.catalog.sync()
+            for folder in {folder for _incoming, folder in batch}:
+                fsync_dir(folder)
+            for incoming, _folder in batch:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(incoming)
+            return len(batch)
+
+    def close(self) -> None:
+        """Stop the background sync after a last one."""
+        self._stop.set()
+        self._syncer.join(timeout=10)
+        self.sync()
+
+    def _sync_loop(self) -> None:
+        while not self._stop.wait(self.sync_interval):
+            try:
+                self.sync()
+            except Exception as exc:  # logged and retried next round; the names stay
+                log.error("ledger sync failed: %s", exc)
+
+
+@dataclass
+class _Pending:
+    row: dict
+    row_id: int | None = None
+    error: BaseException | None = None
+    finished: bool = False

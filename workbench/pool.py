@@ -1,0 +1,137 @@
+"""The data pool on disk: where raw uploads, junk and reports live, and how files get there.
+
+Every file enters the pool the same durable way: written to a private incoming folder,
+fsynced, then hard-linked under its final name (which fails rather than overwrite) and the
+folder fsynced. Raw files are never modified or deleted afterwards.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import uuid
+from pathlib import Path
+
+INCOMING = ".incoming"
+PART_SUFFIX = ".part"
+
+
+class DataPool:
+    """A data pool rooted at a local folder.
+
+    Example: ``pool = DataPool(Path("pool")); pool.create()``.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.studies = self.root / "studies"
+        self.junk = self.root / "junk"
+        self.reports = self.root / "reports"
+        self.enrollment = self.root / "enrollment"
+        self.resources = self.root / "resources"
+        # One incoming folder per host, so recovery on one host never touches another's writes.
+        self.incoming = self.root / INCOMING / _host_name()
+
+    def create(self) -> None:
+        """Create the pool's folders (idempotent)."""
+        for folder in (
+            self.studies,
+            self.junk,
+            self.reports,
+            self.enrollment,
+            self.resources,
+            self.incoming,
+        ):
+            folder.mkdir(parents=True, exist_ok=True)
+
+    def path(self, relative: str) -> Path:
+        """Absolute path of a pool-relative path, refusing anything that leaves the pool."""
+        candidate = (self.root / relative).resolve()
+        if not candidate.is_relative_to(self.root.resolve()):
+            raise ValueError(f"path {relative!r} leaves the data pool")
+        return candidate
+
+    def write_incoming(self, data: bytes, *, tag: str) -> Path:
+        """Write ``data`` to a new private file in the incoming folder and fsync it.
+
+        ``tag`` starts the file name, so recovery can find the ledger row (e.g. ``b<sha256>``).
+        """
+        path = self.incoming / f"{tag}-{uuid.uuid4().hex[:12]}{PART_SUFFIX}"
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+        except FileNotFoundError:
+            self.incoming.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+        try:
+            view = memoryview(data)
+            while view:
+                written = os.write(fd, view)
+                view = view[written:]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return path
+
+    def link(self, incoming: Path, relative: str) -> Path:
+        """Give an fsynced incoming file its final pool-relative name as well; return it.
+
+        Raises ``FileExistsError`` if the name is taken: nothing is ever overwritten. The new
+        name is not yet durable: see :meth:`publish` or ``LedgerWriter.published``.
+        """
+        final = self.root / relative
+        try:
+            os.link(incoming, final)
+        except FileNotFoundError:
+            _make_dirs_durably(final.parent)
+            os.link(incoming, final)
+        return final
+
+    def publish(self, incoming: Path, relative: str) -> Path:
+        """Move an fsynced incoming file to its final name durably (link, fsync, unlink)."""
+        final = self.link(incoming, relative)
+        fsync_dir(final.parent)
+        os.unlink(incoming)
+        return final
+
+    def incoming_files(self) -> list[Path]:
+        """Files left in this host's incoming folder (only after a crash)."""
+        if not self.incoming.is_dir():
+            return []
+        return sorted(p for p in self.incoming.iterdir() if p.name.endswith(PART_SUFFIX))
+
+
+def incoming_tag(path: Path) -> str:
+    """The tag an incoming file was written with (the part of its name before the last '-')."""
+    return path.name.rsplit("-", 1)[0]
+
+
+def _host_name() -> str:
+    name = socket.gethostname() or "localhost"
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name).lstrip(".") or "host"
+
+
+def fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _make_dirs_durably(folder: Path) -> None:
+    """Create ``folder`` and its missing parents, fsyncing each parent that gained an entry."""
+    missing = []
+    current = folder
+    while not current.exists():
+        missing.append(current)
+        current = current.parent
+    for path in reversed(missing):
+        try:
+            path.mkdir()
+        except FileExistsError:
+            continue
+        except OSError as exc:  # pragma: no cover - disk full or permissions
+            if exc.errno != errno.EEXIST:
+                raise
+        fsync_dir(path.parent)

@@ -1,0 +1,295 @@
+"""Simulated participants' phones: register a device and upload JTrack-shaped batches over HTTP.
+
+Used by ``make run``, the tests and the benchmarks. Each simulated subject is enrolled anew (so
+its token is known), registers one device with ``add_user`` and uploads its batches in time
+order, with md5 or Content-Digest checksums. Some subjects go silent part-way, some leave with
+``update_user``, and some batches are sent twice, as a phone does when an answer is lost.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import math
+import random
+import threading
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import httpx
+import orjson
+from tqdm import tqdm
+
+from workbench.catalog import now_ms, open_catalog
+from workbench.config import Config
+from workbench.enrollment import Enrollment, enroll
+from workbench.studies import get_study
+
+DAY_MS = 86_400_000
+SILENT_SHARE = 0.15
+LEAVING_SHARE = 0.15
+RETRY_SHARE = 0.05
+
+
+@dataclass
+class SubjectPlan:
+    """What one simulated phone will do."""
+
+    enrollment: Enrollment
+    device: str
+    joined_ms: int
+    last_day: float  # days of data it sends before going silent or leaving
+    fate: str  # active | silent | leaves
+
+
+@dataclass
+class SimulationReport:
+    """Counts of what the simulation sent and how the server answered."""
+
+    subjects: int = 0
+    sent: int = 0
+    stored: int = 0
+    duplicates: int = 0
+    failed: int = 0
+    statuses: Counter = field(default_factory=Counter)
+    seconds: float = 0.0
+    fates: Counter = field(default_factory=Counter)
+    errors: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        rate = self.sent / self.seconds if self.seconds else 0.0
+        fates = ", ".join(f"{n} {fate}" for fate, n in sorted(self.fates.items()))
+        return (
+            f"{self.subjects} subjects ({fates}): {self.sent} uploads in {self.seconds:.1f} s "
+            f"({rate:.0f}/s), {self.stored} stored, {self.duplicates} retried duplicates, "
+            f"{self.failed} failed"
+        )
+
+
+def make_batch(
+    study: str,
+    subject: str,
+    device: str,
+    sensor: str,
+    start_ms: int,
+    span_ms: int,
+    n: int,
+    rng: random.Random,
+) -> list[dict]:
+    """One batch of ``n`` records of ``sensor`` spread over ``span_ms`` from ``start_ms``."""
+    step = max(1, span_ms // n)
+    records = []
+    for i in range(n):
+        ts = start_ms + i * step
+        record = {
+            "studyId": study,
+            "username": subject,
+            "deviceid": device,
+            "sensorname": sensor,
+            "timestamp": ts,
+            "id": i,
+        }
+        record.update(_sensor_fields(sensor, ts, rng))
+        records.append(record)
+    return records
+
+
+def _sensor_fields(sensor: str, ts: int, rng: random.Random) -> dict:
+    if sensor in (
+        "accelerometer",
+        "gyroscope",
+        "gravity_sensor",
+        "linear_acceleration",
+        "magnetic_sensor",
+        "rotation_vector",
+    ):
+        g = 9.81 if sensor in ("accelerometer", "gravity_sensor") else 0.0
+        return {
+            "x": round(rng.gauss(0, 0.4), 4),
+            "y": round(rng.gauss(0, 0.4), 4),
+            "z": round(g + rng.gauss(0, 0.4), 4),
+        }
+    if sensor == "location":
+        return {
+            "lat": round(50.9 + rng.gauss(0, 0.01), 6),
+            "lon": round(6.4 + rng.gauss(0, 0.01), 6),
+            "alt": round(rng.uniform(90, 120), 1),
+            "accuracy": round(rng.uniform(3, 30), 1),
+        }
+    if sensor == "activity":
+        return {
+            "activity": rng.choice(["STILL", "WALKING", "IN_VEHICLE", "ON_FOOT"]),
+            "confidence": rng.randint(40, 100),
+        }
+    if sensor == "barometer":
+        return {"pressure": round(1013 + rng.gauss(0, 3), 2)}
+    if sensor == "application_usage":
+        return {
+            "app": rng.choice(["mail", "browser", "messenger", "camera"]),
+            "duration_ms": rng.randint(1000, 600000),
+        }
+    if sensor == "lockUnlock":
+        return {"locked": rng.random() < 0.5}
+    hour = (ts // 3_600_000) % 24
+    return {"value": round(math.sin(hour / 24 * 2 * math.pi) + rng.gauss(0, 0.1), 4)}
+
+
+def plan_subjects(
+    enrollments: list[Enrollment], *, days: int, now: int, rng: random.Random
+) -> list[SubjectPlan]:
+    """Decide each subject's device, join time and fate."""
+    plans = []
+    for e in enrollments:
+        roll = rng.random()
+        if roll < SILENT_SHARE:
+            fate, last_day = "silent", rng.uniform(0.3, 0.8) * days
+        elif roll < SILENT_SHARE + LEAVING_SHARE:
+            fate, last_day = "leaves", rng.uniform(0.4, 0.9) * days
+        else:
+            fate, last_day = "active", float(days)
+        device = f"sim-{rng.getrandbits(48):012x}"
+        plans.append(SubjectPlan(e, device, now - days * DAY_MS, last_day, fate))
+    return plans
+
+
+def simulate(
+    config: Config,
+    study_id: str,
+    *,
+    subjects: int = 10,
+    days: int = 3,
+    url: str,
+    batches_per_day: int | None = None,
+    records_per_batch: int = 150,
+    clients: int = 4,
+    seed: int = 0,
+    progress: bool = False,
+    timeout: float = 30.0,
+) -> SimulationReport:
+    """Enroll ``subjects`` new subjects in ``study_id`` and upload ``days`` of data for each.
+
+    Example: ``simulate(load_config(), "demo", subjects=5, days=2, url="http://127.0.0.1:8080")``.
+    """
+    catalog = open_catalog(config)
+    study = get_study(catalog, study_id)
+    enrollments = enroll(catalog, study_id, subjects)
+    catalog.dispose()
+    rng = random.Random(seed)
+    now = now_ms()
+    plans = plan_subjects(enrollments, days=days, now=now, rng=rng)
+    per_day = {
+        sensor: max(1, min(int(spec.get("batches_per_day", 24)), batches_per_day or 24))
+        for sensor, spec in study.sensors.items()
+    }
+    total = sum(sum(math.ceil(p.last_day * n) for n in per_day.values()) for p in plans)
+    report = SimulationReport(subjects=len(plans), fates=Counter(p.fate for p in plans))
+    lock = threading.Lock()
+    bar = tqdm(total=total, unit="batch", desc="uploading", disable=not progress)
+    started = time.perf_counter()
+
+    def run(plan: SubjectPlan, seed_offset: int) -> None:
+        local = random.Random(seed * 100_003 + seed_offset)
+        auth = {"Authorization": f"Bearer {plan.enrollment.token}"}
+        with httpx.Client(base_url=url, timeout=timeout, headers=auth) as client:
+            _send(
+                client,
+                "add_user",
+                {
+                    "studyId": study_id,
+                    "username": plan.enrollment.subject,
+                    "deviceid": plan.device,
+                    "status": 0,
+                    "time_joined": plan.joined_ms,
+                    "time_left": None,
+                },
+                report,
+                lock,
+                checksum="md5",
+            )
+            events = []
+            for sensor, n in per_day.items():
+                span = DAY_MS // n
+                for k in range(math.ceil(plan.last_day * n)):
+                    events.append((plan.joined_ms + k * span, sensor, span))
+            events.sort()
+            for start, sensor, span in events:
+                records = make_batch(
+                    study_id,
+                    plan.enrollment.subject,
+                    plan.device,
+                    sensor,
+                    start,
+                    span,
+                    records_per_batch,
+                    local,
+                )
+                body = orjson.dumps(records)
+                checksum = "md5" if local.random() < 0.5 else "digest"
+                _send_raw(client, "write_data", body, report, lock, checksum=checksum)
+                if local.random() < RETRY_SHARE:
+                    _send_raw(client, "write_data", body, report, lock, checksum=checksum)
+                bar.update(1)
+            if plan.fate == "leaves":
+                _send(
+                    client,
+                    "update_user",
+                    {
+                        "studyId": study_id,
+                        "username": plan.enrollment.subject,
+                        "deviceid": plan.device,
+                        "status": 1,
+                        "time_left": int(plan.joined_ms + plan.last_day * DAY_MS),
+                    },
+                    report,
+                    lock,
+                    checksum="md5",
+                )
+
+    with ThreadPoolExecutor(max_workers=clients) as pool:
+        for future in [pool.submit(run, plan, i) for i, plan in enumerate(plans)]:
+            future.result()
+    bar.close()
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def _send(client, action, message, report, lock, *, checksum) -> None:
+    _send_raw(client, action, orjson.dumps(message), report, lock, checksum=checksum)
+
+
+def _send_raw(
+    client: httpx.Client, action: str, body: bytes, report, lock, *, checksum: str
+) -> None:
+    headers = {"ACTION": action, "Content-Type": "application/json"}
+    if checksum == "md5":
+        headers["md5"] = hashlib.md5(body).hexdigest()
+    else:
+        headers["Content-Digest"] = (
+            "sha-256=:" + base64.b64encode(hashlib.sha256(body).digest()).decode() + ":"
+        )
+    answer = None
+    for attempt in range(4):  # a phone retries when the connection fails
+        try:
+            answer = client.post("/", content=body, headers=headers)
+            break
+        except httpx.TransportError as exc:
+            error = f"{action}: {exc!r}"
+            time.sleep(0.2 * 2**attempt)
+    with lock:
+        if action == "write_data":
+            report.sent += 1
+        if answer is None:
+            report.failed += 1
+            report.errors.append(error)
+            return
+        report.statuses[answer.status_code] += 1
+        if answer.status_code != 200:
+            report.failed += 1
+            report.errors.append(f"{action}: {answer.status_code} {answer.text[:200]}")
+        elif action == "write_data":
+            if answer.json().get("duplicate"):
+                report.duplicates += 1
+            else:
+                report.stored += 1
