@@ -18,7 +18,9 @@ def write():
     body = request.environ["wsgi.input"].read(int(request.environ.get("CONTENT_LENGTH") or 0))
     records = orjson.loads(body)
     fd = os.open(
-        os.path.join(FOLDER, uuid.uuid4().hex + ".json"), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640
+        os.path.join(FOLDER, uuid.uuid4().hex + ".json"),
+        os.O_WRONLY | os.O_CREAT | os.O_EXCL,
+        0o640,
     )
     try:
         os.write(fd, body)

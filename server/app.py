@@ -29,6 +29,7 @@ def create_app(config: Config) -> Bottle:
     app = Bottle()
     ingest = Ingest(config)
     atexit.register(ingest.close)
+    app.config["workbench.ingest"] = ingest
     limit = config.server.max_body_bytes
     actions = {
         "write_data": ingest.write_data,

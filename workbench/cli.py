@@ -64,6 +64,7 @@ def init(ctx: click.Context, force: bool) -> None:
 
     \b
     Example:
+        workbench init                 # in the current directory
         workbench --home ~/lab init
     """
     config = init_home(ctx.obj["home"], force=force)
@@ -439,7 +440,8 @@ def demo(ctx, port, subjects, days, exit_after) -> None:
 
     \b
     Example:
-        workbench --home demo-home demo --port 8080
+        workbench demo --port 8080 --exit
+        workbench --home demo-home demo
     """
     from workbench.demo import run_demo
 

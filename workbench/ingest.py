@@ -54,11 +54,15 @@ from workbench.errors import (
     UnknownStudy,
     UnknownSubject,
     UploadRejected,
+    WorkbenchError,
 )
 from workbench.identifiers import check_identifier, is_identifier
 from workbench.ledger import LedgerWriter, insert_ignore
 from workbench.pool import DataPool, fsync_dir, incoming_tag
 from workbench.templates import load_schema
+
+# What the server refuses on purpose: recorded as a rejection (and kept in junk when flagged).
+REFUSALS = (UploadRejected, UnknownStudy, StudyArchived)
 
 ACTIVE, LEFT_CLIENT_TIME, LEFT_SERVER_TIME, REMOVED = 0, 1, 2, 3
 APPS = ("main", "ema")
@@ -151,7 +155,7 @@ class Ingest:
         claimed = _Claimed()
         try:
             return self._write_data(upload, claimed)
-        except UploadRejected as exc:
+        except REFUSALS as exc:
             raise self._rejected("write_data", upload, claimed, exc) from None
 
     def _write_data(self, upload: Upload, claimed: _Claimed) -> Receipt:
@@ -266,7 +270,7 @@ class Ingest:
         claimed = _Claimed()
         try:
             return self._add_user(upload, claimed)
-        except UploadRejected as exc:
+        except REFUSALS as exc:
             raise self._rejected("add_user", upload, claimed, exc) from None
 
     def _add_user(self, upload: Upload, claimed: _Claimed) -> Receipt:
@@ -328,7 +332,7 @@ class Ingest:
         claimed = _Claimed()
         try:
             return self._update_user(upload, claimed)
-        except UploadRejected as exc:
+        except REFUSALS as exc:
             raise self._rejected("update_user", upload, claimed, exc) from None
 
     def _update_user(self, upload: Upload, claimed: _Claimed) -> Receipt:
@@ -537,8 +541,8 @@ class Ingest:
             )
 
     def _rejected(
-        self, action: str, upload: Upload, claimed: _Claimed, exc: UploadRejected
-    ) -> UploadRejected:
+        self, action: str, upload: Upload, claimed: _Claimed, exc: WorkbenchError
+    ) -> WorkbenchError:
         """Record a refusal in the catalog (and keep the body in junk when flagged)."""
         received = now_ms()
         sha = hashlib.sha256(upload.body).hexdigest() if upload.body else None

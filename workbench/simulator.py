@@ -25,6 +25,7 @@ from tqdm import tqdm
 from workbench.catalog import now_ms, open_catalog
 from workbench.config import Config
 from workbench.enrollment import Enrollment, enroll
+from workbench.errors import WorkbenchError
 from workbench.studies import get_study
 
 DAY_MS = 86_400_000
@@ -172,6 +173,7 @@ def simulate(
 
     Example: ``simulate(load_config(), "demo", subjects=5, days=2, url="http://127.0.0.1:8080")``.
     """
+    _check_server(url)
     catalog = open_catalog(config)
     study = get_study(catalog, study_id)
     enrollments = enroll(catalog, study_id, subjects)
@@ -253,6 +255,17 @@ def simulate(
     bar.close()
     report.seconds = time.perf_counter() - started
     return report
+
+
+def _check_server(url: str) -> None:
+    try:
+        answer = httpx.get(f"{url.rstrip('/')}/health", timeout=5.0)
+    except httpx.HTTPError as exc:
+        raise WorkbenchError(f"no upload server answers at {url}: {exc}") from exc
+    if answer.status_code != 200:
+        raise WorkbenchError(
+            f"the upload server at {url} is not healthy: {answer.status_code} {answer.text[:200]}"
+        )
 
 
 def _send(client, action, message, report, lock, *, checksum) -> None:

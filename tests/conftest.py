@@ -1,0 +1,206 @@
+"""Shared fixtures: a workbench home with a data pool in tmp_path, a study, enrolled
+subjects, the WSGI app in-process and a real gunicorn server on loopback."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import orjson
+import pytest
+
+from workbench.catalog import open_catalog
+from workbench.config import init_home
+from workbench.demo import wait_for_server
+from workbench.enrollment import enroll
+from workbench.simulator import make_batch
+from workbench.studies import create_study, definition_from_options
+
+REPO = Path(__file__).resolve().parent.parent
+START_MS = 1_700_000_000_000
+
+
+@pytest.fixture
+def home(tmp_path):
+    """An initialised workbench home (configuration and pool) in tmp_path."""
+    return init_home(tmp_path / "home")
+
+
+@pytest.fixture
+def catalog(home):
+    catalog = open_catalog(home)
+    yield catalog
+    catalog.dispose()
+
+
+@pytest.fixture
+def study(catalog):
+    """An active study "demo" recording accelerometer and location, token auth."""
+    return create_study(
+        catalog,
+        definition_from_options("demo", duration_days=14, sensors=["accelerometer", "location"]),
+    )
+
+
+@pytest.fixture
+def subjects(catalog, study):
+    """Three enrolled subjects of "demo"."""
+    return enroll(catalog, "demo", 3)
+
+
+@pytest.fixture
+def app(home, study):
+    from server.app import create_app
+
+    application = create_app(home)
+    yield application
+
+
+@pytest.fixture
+def client(app):
+    """An HTTP client driving the WSGI app in-process."""
+    with httpx.Client(transport=httpx.WSGITransport(app=app), base_url="http://testserver") as c:
+        yield c
+
+
+class Phone:
+    """A simulated participant's phone talking to the server through an httpx client."""
+
+    def __init__(
+        self, client: httpx.Client, enrollment, device: str = "dev-1", study: str = "demo"
+    ):
+        self.client = client
+        self.subject = enrollment.subject
+        self.token = enrollment.token
+        self.device = device
+        self.study = study
+        self.sent = 0
+
+    def headers(self, action: str, body: bytes, checksum: str | None = "md5") -> dict:
+        headers = {"ACTION": action, "Authorization": f"Bearer {self.token}"}
+        if checksum == "md5":
+            headers["md5"] = hashlib.md5(body).hexdigest()
+        elif checksum == "digest":
+            digest = base64.b64encode(hashlib.sha256(body).digest()).decode()
+            headers["Content-Digest"] = f"sha-256=:{digest}:"
+        return headers
+
+    def post(
+        self, action: str, body: bytes, *, checksum: str | None = "md5", headers: dict | None = None
+    ):
+        return self.client.post(
+            "/", content=body, headers={**self.headers(action, body, checksum), **(headers or {})}
+        )
+
+    def register(self, **extra):
+        message = {
+            "studyId": self.study,
+            "username": self.subject,
+            "deviceid": self.device,
+            "status": 0,
+            **extra,
+        }
+        return self.post("add_user", orjson.dumps(message))
+
+    def batch(
+        self, sensor: str = "accelerometer", n: int = 20, start: int | None = None
+    ) -> list[dict]:
+        import random
+
+        self.sent += 1
+        begin = START_MS + self.sent * 60_000 if start is None else start
+        return make_batch(
+            self.study,
+            self.subject,
+            self.device,
+            sensor,
+            begin,
+            60_000,
+            n,
+            random.Random(self.sent),
+        )
+
+    def upload(self, records=None, **kwargs):
+        body = (
+            records
+            if isinstance(records, bytes)
+            else orjson.dumps(records if records is not None else self.batch())
+        )
+        return self.post("write_data", body, **kwargs)
+
+
+@pytest.fixture
+def phone(client, subjects):
+    """A registered phone of the first subject."""
+    p = Phone(client, subjects[0])
+    assert p.register().status_code == 200
+    return p
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """``workbench serve`` (gunicorn) running on 127.0.0.1 in its own process group."""
+
+    def __init__(self, home_path: Path, *, workers: int = 2, threads: int = 4):
+        self.home = home_path
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.workers, self.threads = workers, threads
+        self.proc: subprocess.Popen | None = None
+        self.log = home_path / f"server-{self.port}.log"
+
+    def start(self) -> ServerProcess:
+        log = open(self.log, "ab")
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "workbench.cli",
+                "--home",
+                str(self.home),
+                "serve",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--workers",
+                str(self.workers),
+                "--threads",
+                str(self.threads),
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            cwd=REPO,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+        )
+        wait_for_server(self.url, process=self.proc, timeout=60)
+        return self
+
+    def kill(self, sig=signal.SIGKILL) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, sig)
+            self.proc.wait(timeout=30)
+
+    def stop(self) -> None:
+        self.kill(signal.SIGTERM)
+
+
+@pytest.fixture
+def server(home, study):
+    """A real gunicorn upload server for the home, stopped after the test."""
+    running = ServerProcess(home.home).start()
+    yield running
+    running.stop()

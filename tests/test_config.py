@@ -1,0 +1,71 @@
+"""Finding and reading workbench.toml."""
+
+from __future__ import annotations
+
+import pytest
+from click.testing import CliRunner
+
+from workbench.cli import cli
+from workbench.config import find_home, init_home, load_config
+from workbench.errors import ConfigError
+
+
+def test_home_precedence(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("WORKBENCH_HOME", raising=False)
+    assert find_home() == tmp_path
+    monkeypatch.setenv("WORKBENCH_HOME", str(tmp_path / "env"))
+    assert find_home() == tmp_path / "env"
+    assert find_home(tmp_path / "flag") == tmp_path / "flag"
+
+
+def test_init_writes_commented_config_and_pool(tmp_path):
+    config = init_home(tmp_path / "lab")
+    text = (tmp_path / "lab" / "workbench.toml").read_text()
+    assert text.startswith("# workbench.toml")
+    assert "[pool]" in text and "[catalog]" in text and "[server]" in text
+    assert config.pool == tmp_path / "lab" / "pool"
+    assert config.catalog_url == f"sqlite:///{tmp_path / 'lab' / 'pool' / 'catalog.sqlite'}"
+    for folder in ("studies", "junk", "reports", "enrollment"):
+        assert (config.pool / folder).is_dir()
+
+
+def test_init_refuses_to_overwrite(tmp_path):
+    init_home(tmp_path)
+    with pytest.raises(ConfigError, match="exists already"):
+        init_home(tmp_path)
+    init_home(tmp_path, force=True)
+
+
+def test_missing_config_is_a_clear_error(tmp_path):
+    result = CliRunner().invoke(cli, ["--home", str(tmp_path), "study", "list"])
+    assert result.exit_code == 2
+    assert "no workbench.toml" in result.output and "workbench init" in result.output
+
+
+def test_catalog_url_secret_comes_from_environment(tmp_path, monkeypatch):
+    init_home(tmp_path)
+    monkeypatch.setenv("WORKBENCH_CATALOG_URL", "postgresql+psycopg://u:secret@db/lab")
+    assert load_config(tmp_path).catalog_url == "postgresql+psycopg://u:secret@db/lab"
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("[server\n", "cannot read"),
+        ("[server]\nport = 0\n", "port must be a positive integer"),
+        ("[server]\nspeed = 3\n", "unknown keys in [server]"),
+        ("pool = 3\n", "[pool] must be a table"),
+    ],
+)
+def test_bad_config_is_reported(tmp_path, text, message):
+    (tmp_path / "workbench.toml").write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_config(tmp_path)
+    assert message in info.value.message
+
+
+def test_relative_pool_is_relative_to_the_home(tmp_path, monkeypatch):
+    (tmp_path / "workbench.toml").write_text('[pool]\npath = "data/pool"\n')
+    monkeypatch.chdir("/")
+    assert load_config(tmp_path).pool == tmp_path / "data" / "pool"

@@ -1,0 +1,45 @@
+"""The project's own files agree with each other."""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def names(requirements) -> set[str]:
+    return {
+        re.split(r"[<>=!~\[ ;]", r, maxsplit=1)[0].lower().replace("_", "-") for r in requirements
+    }
+
+
+def test_environment_yml_matches_pyproject():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    wanted = names(project["dependencies"]) | names(project["optional-dependencies"]["dev"])
+    text = (ROOT / "environment.yml").read_text()
+    pip_section = text.split("- pip:", 1)[1]
+    listed = names(
+        line.strip()[2:]
+        for line in pip_section.splitlines()
+        if line.strip().startswith("- ") and not line.strip().startswith("- -e")
+    )
+    assert listed == wanted
+    requires = project["requires-python"].lstrip(">=")
+    assert f"python={requires}" in text
+
+
+def test_ci_runs_make_test():
+    assert "make test" in (ROOT / ".ci" / "run").read_text()
+
+
+def test_readme_opens_with_the_two_commands():
+    head = (ROOT / "README.md").read_text().splitlines()[:30]
+    assert any("make run" in line for line in head) and any("make test" in line for line in head)
+
+
+def test_workbench_never_imports_server_or_pipelines():
+    for path in (ROOT / "workbench").rglob("*.py"):
+        text = path.read_text()
+        assert not re.search(r"^\s*(from|import) (server|pipelines)\b", text, re.M), path
