@@ -1,18 +1,19 @@
 """Upload throughput: the full write_data path against a bare parse-and-fsync floor.
 
-Starts gunicorn (2 workers, gthread) on 127.0.0.1 twice per round: once with the workbench
-upload server, once with bench/floor_app.py, which only parses the JSON and fsync-writes the
-body. Concurrent client processes send unique JTrack accelerometer batches (150 records) and
-every answer must be 200. Prints durable uploads/s, p50/p99 latency and the ratio.
+Each round starts gunicorn (2 workers, gthread) on 127.0.0.1 twice: once with the workbench
+upload server (`workbench serve`), once with bench/floor_app.py, a bare Bottle endpoint that
+only parses the JSON body and fsync-writes it to a new file. Client processes send unique
+JTrack accelerometer batches (150 records each) over keep-alive connections; every answer
+must be 200. Prints durable uploads/s, p50/p99 latency and the server's CPU time per upload
+for both, then the ratio. Rounds alternate and the medians are reported.
 
-    python bench/upload.py [--uploads 6000] [--clients 2] [--threads 8] [--rounds 2]
+    python bench/upload.py [--uploads 5000] [--rounds 3] [--clients 2] [--connections 8]
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
-import http.client
 import multiprocessing as mp
 import os
 import random
@@ -23,6 +24,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -33,7 +35,6 @@ sys.path.insert(0, str(ROOT))
 
 from workbench.catalog import open_catalog  # noqa: E402
 from workbench.config import init_home  # noqa: E402
-from workbench.demo import wait_for_server  # noqa: E402
 from workbench.enrollment import enroll  # noqa: E402
 from workbench.simulator import make_batch  # noqa: E402
 from workbench.studies import create_study, definition_from_options  # noqa: E402
@@ -47,70 +48,93 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def make_bodies(subjects, n: int, seed: int) -> list[tuple[bytes, dict]]:
-    rng = random.Random(seed)
-    out = []
-    start = 1_700_000_000_000
-    for i in range(n):
-        subject, token, device = subjects[i % len(subjects)]
-        records = make_batch(
-            "bench", subject, device, "accelerometer", start + i * 3000, 3000, 150, rng
-        )
-        body = orjson.dumps(records)
-        headers = {
-            "ACTION": "write_data",
-            "Content-Type": "application/json",
-            "md5": hashlib.md5(body).hexdigest(),
-            "Authorization": f"Bearer {token}",
-        }
-        out.append((body, headers))
-    return out
+def request_bytes(action: str, body: bytes, token: str) -> bytes:
+    """A complete HTTP/1.1 request, built once so the client spends no time on it."""
+    head = (
+        f"POST / HTTP/1.1\r\nHost: 127.0.0.1\r\nACTION: {action}\r\n"
+        f"Content-Type: application/json\r\nmd5: {hashlib.md5(body).hexdigest()}\r\n"
+        f"Authorization: Bearer {token}\r\nContent-Length: {len(body)}\r\n\r\n"
+    )
+    return head.encode() + body
 
 
-def client(port: int, jobs: list, threads: int, queue) -> None:
-    import threading
+def exchange(sock: socket.socket, request: bytes, buffer: bytearray) -> int:
+    """Send one request and read its response; return the status code."""
+    sock.sendall(request)
+    while True:
+        end = buffer.find(b"\r\n\r\n")
+        if end >= 0:
+            head = bytes(buffer[:end]).decode("latin-1")
+            length = 0
+            for line in head.split("\r\n")[1:]:
+                name, _, value = line.partition(":")
+                if name.lower() == "content-length":
+                    length = int(value)
+            while len(buffer) < end + 4 + length:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    raise ConnectionError("closed mid-response")
+                buffer.extend(chunk)
+            del buffer[: end + 4 + length]
+            return int(head.split(" ", 2)[1])
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise ConnectionError("closed")
+        buffer.extend(chunk)
 
+
+def client(port: int, requests: list[bytes], connections: int, queue) -> None:
     latencies: list[float] = []
     errors: list[str] = []
     lock = threading.Lock()
-    chunks = [jobs[i::threads] for i in range(threads)]
 
-    def run(chunk):
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-        mine = []
-        for body, headers in chunk:
-            t0 = time.perf_counter()
+    def run(chunk: list[bytes]) -> None:
+        mine: list[float] = []
+        sock, buffer = None, bytearray()
+        for request in chunk:
             for _attempt in range(3):
                 try:
-                    conn.request("POST", "/", body, headers)
-                    answer = conn.getresponse()
-                    data = answer.read()
+                    if sock is None:
+                        sock = socket.create_connection(("127.0.0.1", port))
+                        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                        buffer = bytearray()
+                    t0 = time.perf_counter()
+                    status = exchange(sock, request, buffer)
+                    mine.append(time.perf_counter() - t0)
+                    if status != 200:
+                        errors.append(f"status {status}")
                     break
-                except (http.client.HTTPException, OSError):
-                    conn.close()
-                    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+                except OSError:
+                    if sock is not None:
+                        sock.close()
+                    sock = None
             else:
                 errors.append("connection failed 3 times")
-                continue
-            mine.append(time.perf_counter() - t0)
-            if answer.status != 200:
-                errors.append(f"{answer.status} {data[:200]!r}")
-        conn.close()
+        if sock is not None:
+            sock.close()
         with lock:
             latencies.extend(mine)
 
-    ts = [threading.Thread(target=run, args=(c,)) for c in chunks]
-    for t in ts:
+    threads = [
+        threading.Thread(target=run, args=(requests[i::connections],)) for i in range(connections)
+    ]
+    for t in threads:
         t.start()
-    for t in ts:
+    for t in threads:
         t.join()
     queue.put((latencies, errors))
 
 
-def load(port: int, bodies, clients: int, threads: int) -> dict:
+class LoadFailed(Exception):
+    pass
+
+
+def load(port: int, requests: list[bytes], clients: int, connections: int) -> dict:
     queue = mp.Queue()
-    parts = [bodies[i::clients] for i in range(clients)]
-    procs = [mp.Process(target=client, args=(port, p, threads, queue)) for p in parts]
+    procs = [
+        mp.Process(target=client, args=(port, requests[i::clients], connections, queue))
+        for i in range(clients)
+    ]
     t0 = time.perf_counter()
     for p in procs:
         p.start()
@@ -121,7 +145,7 @@ def load(port: int, bodies, clients: int, threads: int) -> dict:
     latencies = sorted(x for r in results for x in r[0])
     errors = [e for r in results for e in r[1]]
     if errors:
-        raise SystemExit(f"{len(errors)} uploads failed, first: {errors[0]}")
+        raise LoadFailed(f"{len(errors)} uploads failed, first: {errors[0]}")
     return {
         "rate": len(latencies) / elapsed,
         "p50": latencies[len(latencies) // 2] * 1000,
@@ -141,34 +165,40 @@ def group_cpu_seconds(pgid: int) -> float:
             fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        if int(fields[2]) == pgid:  # field 5 of stat: process group
+        if int(fields[2]) == pgid:
             total += int(fields[11]) + int(fields[12])
     return total / tick
 
 
-def start(cmd, env) -> subprocess.Popen:
-    return subprocess.Popen(
-        cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-    )
-
-
-def stop(proc: subprocess.Popen) -> None:
-    os.killpg(proc.pid, signal.SIGTERM)
-    proc.wait(timeout=30)
+def wait_port(port: int, proc: subprocess.Popen) -> None:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"server exited: {proc.stderr.read().decode()[-2000:]}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise SystemExit("server did not start")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--uploads", type=int, default=6000, help="measured uploads per run")
-    parser.add_argument("--clients", type=int, default=2, help="client processes")
     parser.add_argument(
-        "--threads", type=int, default=8, help="threads (connections) per client process"
+        "--uploads", type=int, default=5000, help="measured uploads per run (default 5000)"
     )
-    parser.add_argument("--server-threads", type=int, default=4, help="gunicorn threads per worker")
     parser.add_argument(
-        "--rounds", type=int, default=2, help="alternating rounds; the median is reported"
+        "--rounds", type=int, default=3, help="alternating rounds; medians are reported"
+    )
+    parser.add_argument("--clients", type=int, default=2, help="client processes (default 2)")
+    parser.add_argument(
+        "--connections", type=int, default=8, help="keep-alive connections per client"
+    )
+    parser.add_argument(
+        "--threads", type=int, default=4, help="gunicorn threads per worker (default 4)"
     )
     args = parser.parse_args()
 
@@ -180,19 +210,45 @@ def main() -> None:
         create_study(
             catalog, definition_from_options("bench", duration_days=28, sensors=["accelerometer"])
         )
-        made = enroll(catalog, "bench", 32)
+        people = enroll(catalog, "bench", 32)
         catalog.dispose()
-        subjects = [(e.subject, e.token, f"dev{i:03d}") for i, e in enumerate(made)]
-        total = args.uploads * args.rounds + 400
-        print(f"preparing {total} unique batches ...", flush=True)
-        bodies = make_bodies(subjects, total, seed=1)
-        size = statistics.mean(len(b) for b, _ in bodies)
-        print(f"batch: 150 accelerometer records, {size / 1024:.1f} KiB on average")
+        subjects = [(e.subject, e.token, f"dev{i:03d}") for i, e in enumerate(people)]
+        warmup = 300
+        total = (args.uploads + warmup) * args.rounds
+        rng = random.Random(1)
+        requests = []
+        sizes = []
+        for i in range(total):
+            subject, token, device = subjects[i % len(subjects)]
+            body = orjson.dumps(
+                make_batch(
+                    "bench",
+                    subject,
+                    device,
+                    "accelerometer",
+                    1_700_000_000_000 + i * 3000,
+                    3000,
+                    150,
+                    rng,
+                )
+            )
+            sizes.append(len(body))
+            requests.append(request_bytes("write_data", body, token))
+        registrations = [
+            request_bytes(
+                "add_user",
+                orjson.dumps({"studyId": "bench", "username": s, "deviceid": d, "status": 0}),
+                t,
+            )
+            for s, t, d in subjects
+        ]
         print(
-            f"server: gunicorn, {WORKERS} workers x {args.server_threads} threads (gthread); "
-            f"clients: {args.clients} processes x {args.threads} connections; {os.cpu_count()} cores"
+            f"batches: 150 accelerometer records, {statistics.mean(sizes) / 1024:.1f} KiB on average"
         )
-
+        print(
+            f"servers: gunicorn, {WORKERS} workers x {args.threads} threads (gthread); clients: "
+            f"{args.clients} processes x {args.connections} keep-alive connections; {os.cpu_count()} cores"
+        )
         env = {
             **os.environ,
             "WORKBENCH_HOME": str(home),
@@ -206,111 +262,96 @@ def main() -> None:
             "--workers",
             str(WORKERS),
             "--threads",
-            str(args.server_threads),
+            str(args.threads),
             "--worker-class",
             "gthread",
             "--no-control-socket",
+            "--chdir",
+            str(ROOT / "bench"),
         ]
-        full, floor = [], []
+        servers = {
+            "floor": lambda port: [*gunicorn, "--bind", f"127.0.0.1:{port}", "floor_app:app"],
+            "full": lambda port: [
+                sys.executable,
+                "-m",
+                "workbench.cli",
+                "--home",
+                str(home),
+                "serve",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--workers",
+                str(WORKERS),
+                "--threads",
+                str(args.threads),
+            ],
+        }
+        results: dict[str, list[dict]] = {"floor": [], "full": []}
         offset = 0
-        for round_no in range(args.rounds):
-            for name, results, cmd in (
-                ("floor", floor, [*gunicorn, "--chdir", str(ROOT / "bench"), "floor_app:app"]),
-                (
-                    "full",
-                    full,
-                    [
-                        sys.executable,
-                        "-m",
-                        "workbench.cli",
-                        "--home",
-                        str(home),
-                        "serve",
-                        "--threads",
-                        str(args.server_threads),
-                        "--workers",
-                        str(WORKERS),
-                    ],
-                ),
-            ):
+        for round_no in range(1, args.rounds + 1):
+            for name, command in servers.items():
                 port = free_port()
-                if name == "floor":
-                    cmd = [*cmd, "--bind", f"127.0.0.1:{port}"]
-                else:
-                    cmd = [*cmd, "--port", str(port), "--host", "127.0.0.1"]
-                proc = start(cmd, env)
+                proc = subprocess.Popen(
+                    command(port),
+                    env=env,
+                    start_new_session=True,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.PIPE,
+                )
                 try:
-                    if name == "full":
-                        wait_for_server(f"http://127.0.0.1:{port}", process=proc)
-                        # register the devices (not timed)
-                        for subject, token, device in subjects:
-                            c = http.client.HTTPConnection("127.0.0.1", port)
-                            c.request(
-                                "POST",
-                                "/",
-                                orjson.dumps(
-                                    {
-                                        "studyId": "bench",
-                                        "username": subject,
-                                        "deviceid": device,
-                                        "status": 0,
-                                    }
-                                ),
-                                {"ACTION": "add_user", "Authorization": f"Bearer {token}"},
-                            )
-                            assert c.getresponse().status == 200
-                            c.close()
-                    else:
-                        _wait_port(port, proc)
-                    load(port, bodies[offset : offset + 200], args.clients, args.threads)  # warm-up
+                    wait_port(port, proc)
+                    if name == "full" and round_no == 1:
+                        load(port, registrations, 1, 1)
+                    load(port, requests[offset : offset + warmup], args.clients, args.connections)
+                    cpu = group_cpu_seconds(proc.pid)
                     result = load(
                         port,
-                        bodies[offset + 200 : offset + 200 + args.uploads],
+                        requests[offset + warmup : offset + warmup + args.uploads],
                         args.clients,
-                        args.threads,
+                        args.connections,
                     )
-                    results.append(result)
+                    result["cpu"] = (group_cpu_seconds(proc.pid) - cpu) / result["n"] * 1000
+                    results[name].append(result)
                     print(
-                        f"round {round_no + 1} {name:<5}: {result['rate']:7.0f} uploads/s  "
-                        f"p50 {result['p50']:6.2f} ms  p99 {result['p99']:6.2f} ms  ({result['n']} uploads)",
+                        f"round {round_no} {name:<5} {result['rate']:7.0f} uploads/s   p50 {result['p50']:6.2f} ms"
+                        f"   p99 {result['p99']:6.2f} ms   server CPU {result['cpu']:.2f} ms/upload",
                         flush=True,
                     )
+                except LoadFailed as exc:
+                    os.killpg(proc.pid, signal.SIGTERM)
+                    log = proc.stderr.read().decode(errors="replace")
+                    raise SystemExit(f"{name}: {exc}\nserver log (end):\n{log[-3000:]}") from None
                 finally:
-                    stop(proc)
-            offset += args.uploads
+                    if proc.poll() is None:
+                        os.killpg(proc.pid, signal.SIGTERM)
+                    proc.wait(timeout=60)
+            offset += args.uploads + warmup
             shutil.rmtree(work / "floor", ignore_errors=True)
 
-        def med(rs, key):
-            return statistics.median(r[key] for r in rs)
+        def median(name: str, key: str) -> float:
+            return statistics.median(r[key] for r in results[name])
 
         print()
-        print(f"{'':<28}{'uploads/s':>10}{'p50 ms':>9}{'p99 ms':>9}")
         print(
-            f"{'floor (parse + fsync)':<28}{med(floor, 'rate'):>10.0f}{med(floor, 'p50'):>9.2f}{med(floor, 'p99'):>9.2f}"
+            f"{'median of ' + str(args.rounds) + ' rounds':<30}{'uploads/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'CPU ms':>8}"
+        )
+        for name, label in (("floor", "floor: parse + fsync"), ("full", "write_data: full path")):
+            print(
+                f"{label:<30}{median(name, 'rate'):>10.0f}{median(name, 'p50'):>9.2f}"
+                f"{median(name, 'p99'):>9.2f}{median(name, 'cpu'):>8.2f}"
+            )
+        ratio = median("full", "rate") / median("floor", "rate")
+        rate = median("full", "rate")
+        print(
+            f"ratio full/floor: {ratio:.2f} (target >= 0.80: {'met' if ratio >= 0.8 else 'not met'})"
         )
         print(
-            f"{'write_data (full path)':<28}{med(full, 'rate'):>10.0f}{med(full, 'p50'):>9.2f}{med(full, 'p99'):>9.2f}"
-        )
-        ratio = med(full, "rate") / med(floor, "rate")
-        print(
-            f"ratio full/floor: {ratio:.2f}  (target >= 0.80: {'met' if ratio >= 0.8 else 'NOT met'}); "
-            f"full path {med(full, 'rate'):.0f}/s (target >= 1000: {'met' if med(full, 'rate') >= 1000 else 'NOT met'})"
+            f"full path: {rate:.0f} uploads/s (target >= 1000: {'met' if rate >= 1000 else 'not met'})"
         )
     finally:
         shutil.rmtree(work, ignore_errors=True)
-
-
-def _wait_port(port: int, proc: subprocess.Popen) -> None:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(proc.stderr.read().decode())
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            return
-        except OSError:
-            time.sleep(0.1)
-    raise SystemExit("floor server did not start")
 
 
 if __name__ == "__main__":

@@ -48,13 +48,13 @@ def create_app(config: Config) -> Bottle:
         return answer(exc.status, exc.to_json())
 
     def post_action():
-        action = request.get_header("ACTION", "")
+        action = _header("ACTION")
         handler = actions.get(action)
         upload = Upload(
             body=b"",
-            md5=request.get_header("md5"),
-            content_digest=request.get_header("Content-Digest"),
-            authorization=request.get_header("Authorization"),
+            md5=_header("md5") or None,
+            content_digest=_header("Content-Digest") or None,
+            authorization=_header("Authorization") or None,
             remote_addr=request.remote_addr,
         )
         if handler is None:
@@ -81,8 +81,8 @@ def create_app(config: Config) -> Bottle:
         try:
             status, etag, data = ingest.resources(
                 study,
-                authorization=request.get_header("Authorization"),
-                if_none_match=request.get_header("If-None-Match"),
+                authorization=_header("Authorization") or None,
+                if_none_match=_header("If-None-Match") or None,
             )
         except WorkbenchError as exc:
             return failure(exc)
@@ -107,8 +107,8 @@ def create_app(config: Config) -> Bottle:
     @app.get("/")
     @app.get("/api")
     def get_root():
-        if request.get_header("ACTION", "") == "download_zip":
-            study = request.get_header("studyId") or request.query.get("studyId")
+        if _header("ACTION") == "download_zip":
+            study = _header("studyId") or request.query.get("studyId")
             return download(study)
         return answer(
             200,
@@ -158,6 +158,15 @@ def create_app(config: Config) -> Bottle:
     for code in (400, 404, 405, 500):
         app.error_handler[code] = json_error
     return app
+
+
+def _header(name: str) -> str:
+    """A request header as the WSGI server passed it (latin-1 text), "" when absent.
+
+    Bottle's ``get_header`` re-decodes values as UTF-8 and raises on other bytes; identifiers
+    and tokens are ASCII, so anything else simply fails the checks that follow.
+    """
+    return request.environ.get("HTTP_" + name.upper().replace("-", "_"), "")
 
 
 def _read_body(limit: int) -> bytes:

@@ -191,7 +191,6 @@ class Catalog:
         self._lock_fd: int | None = None
         self._lock_pid = 0
         self._thread_lock = threading.Lock()
-        self._local = threading.local()
         if self.is_sqlite:
             _configure_sqlite(self.engine)
             if parsed.database and parsed.database != ":memory:":
@@ -282,19 +281,19 @@ class Catalog:
                 conn.exec_driver_sql("PRAGMA synchronous = NORMAL")
                 conn.commit()
 
-    def raw_connection(self):
-        """This thread's own DBAPI connection, kept open, for statements on the hot path."""
-        conn = getattr(self._local, "conn", None)
-        if conn is None or self._local.pid != os.getpid():
-            conn = self._local.conn = self.engine.raw_connection()
-            self._local.pid = os.getpid()
-        return conn
+    @contextlib.contextmanager
+    def raw(self) -> Iterator:
+        """A DBAPI connection from the pool, for :class:`Prepared` statements on the hot path."""
+        conn = self.engine.raw_connection()
+        try:
+            yield conn
+        finally:
+            conn.close()  # back to the pool
 
     @contextlib.contextmanager
     def raw_writing(self) -> Iterator:
-        """A write transaction on this thread's DBAPI connection (see :meth:`writing`)."""
-        conn = self.raw_connection()
-        with self._write_lock():
+        """A write transaction on a DBAPI cursor (see :meth:`writing`); commits on exit."""
+        with self._write_lock(), self.raw() as conn:
             try:
                 yield conn.cursor()
                 conn.commit()

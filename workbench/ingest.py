@@ -58,7 +58,7 @@ from workbench.errors import (
 )
 from workbench.identifiers import check_identifier, is_identifier
 from workbench.ledger import LedgerWriter, insert_ignore
-from workbench.pool import DataPool, fsync_dir, incoming_tag
+from workbench.pool import DataPool, incoming_tag, sync_folders
 from workbench.templates import load_schema
 
 # What the server refuses on purpose: recorded as a rejection (and kept in junk when flagged).
@@ -169,10 +169,10 @@ class Ingest:
         device_id = check_identifier("device", claimed.device)
         sensor = check_identifier("sensor", claimed.sensor)
 
-        rows = self._lookup_device.all(
-            self.catalog.raw_connection().cursor(),
-            {"study": study_id, "subject": subject_id, "device": device_id},
-        )
+        with self.catalog.raw() as conn:
+            rows = self._lookup_device.all(
+                conn.cursor(), {"study": study_id, "subject": subject_id, "device": device_id}
+            )
         if not rows:
             raise _keep(UnknownStudy(f"unknown study {study_id!r}; the batch is kept in junk"))
         row = rows[0]
@@ -395,6 +395,9 @@ class Ingest:
         )
         if user["deviceid"] is None:
             raise BadRequest("the message names no device: send deviceid or deviceid_ema")
+        for key in ("time_joined", "time_left"):
+            if user[key] is not None and type(user[key]) is not int:
+                raise BadRequest(f"{key} must be a whole number of milliseconds")
         return user
 
     def _registration(self, upload: Upload, user: dict):
@@ -653,8 +656,7 @@ def recover_incoming(config: Config) -> dict[str, int]:
                 with contextlib.suppress(FileExistsError):
                     folders.add(pool.link(incoming, relative).parent)
             catalog.sync()
-            for folder in folders:
-                fsync_dir(folder)
+            sync_folders(folders)
             os.unlink(incoming)
             done["completed" if paths else "discarded"] += 1
     finally:
@@ -704,6 +706,10 @@ def _span_of_batch(records: list, study: str, subject: str, device: str, sensor:
                 )
             )
         ts = record["timestamp"]
+        if type(ts) is not int:  # JSON Schema counts 1.0 as an integer; the ledger may not
+            raise BadRequest(
+                f"timestamp {ts!r} must be a whole number of milliseconds, without a fraction"
+            )
         if ts < first_ts:
             first_ts = ts
         elif ts > last_ts:

@@ -16,7 +16,7 @@ from tqdm import tqdm
 from workbench.catalog import Catalog, Prepared, rejections, uploads
 from workbench.config import Config
 from workbench.errors import CatalogError
-from workbench.pool import INCOMING, DataPool, fsync_dir
+from workbench.pool import INCOMING, DataPool, sync_folders
 
 log = logging.getLogger("workbench.ledger")
 
@@ -164,7 +164,7 @@ class LedgerWriter:
     (the batch file) and shares the rest.
     """
 
-    def __init__(self, catalog: Catalog, pool: DataPool, *, sync_interval: float = 0.25) -> None:
+    def __init__(self, catalog: Catalog, pool: DataPool, *, sync_interval: float = 0.5) -> None:
         self.catalog = catalog
         self.pool = pool
         self.sync_interval = sync_interval
@@ -194,12 +194,7 @@ class LedgerWriter:
                 batch, self._queue = self._queue, []
         if not pending.finished:
             try:
-                with self.catalog.raw_writing() as cursor:
-                    for item in batch:
-                        item.row_id = self._insert.scalar(cursor, item.row)
-            except BaseException as exc:  # every row of the batch fails; each request answers 500
-                for item in batch:
-                    item.error = exc
+                self._commit(batch)
             finally:
                 with self._cond:
                     for item in batch:
@@ -209,6 +204,21 @@ class LedgerWriter:
         if pending.error is not None:
             raise pending.error
         return pending.row_id
+
+    def _commit(self, batch: list[_Pending]) -> None:
+        try:
+            with self.catalog.raw_writing() as cursor:
+                for item in batch:
+                    item.row_id = self._insert.scalar(cursor, item.row)
+            return
+        except Exception as exc:
+            if len(batch) == 1:
+                batch[0].error = exc
+                return
+        # One bad row must not fail the uploads it shared a commit with: one by one.
+        for item in batch:
+            item.row_id = None
+            self._commit([item])
 
     def published(self, incoming: Path, final: Path) -> None:
         """Note a batch linked under its final name; its incoming name goes once durable."""
@@ -222,9 +232,13 @@ class LedgerWriter:
                 batch, self._unsynced = self._unsynced, []
             if not batch:
                 return 0
-            self.catalog.sync()
-            for folder in {folder for _incoming, folder in batch}:
-                fsync_dir(folder)
+            try:
+                self.catalog.sync()
+                sync_folders({folder for _incoming, folder in batch})
+            except BaseException:
+                with self._cond:
+                    self._unsynced[:0] = batch  # keep the names until a sync succeeds
+                raise
             for incoming, _folder in batch:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(incoming)

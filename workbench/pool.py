@@ -7,10 +7,12 @@ folder fsynced. Raw files are never modified or deleted afterwards.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import errno
+import itertools
 import os
 import socket
-import uuid
 from pathlib import Path
 
 INCOMING = ".incoming"
@@ -57,7 +59,7 @@ class DataPool:
 
         ``tag`` starts the file name, so recovery can find the ledger row (e.g. ``b<sha256>``).
         """
-        path = self.incoming / f"{tag}-{uuid.uuid4().hex[:12]}{PART_SUFFIX}"
+        path = self.incoming / f"{tag}-{os.getpid()}.{next(_sequence)}{PART_SUFFIX}"
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
         except FileNotFoundError:
@@ -104,6 +106,39 @@ class DataPool:
 def incoming_tag(path: Path) -> str:
     """The tag an incoming file was written with (the part of its name before the last '-')."""
     return path.name.rsplit("-", 1)[0]
+
+
+_sequence = itertools.count()
+
+
+def sync_folders(folders: set[Path]) -> None:
+    """Make new names in ``folders`` durable: one ``syncfs`` of their filesystem on Linux
+    (one journal commit for all of them), else an fsync of each folder."""
+    if not folders:
+        return
+    if _syncfs is not None:
+        for device_folder in {f.stat().st_dev: f for f in folders}.values():
+            fd = os.open(device_folder, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                if _syncfs(fd) != 0:
+                    err = ctypes.get_errno()
+                    raise OSError(err, f"syncfs failed: {os.strerror(err)}")
+            finally:
+                os.close(fd)
+        return
+    for folder in folders:
+        fsync_dir(folder)
+
+
+def _load_syncfs():
+    name = ctypes.util.find_library("c")
+    try:
+        return ctypes.CDLL(name, use_errno=True).syncfs if name else None
+    except (OSError, AttributeError):
+        return None
+
+
+_syncfs = _load_syncfs()
 
 
 def _host_name() -> str:
