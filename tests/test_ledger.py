@@ -173,10 +173,10 @@ def test_a_bad_row_does_not_fail_the_rows_it_shares_a_commit_with(home, catalog)
     writer = LedgerWriter(catalog, DataPool(home.pool))
     try:
         good = [
-            _Pending(batch_row("demo", "s", "d", "acc", b"x", f"{i:064x}", 1, 1, 2, received=1))
+            _Pending(batch_row("demo", "s", "d", "acc", b"x", f"{i:x}" * 64, 1, 1, 2, received=1))
             for i in range(3)
         ]
-        bad = _Pending({**good[0].row, "sha256": "f" * 64, "path": "p/bad", "first_ts": 2**63})
+        bad = _Pending({**good[0].row, "sha256": "e" * 64, "path": "p/bad", "first_ts": 2**63})
         writer._commit([good[0], bad, good[1], good[2]])
         assert [p.row_id is not None for p in good] == [True, True, True]
         assert isinstance(bad.error, OverflowError)
