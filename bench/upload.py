@@ -198,7 +198,7 @@ def main() -> None:
         "--connections", type=int, default=8, help="keep-alive connections per client"
     )
     parser.add_argument(
-        "--threads", type=int, default=4, help="gunicorn threads per worker (default 4)"
+        "--threads", type=int, default=8, help="gunicorn threads per worker (default 8)"
     )
     args = parser.parse_args()
 

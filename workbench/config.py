@@ -21,7 +21,7 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8080
     workers: int = 2
-    threads: int = 4
+    threads: int = 8
     public_url: str = "http://127.0.0.1:8080"
     max_body_bytes: int = 16 * 1024 * 1024
 

@@ -626,6 +626,7 @@ def recover_incoming(config: Config) -> dict[str, int]:
     catalog.upgrade()
     done = {"completed": 0, "reledgered": 0, "discarded": 0}
     folders: set[Path] = set()
+    finished: list[Path] = []
     try:
         for incoming in pool.incoming_files():
             tag = incoming_tag(incoming)
@@ -655,10 +656,13 @@ def recover_incoming(config: Config) -> dict[str, int]:
             for relative in paths:
                 with contextlib.suppress(FileExistsError):
                     folders.add(pool.link(incoming, relative).parent)
-            catalog.sync()
-            sync_folders(folders)
-            os.unlink(incoming)
+            finished.append(incoming)
             done["completed" if paths else "discarded"] += 1
+        # Rows and links durable first; only then do the incoming copies go.
+        catalog.sync()
+        sync_folders(folders)
+        for incoming in finished:
+            os.unlink(incoming)
     finally:
         catalog.dispose()
     return done
