@@ -35,6 +35,7 @@ sys.path.insert(0, str(ROOT))
 
 from workbench.catalog import open_catalog  # noqa: E402
 from workbench.config import init_home  # noqa: E402
+from workbench.demo import serve_command  # noqa: E402
 from workbench.enrollment import enroll  # noqa: E402
 from workbench.simulator import make_batch  # noqa: E402
 from workbench.studies import create_study, definition_from_options  # noqa: E402
@@ -271,22 +272,9 @@ def main() -> None:
         ]
         servers = {
             "floor": lambda port: [*gunicorn, "--bind", f"127.0.0.1:{port}", "floor_app:app"],
-            "full": lambda port: [
-                sys.executable,
-                "-m",
-                "workbench.cli",
-                "--home",
-                str(home),
-                "serve",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--workers",
-                str(WORKERS),
-                "--threads",
-                str(args.threads),
-            ],
+            "full": lambda port: serve_command(
+                home, port=port, workers=WORKERS, threads=args.threads
+            ),
         }
         results: dict[str, list[dict]] = {"floor": [], "full": []}
         offset = 0

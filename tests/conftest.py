@@ -9,7 +9,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import httpx
@@ -18,7 +17,7 @@ import pytest
 
 from workbench.catalog import open_catalog
 from workbench.config import init_home
-from workbench.demo import wait_for_server
+from workbench.demo import serve_command, wait_for_server
 from workbench.enrollment import enroll
 from workbench.simulator import make_batch
 from workbench.studies import create_study, definition_from_options
@@ -164,22 +163,9 @@ class ServerProcess:
     def start(self) -> ServerProcess:
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "workbench.cli",
-                    "--home",
-                    str(self.home),
-                    "serve",
-                    "--host",
-                    "127.0.0.1",
-                    "--port",
-                    str(self.port),
-                    "--workers",
-                    str(self.workers),
-                    "--threads",
-                    str(self.threads),
-                ],
+                serve_command(
+                    self.home, port=self.port, workers=self.workers, threads=self.threads
+                ),
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,

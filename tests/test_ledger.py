@@ -161,7 +161,7 @@ def test_pool_paths_cannot_leave_the_pool(home):
 def test_names_awaiting_the_background_sync_are_not_discrepancies(phone, home, app):
     for _ in range(5):
         assert phone.upload().status_code == 200
-    assert verify(home) == []  # whether or not the 0.25 s background sync has run yet
+    assert verify(home) == []  # whether or not the half-second background sync has run yet
     app.config["workbench.ingest"].ledger.sync()
     assert DataPool(home.pool).incoming_files() == []
     assert verify(home) == []

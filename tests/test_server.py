@@ -186,18 +186,7 @@ def test_unknown_subject_is_403_and_not_kept(client, subjects, catalog, home):
 def test_left_subject_within_grace_is_filed_then_refused(phone, catalog, home):
     from workbench.catalog import now_ms
 
-    left = phone.post(
-        "update_user",
-        orjson.dumps(
-            {
-                "studyId": "demo",
-                "username": phone.subject,
-                "deviceid": phone.device,
-                "status": 1,
-                "time_left": now_ms(),
-            }
-        ),
-    )
+    left = phone.set_status(1, time_left=now_ms())
     assert left.status_code == 200
     assert phone.upload().status_code == 200  # late batch inside the 24 h grace
     with catalog.engine.begin() as conn:
@@ -208,20 +197,10 @@ def test_left_subject_within_grace_is_filed_then_refused(phone, catalog, home):
 
 
 def test_removed_subject_is_refused_at_once(phone, catalog):
-    answer = phone.post(
-        "update_user",
-        orjson.dumps(
-            {"studyId": "demo", "username": phone.subject, "deviceid": phone.device, "status": 3}
-        ),
-    )
+    answer = phone.set_status(3)
     assert answer.status_code == 200
     assert phone.upload().status_code == 403
-    back = phone.post(
-        "update_user",
-        orjson.dumps(
-            {"studyId": "demo", "username": phone.subject, "deviceid": phone.device, "status": 0}
-        ),
-    )
+    back = phone.set_status(0)
     assert back.status_code == 403  # only the investigator can undo a removal
 
 
@@ -326,18 +305,7 @@ def test_ema_app_registers_its_own_device(client, subjects, catalog):
 
 
 def test_update_user_records_when_the_subject_left(phone, catalog):
-    answer = phone.post(
-        "update_user",
-        orjson.dumps(
-            {
-                "studyId": "demo",
-                "username": phone.subject,
-                "deviceid": phone.device,
-                "status": 1,
-                "time_left": 1234,
-            }
-        ),
-    )
+    answer = phone.set_status(1, time_left=1234)
     assert answer.status_code == 200
     with catalog.engine.connect() as conn:
         row = conn.execute(select(devices)).one()

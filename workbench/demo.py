@@ -22,6 +22,34 @@ DEMO_STUDY = "demo"
 DEMO_SENSORS = ["accelerometer", "activity", "location", "ema"]
 
 
+def serve_command(
+    home: Path,
+    *,
+    host: str = "127.0.0.1",
+    port: int,
+    workers: int | None = None,
+    threads: int | None = None,
+) -> list[str]:
+    """The command line that runs ``workbench serve`` for ``home`` with this Python."""
+    command = [
+        sys.executable,
+        "-m",
+        "workbench.cli",
+        "--home",
+        str(home),
+        "serve",
+        "--host",
+        host,
+        "--port",
+        str(port),
+    ]
+    if workers:
+        command += ["--workers", str(workers)]
+    if threads:
+        command += ["--threads", str(threads)]
+    return command
+
+
 def wait_for_server(
     url: str, *, timeout: float = 30.0, process: subprocess.Popen | None = None
 ) -> None:
@@ -61,21 +89,7 @@ def run_demo(
     finally:
         catalog.dispose()
     url = f"http://127.0.0.1:{port}"
-    server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "workbench.cli",
-            "--home",
-            str(home),
-            "serve",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-        ],
-        start_new_session=True,
-    )
+    server = subprocess.Popen(serve_command(home, port=port), start_new_session=True)
     try:
         wait_for_server(url, process=server)
         print(f"upload server running at {url} (health: {url}/health, API: {url}/openapi.yaml)")

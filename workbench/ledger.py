@@ -159,7 +159,7 @@ class LedgerWriter:
 
     A row's batch file is already fsynced in the pool's incoming folder when it is recorded,
     and that incoming name is kept until the background sync has made the catalog and the
-    final name durable (:meth:`Catalog.sync` and a folder fsync): after a power loss, recovery
+    final name durable (:meth:`Catalog.sync` and a syncfs of the pool): after a power loss, recovery
     rebuilds a lost row or link from it. The answer 200 thus waits for one fsync of its own
     (the batch file) and shares the rest.
     """

@@ -2,7 +2,7 @@
 
 Every file enters the pool the same durable way: written to a private incoming folder,
 fsynced, then hard-linked under its final name (which fails rather than overwrite) and the
-folder fsynced. Raw files are never modified or deleted afterwards.
+folder made durable. Raw files are never modified or deleted afterwards.
 """
 
 from __future__ import annotations
