@@ -108,6 +108,17 @@ class Phone:
         }
         return self.post("add_user", orjson.dumps(message))
 
+    def set_status(self, status: int, **extra):
+        """Send update_user with a new status for this phone's device."""
+        message = {
+            "studyId": self.study,
+            "username": self.subject,
+            "deviceid": self.device,
+            "status": status,
+            **extra,
+        }
+        return self.post("update_user", orjson.dumps(message))
+
     def batch(
         self, sensor: str = "accelerometer", n: int = 20, start: int | None = None
     ) -> list[dict]:
