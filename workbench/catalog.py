@@ -184,7 +184,12 @@ class Catalog:
         if self.is_sqlite and parsed.database and parsed.database != ":memory:":
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
         try:
-            self.engine: Engine = create_engine(parsed, pool_pre_ping=not self.is_sqlite)
+            # SQLite connections are cheap and keep a warm page cache: pool enough of them for
+            # every server thread, so none is opened and closed per request.
+            pooling = (
+                {"pool_size": 32, "max_overflow": 32} if self.is_sqlite else {"pool_pre_ping": True}
+            )
+            self.engine: Engine = create_engine(parsed, **pooling)
         except (SQLAlchemyError, ImportError) as exc:
             raise CatalogError(f"cannot open catalog {parsed!r}: {exc}") from exc
         self._lock_path = None
@@ -325,6 +330,7 @@ def _configure_sqlite(engine: Engine) -> None:
         # makes them safe against power loss, after each write or, for the upload ledger,
         # in the background (see workbench.ledger.LedgerWriter).
         cursor.execute("PRAGMA synchronous = NORMAL")
+        cursor.execute("PRAGMA cache_size = -32768")  # 32 MiB: the ledger's indexes stay in memory
         cursor.close()
 
 
