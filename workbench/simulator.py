@@ -140,16 +140,22 @@ def _sensor_fields(sensor: str, ts: int, rng: random.Random) -> dict:
 def plan_subjects(
     enrollments: list[Enrollment], *, days: int, now: int, rng: random.Random
 ) -> list[SubjectPlan]:
-    """Decide each subject's device, join time and fate."""
+    """Decide each subject's device, join time and fate: 15 % go silent part-way and 15 %
+    leave (at least one of each from three subjects on), the rest stay active."""
+    n = len(enrollments)
+    silent = round(n * SILENT_SHARE) or (1 if n >= 3 else 0)
+    leaving = round(n * LEAVING_SHARE) or (1 if n >= 3 else 0)
+    fates = ["silent"] * silent + ["leaves"] * leaving
+    fates += ["active"] * (n - len(fates))
+    rng.shuffle(fates)
     plans = []
-    for e in enrollments:
-        roll = rng.random()
-        if roll < SILENT_SHARE:
-            fate, last_day = "silent", rng.uniform(0.3, 0.8) * days
-        elif roll < SILENT_SHARE + LEAVING_SHARE:
-            fate, last_day = "leaves", rng.uniform(0.4, 0.9) * days
+    for e, fate in zip(enrollments, fates, strict=True):
+        if fate == "silent":
+            last_day = rng.uniform(0.3, 0.8) * days
+        elif fate == "leaves":
+            last_day = rng.uniform(0.4, 0.9) * days
         else:
-            fate, last_day = "active", float(days)
+            last_day = float(days)
         device = f"sim-{rng.getrandbits(48):012x}"
         plans.append(SubjectPlan(e, device, now - days * DAY_MS, last_day, fate))
     return plans
