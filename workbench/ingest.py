@@ -24,9 +24,10 @@ import zipfile
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Annotated
 
 import jsonschema
-import jsonschema_rs
+import msgspec
 import orjson
 from sqlalchemy import and_, bindparam, func, select
 
@@ -63,6 +64,9 @@ from workbench.templates import load_schema
 
 # What the server refuses on purpose: recorded as a rejection (and kept in junk when flagged).
 REFUSALS = (UploadRejected, UnknownStudy, StudyArchived)
+
+# Sample times are milliseconds since the epoch, at most the end of year 9999 (the schemas agree).
+MAX_TIMESTAMP = 253_402_300_799_999
 
 ACTIVE, LEFT_CLIENT_TIME, LEFT_SERVER_TIME, REMOVED = 0, 1, 2, 3
 APPS = ("main", "ema")
@@ -111,9 +115,8 @@ class Ingest:
         self.catalog.upgrade()
         self.ledger = LedgerWriter(self.catalog, self.pool)
         self._batch_schema = load_schema("batch")
-        self._check_batch = jsonschema_rs.validator_for(self._batch_schema).is_valid
         self._user_schema = load_schema("user")
-        self._check_user = jsonschema_rs.validator_for(self._user_schema).is_valid
+        self._check_user = jsonschema.Draft202012Validator(self._user_schema).is_valid
         self._definitions: dict[str, tuple[int, dict, frozenset]] = {}
         self._zips: dict[str, tuple[tuple, str, bytes]] = {}
         self._lookup = (
@@ -160,10 +163,10 @@ class Ingest:
 
     def _write_data(self, upload: Upload, claimed: _Claimed) -> Receipt:
         has_checksum = _verify_checksum(upload)
-        records = self._parse(upload.body, self._check_batch, self._batch_schema, "a JSON array")
+        records = self._parse_batch(upload.body)
         first = records[0]
-        claimed.study, claimed.subject = first["studyId"], first["username"]
-        claimed.device, claimed.sensor = first["deviceid"], first["sensorname"]
+        claimed.study, claimed.subject = first.studyId, first.username
+        claimed.device, claimed.sensor = first.deviceid, first.sensorname
         study_id = check_identifier("study", claimed.study)
         subject_id = check_identifier("subject", claimed.subject)
         device_id = check_identifier("device", claimed.device)
@@ -482,20 +485,32 @@ class Ingest:
         """Record a rejection made before the body was read (e.g. 413)."""
         return self._rejected(action, upload, _Claimed(), exc)
 
-    def _parse(self, body: bytes, check, schema: dict, expected: str):
+    def _parse_batch(self, body: bytes) -> list[BatchRecord]:
+        """Parse and validate a write_data body in one compiled step (msgspec); only a body
+        that fails is parsed again, by jsonschema, to say why in the schema's terms."""
+        try:
+            return _decode_batch(body)
+        except msgspec.ValidationError as exc:
+            self._parse(body, None, self._batch_schema, "a JSON array", fallback=str(exc))
+        except msgspec.DecodeError:
+            self._parse(body, None, self._batch_schema, "a JSON array")
+        raise AssertionError("unreachable: _parse raises for a body msgspec refused")
+
+    def _parse(self, body: bytes, check, schema: dict, expected: str, fallback: str | None = None):
         try:
             data = orjson.loads(body)
         except orjson.JSONDecodeError as exc:
             raise BadRequest(f"the body is not valid JSON: {exc}") from None
-        if not check(data):
+        if check is None or not check(data):
             error = jsonschema.exceptions.best_match(
                 jsonschema.Draft202012Validator(schema).iter_errors(data)
             )
-            where = "/".join(map(str, error.absolute_path)) if error else ""
-            message = error.message if error else "does not match the schema"
-            raise BadRequest(
-                f"the body must be {expected}: {where + ': ' if where else ''}{message[:300]}"
-            )
+            if error is not None:
+                where = "/".join(map(str, error.absolute_path))
+                message = f"{where + ': ' if where else ''}{error.message[:300]}"
+            else:  # stricter than the schema: e.g. a timestamp of 1.0
+                message = fallback or "does not match the schema"
+            raise BadRequest(f"the body must be {expected}: {message}")
         return data
 
     def _definition(self, study_id: str, revision: int, text: str) -> tuple[dict, frozenset]:
@@ -674,11 +689,11 @@ def _row_from_file(incoming: Path, sha: str) -> dict | None:
     if hashlib.sha256(body).hexdigest() != sha:
         return None
     try:
-        records = orjson.loads(body)
-        first = records[0]
-        ids = [first["studyId"], first["username"], first["deviceid"], first["sensorname"]]
-    except (orjson.JSONDecodeError, LookupError, TypeError):
+        records = _decode_batch(body)
+    except msgspec.MsgspecError:
         return None
+    first = records[0]
+    ids = [first.studyId, first.username, first.deviceid, first.sensorname]
     kinds = ("study", "subject", "device", "sensor")
     if not all(is_identifier(kind, value) for kind, value in zip(kinds, ids, strict=True)):
         return None
@@ -693,15 +708,33 @@ def _keep(exc: UploadRejected) -> UploadRejected:
     return exc
 
 
-def _span_of_batch(records: list, study: str, subject: str, device: str, sensor: str):
+class BatchRecord(msgspec.Struct):
+    """The fields of a write_data record the server checks (the rest is stored as sent).
+
+    The compiled twin of ``data_templates/schemas/batch.schema.json``; tests/test_ingest_schema.py
+    checks that both accept the same records.
+    """
+
+    studyId: str
+    username: str
+    deviceid: str
+    sensorname: str
+    timestamp: Annotated[int, msgspec.Meta(ge=0, le=MAX_TIMESTAMP)]
+
+
+_decode_batch = msgspec.json.Decoder(
+    Annotated[list[BatchRecord], msgspec.Meta(min_length=1)]
+).decode
+
+
+def _span_of_batch(records: list[BatchRecord], study: str, subject: str, device: str, sensor: str):
     """First and last sample time of a batch whose records must all name the same source."""
-    first_ts = last_ts = records[0]["timestamp"]
     for record in records:
         if (
-            record["username"] != subject
-            or record["studyId"] != study
-            or record["deviceid"] != device
-            or record["sensorname"] != sensor
+            record.username != subject
+            or record.studyId != study
+            or record.deviceid != device
+            or record.sensorname != sensor
         ):
             raise _keep(
                 BadRequest(
@@ -709,16 +742,8 @@ def _span_of_batch(records: list, study: str, subject: str, device: str, sensor:
                     "sensor; the batch is kept in junk"
                 )
             )
-        ts = record["timestamp"]
-        if type(ts) is not int:  # JSON Schema counts 1.0 as an integer; the ledger may not
-            raise BadRequest(
-                f"timestamp {ts!r} must be a whole number of milliseconds, without a fraction"
-            )
-        if ts < first_ts:
-            first_ts = ts
-        elif ts > last_ts:
-            last_ts = ts
-    return first_ts, last_ts
+    stamps = [record.timestamp for record in records]
+    return min(stamps), max(stamps)
 
 
 def _claim(value: object) -> str | None:
