@@ -43,3 +43,15 @@ def test_workbench_never_imports_server_or_pipelines():
     for path in (ROOT / "workbench").rglob("*.py"):
         text = path.read_text()
         assert not re.search(r"^\s*(from|import) (server|pipelines)\b", text, re.M), path
+
+
+def test_public_api_example_runs(tmp_path):
+    import workbench
+
+    config = workbench.init_home(tmp_path / "lab")
+    catalog = workbench.open_catalog(config)
+    workbench.create_study(catalog, workbench.definition_from_options("sleep", duration_days=28))
+    people = workbench.enroll(catalog, "sleep", 2)
+    assert [p.subject for p in people] == ["sleep_00001", "sleep_00002"]
+    assert workbench.verify(config) == []
+    assert set(workbench.__all__) <= set(dir(workbench))

@@ -1,0 +1,45 @@
+"""A research workbench for digital-health studies.
+
+The public API, for notebooks and scripts::
+
+    import workbench
+    config = workbench.load_config("~/sleep-lab")
+    catalog = workbench.open_catalog(config)
+    workbench.create_study(catalog, workbench.definition_from_options("sleep", duration_days=28))
+    people = workbench.enroll(catalog, "sleep", 10)
+    problems = workbench.verify(config)
+"""
+
+from workbench.catalog import Catalog, open_catalog
+from workbench.config import Config, init_home, load_config
+from workbench.enrollment import enroll
+from workbench.errors import WorkbenchError
+from workbench.ingest import recover_incoming
+from workbench.ledger import ledger_counts, verify
+from workbench.simulator import simulate
+from workbench.studies import (
+    archive_study,
+    create_study,
+    definition_from_options,
+    get_study,
+    list_studies,
+)
+
+__all__ = [
+    "Catalog",
+    "Config",
+    "WorkbenchError",
+    "archive_study",
+    "create_study",
+    "definition_from_options",
+    "enroll",
+    "get_study",
+    "init_home",
+    "ledger_counts",
+    "list_studies",
+    "load_config",
+    "open_catalog",
+    "recover_incoming",
+    "simulate",
+    "verify",
+]
