@@ -55,7 +55,7 @@ def create_app(config: Config) -> Bottle:
             md5=_header("md5") or None,
             content_digest=_header("Content-Digest") or None,
             authorization=_header("Authorization") or None,
-            remote_addr=request.remote_addr,
+            remote_addr=request.environ.get("REMOTE_ADDR"),  # not X-Forwarded-For: senders set that
         )
         if handler is None:
             return failure(

@@ -369,3 +369,15 @@ def test_not_found_is_json(client):
     answer = client.get("/nowhere")
     assert answer.status_code == 404
     assert json.loads(answer.content)["ok"] is False
+
+
+def test_ids_too_long_together_for_a_file_name_are_400(client, catalog):
+    from workbench.enrollment import enroll
+
+    long_study = "s" * 60
+    create_study(catalog, definition_from_options(long_study, sensors=["accelerometer"]))
+    p = Phone(client, enroll(catalog, long_study, 1)[0], device="d" * 128, study=long_study)
+    assert p.register().status_code == 200
+    answer = p.upload()
+    assert answer.status_code == 400 and "too long together" in answer.json()["message"]
+    assert count(catalog, uploads) == 0

@@ -98,7 +98,7 @@ uploads = Table(
     Column("device_id", String(128), nullable=False),
     Column("sensor", String(64), nullable=False),
     Column("received_at", BigInteger, nullable=False),
-    Column("path", String(512), nullable=False, unique=True),
+    Column("path", String(1024), nullable=False, unique=True),
     Column("bytes", BigInteger, nullable=False),
     Column("sha256", String(64), nullable=False),
     Column("n_records", Integer, nullable=False),
@@ -124,7 +124,7 @@ rejections = Table(
     Column("sensor", String(128)),
     Column("bytes", BigInteger),
     Column("sha256", String(64)),
-    Column("path", String(512)),  # the body kept under junk/, when it was kept
+    Column("path", String(1024)),  # the body kept under junk/, when it was kept
     Column("remote_addr", String(64)),
     Index("ix_rejections_study_id", "study_id", "id"),
 )

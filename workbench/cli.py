@@ -277,11 +277,8 @@ def serve(ctx, host, port, workers, threads, access_log) -> None:
 
     config = _config(ctx)
     done = recover_incoming(config)
-    if done["completed"] or done["discarded"]:
-        click.echo(
-            f"recovered interrupted writes: {done['completed']} completed, {done['discarded']} discarded",
-            err=True,
-        )
+    if any(done.values()):
+        click.echo(f"recovered interrupted writes: {_recovered(done)}", err=True)
     s = config.server
     args = [
         sys.executable,
@@ -333,19 +330,31 @@ def verify(ctx, quick) -> None:
 
 
 @cli.command()
+@click.option(
+    "--all-hosts",
+    is_flag=True,
+    help="Also finish the writes of servers that ran on other hosts (e.g. a container that was replaced).",
+)
 @click.pass_context
-def recover(ctx) -> None:
-    """Finish or discard writes interrupted by a crash (run while no server is writing).
+def recover(ctx, all_hosts) -> None:
+    """Finish or discard writes interrupted by a crash (refused while a server on this host runs).
 
     \b
     Example:
         workbench recover
+        workbench recover --all-hosts
     """
     from workbench.ingest import recover_incoming
 
-    done = recover_incoming(_config(ctx))
-    click.echo(
-        f"{done['completed']} interrupted writes completed, {done['discarded']} unacknowledged discarded"
+    done = recover_incoming(_config(ctx), all_hosts=all_hosts)
+    click.echo(_recovered(done))
+
+
+def _recovered(done: dict[str, int]) -> str:
+    return (
+        f"{done['completed']} interrupted writes completed ({done['reledgered']} of them "
+        f"recorded anew), {done['junk']} moved to junk/recovered, {done['discarded']} "
+        "unanswered discarded"
     )
 
 
@@ -423,8 +432,20 @@ def simulate(ctx, study_id, subjects, days, url, batches_per_day, records, clien
 @click.option(
     "--port", type=int, default=8080, show_default=True, help="Port for the upload server."
 )
-@click.option("--subjects", type=int, default=12, show_default=True, help="Simulated participants.")
-@click.option("--days", type=int, default=3, show_default=True, help="Days of simulated data.")
+@click.option(
+    "--subjects",
+    type=click.IntRange(1, 10000),
+    default=12,
+    show_default=True,
+    help="Simulated participants.",
+)
+@click.option(
+    "--days",
+    type=click.IntRange(1, 365),
+    default=3,
+    show_default=True,
+    help="Days of simulated data.",
+)
 @click.option(
     "--exit",
     "exit_after",

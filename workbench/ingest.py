@@ -5,9 +5,11 @@ and the few headers that matter) and returns a :class:`Receipt` (HTTP status and
 raises a :class:`~workbench.errors.UploadRejected` after recording the rejection. Nothing here
 knows about Bottle.
 
-The durable order for a batch: body written to the pool's incoming folder and fsynced → ledger
-row committed → file hard-linked under its final name (never overwriting) and the folder
-fsynced → answer 200. :func:`recover_incoming` finishes or discards what a crash interrupted.
+The order for a batch: body written to the pool's incoming folder and fsynced → ledger row
+committed (grouped with concurrent uploads) → file hard-linked under its final name (never
+overwriting) → answer 200. The commit and the new name are made durable by the ledger's
+background sync, which only then removes the incoming name; :func:`recover_incoming` finishes
+whatever a crash or power loss interrupted from that incoming copy (docs/decisions.md).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import hashlib
 import hmac
 import io
 import json
+import logging
 import os
 import time
 import zipfile
@@ -30,6 +33,7 @@ import jsonschema
 import msgspec
 import orjson
 from sqlalchemy import and_, bindparam, func, select
+from sqlalchemy.exc import IntegrityError
 
 from workbench.catalog import (
     Catalog,
@@ -62,14 +66,20 @@ from workbench.ledger import LedgerWriter, insert_ignore
 from workbench.pool import DataPool, incoming_tag, sync_folders
 from workbench.templates import load_schema
 
+log = logging.getLogger("workbench.ingest")
+
 # What the server refuses on purpose: recorded as a rejection (and kept in junk when flagged).
 REFUSALS = (UploadRejected, UnknownStudy, StudyArchived)
+
+# A stored file is named <study>_<subject>_<device>_<sensor>_<UTC second>_<16 hex>.json; file
+# systems allow 255 bytes, and the fixed part takes NAME_EXTRA of them.
+MAX_NAME = 255
+NAME_EXTRA = len("_____2000-01-01T00-00-00_0123456789abcdef.json")
 
 # Sample times are milliseconds since the epoch, at most the end of year 9999 (the schemas agree).
 MAX_TIMESTAMP = 253_402_300_799_999
 
 ACTIVE, LEFT_CLIENT_TIME, LEFT_SERVER_TIME, REMOVED = 0, 1, 2, 3
-APPS = ("main", "ema")
 
 
 @dataclass
@@ -113,7 +123,8 @@ class Ingest:
         self.pool.create()
         self.catalog = catalog or Catalog(config.catalog_url)
         self.catalog.upgrade()
-        self.ledger = LedgerWriter(self.catalog, self.pool)
+        self._incoming_lock = self.pool.hold_incoming()  # recovery waits while we write
+        self.ledger = LedgerWriter(self.catalog)
         self._batch_schema = load_schema("batch")
         self._user_schema = load_schema("user")
         self._check_user = jsonschema.Draft202012Validator(self._user_schema).is_valid
@@ -171,6 +182,11 @@ class Ingest:
         subject_id = check_identifier("subject", claimed.subject)
         device_id = check_identifier("device", claimed.device)
         sensor = check_identifier("sensor", claimed.sensor)
+        if len(study_id) + len(subject_id) + len(device_id) + len(sensor) > MAX_NAME - NAME_EXTRA:
+            raise BadRequest(
+                "study, subject, device and sensor ids are too long together to name the file "
+                f"(at most {MAX_NAME - NAME_EXTRA} characters in all)"
+            )
 
         with self.catalog.raw() as conn:
             rows = self._lookup_device.all(
@@ -223,7 +239,11 @@ class Ingest:
             raise
         if row_id is None:
             return self._duplicate(incoming, row)
-        self.ledger.published(incoming, self.pool.link(incoming, row["path"]))
+        try:
+            self.ledger.published(incoming, self.pool.link(incoming, row["path"]))
+        except FileExistsError:
+            # A resent copy of this batch, arriving meanwhile, linked the same bytes already.
+            os.unlink(incoming)
         return Receipt(
             200,
             {
@@ -283,47 +303,53 @@ class Ingest:
         if status != ACTIVE:
             raise BadRequest("add_user registers an active device: status must be 0")
         now = now_ms()
-        with self.catalog.writing() as conn:
-            existing = conn.execute(
-                select(devices.c.device_id, devices.c.status).where(
-                    devices.c.study_id == study_id,
-                    devices.c.subject_id == subject_id,
-                    devices.c.app == app,
-                )
-            ).all()
-            mine = [d for d in existing if d.device_id == device_id]
-            if mine:
-                if mine[0].status != ACTIVE:
-                    raise SubjectNotActive(
-                        f"device {device_id!r} of {subject_id!r} has left the study; "
-                        "it cannot be registered again"
+        try:
+            with self.catalog.writing() as conn:
+                existing = conn.execute(
+                    select(devices.c.device_id, devices.c.status).where(
+                        devices.c.study_id == study_id,
+                        devices.c.subject_id == subject_id,
+                        devices.c.app == app,
                     )
-                return Receipt(
-                    200,
-                    {
-                        "ok": True,
-                        "message": "device already registered",
-                        "already_registered": True,
-                    },
+                ).all()
+                mine = [d for d in existing if d.device_id == device_id]
+                if mine:
+                    if mine[0].status != ACTIVE:
+                        raise SubjectNotActive(
+                            f"device {device_id!r} of {subject_id!r} has left the study; "
+                            "it cannot be registered again"
+                        )
+                    return Receipt(
+                        200,
+                        {
+                            "ok": True,
+                            "message": "device already registered",
+                            "already_registered": True,
+                        },
+                    )
+                active = sum(1 for d in existing if d.status == ACTIVE)
+                if active >= definition["max_devices"]:
+                    raise Conflict(
+                        f"subject {subject_id!r} has {active} active {app} devices, the study's "
+                        f"maximum; ask the coordinator to remove one"
+                    )
+                conn.execute(
+                    devices.insert().values(
+                        study_id=study_id,
+                        subject_id=subject_id,
+                        app=app,
+                        device_id=device_id,
+                        status=ACTIVE,
+                        time_joined=user["time_joined"] or now,
+                        time_left=None,
+                        registered_at=now,
+                        updated_at=now,
+                    )
                 )
-            active = sum(1 for d in existing if d.status == ACTIVE)
-            if active >= definition["max_devices"]:
-                raise Conflict(
-                    f"subject {subject_id!r} has {active} active {app} devices, the study's "
-                    f"maximum; ask the coordinator to remove one"
-                )
-            conn.execute(
-                devices.insert().values(
-                    study_id=study_id,
-                    subject_id=subject_id,
-                    app=app,
-                    device_id=device_id,
-                    status=ACTIVE,
-                    time_joined=user["time_joined"] or now,
-                    time_left=None,
-                    registered_at=now,
-                    updated_at=now,
-                )
+        except IntegrityError:  # the same device registered by a concurrent request
+            return Receipt(
+                200,
+                {"ok": True, "message": "device already registered", "already_registered": True},
             )
         return Receipt(
             200,
@@ -480,6 +506,9 @@ class Ingest:
         """Make everything recorded durable and stop the background threads."""
         self.ledger.close()
         self.catalog.dispose()
+        if self._incoming_lock is not None:
+            os.close(self._incoming_lock)
+            self._incoming_lock = None
 
     def reject_unread(self, action: str, upload: Upload, exc: UploadRejected) -> UploadRejected:
         """Record a rejection made before the body was read (e.g. 413)."""
@@ -562,6 +591,15 @@ class Ingest:
         self, action: str, upload: Upload, claimed: _Claimed, exc: WorkbenchError
     ) -> WorkbenchError:
         """Record a refusal in the catalog (and keep the body in junk when flagged)."""
+        try:
+            self._record_rejection(action, upload, claimed, exc)
+        except Exception as error:  # the refusal stands even when it cannot be recorded
+            log.error("could not record a %s refusal (%s): %s", action, exc.code, error)
+        return exc
+
+    def _record_rejection(
+        self, action: str, upload: Upload, claimed: _Claimed, exc: WorkbenchError
+    ) -> None:
         received = now_ms()
         sha = hashlib.sha256(upload.body).hexdigest() if upload.body else None
         path = None
@@ -570,28 +608,32 @@ class Ingest:
             stamp = time.strftime("%Y-%m-%d/%H%M%S", time.gmtime(received / 1000))
             path = f"junk/{stamp}-{exc.code}-{sha[:16]}-{os.urandom(4).hex()}.json"
             incoming = self.pool.write_incoming(upload.body, tag=f"j{sha}")
-        with self.catalog.writing() as conn:
-            conn.execute(
-                rejections.insert().values(
-                    received_at=received,
-                    action=action,
-                    status=exc.status,
-                    reason=exc.code,
-                    message=exc.message[:2000],
-                    study_id=_claim(claimed.study),
-                    subject_id=_claim(claimed.subject),
-                    device_id=_claim(claimed.device),
-                    sensor=_claim(claimed.sensor),
-                    bytes=len(upload.body),
-                    sha256=sha,
-                    path=path,
-                    remote_addr=(upload.remote_addr or "")[:64] or None,
+        try:
+            with self.catalog.writing() as conn:
+                conn.execute(
+                    rejections.insert().values(
+                        received_at=received,
+                        action=action,
+                        status=exc.status,
+                        reason=exc.code,
+                        message=exc.message[:2000],
+                        study_id=_claim(claimed.study),
+                        subject_id=_claim(claimed.subject),
+                        device_id=_claim(claimed.device),
+                        sensor=_claim(claimed.sensor),
+                        bytes=len(upload.body),
+                        sha256=sha,
+                        path=path,
+                        remote_addr=(upload.remote_addr or "")[:64] or None,
+                    )
                 )
-            )
+        except BaseException:
+            if incoming is not None:
+                os.unlink(incoming)
+            raise
         if incoming is not None:
             self.pool.publish(incoming, path)
             exc.details["kept_in_junk"] = True
-        return exc
 
 
 def batch_row(
@@ -627,78 +669,105 @@ def batch_row(
     }
 
 
-def recover_incoming(config: Config) -> dict[str, int]:
+def recover_incoming(config: Config, *, all_hosts: bool = False) -> dict[str, int]:
     """Finish the writes a crash or power loss interrupted; return counts of what was done.
 
     Every batch file in the incoming folder was checked and fsynced before it was recorded.
     Its ledger row is inserted again if it was lost (the sender's retry then answers
-    ``duplicate``) and its final name linked if missing; then the incoming name goes. A junk
-    file whose rejection was never recorded was never answered: it is discarded.
-    Run it while no server on this host is writing (``workbench serve`` does, before starting).
+    ``duplicate``) and its final name linked if missing; then the incoming name goes. A file
+    cut short by the crash (its hash does not match) was never answered and is discarded; a
+    complete one that can no longer be filed goes to ``junk/recovered/``. A junk file whose
+    rejection was never recorded was never answered: it is discarded.
+
+    Only this host's incoming folder is read, unless ``all_hosts`` (for a pool whose server
+    moved to a machine with another name). Refuses to run while a server on this host writes.
     """
     pool = DataPool(config.pool)
     catalog = Catalog(config.catalog_url)
     catalog.upgrade()
-    done = {"completed": 0, "reledgered": 0, "discarded": 0}
+    done = {"completed": 0, "reledgered": 0, "discarded": 0, "junk": 0}
     folders: set[Path] = set()
     finished: list[Path] = []
     try:
-        for incoming in pool.incoming_files():
-            tag = incoming_tag(incoming)
-            kind, sha = tag[:1], tag[1:]
-            with catalog.engine.connect() as conn:
-                if kind == "b":
-                    paths = list(
-                        conn.execute(
-                            select(uploads.c.path).where(uploads.c.sha256 == sha)
-                        ).scalars()
-                    )
-                else:
-                    paths = [
-                        p
-                        for p in conn.execute(
-                            select(rejections.c.path).where(rejections.c.sha256 == sha)
-                        ).scalars()
-                        if p
-                    ]
-            if not paths and kind == "b":
-                row = _row_from_file(incoming, sha)
-                if row is not None:
-                    with catalog.writing(durable=False) as conn:
-                        conn.execute(insert_ignore(catalog), row)
-                    paths = [row["path"]]
-                    done["reledgered"] += 1
-            for relative in paths:
-                with contextlib.suppress(FileExistsError):
-                    folders.add(pool.link(incoming, relative).parent)
-            finished.append(incoming)
-            done["completed" if paths else "discarded"] += 1
-        # Rows and links durable first; only then do the incoming copies go.
-        catalog.sync()
-        sync_folders(folders)
-        for incoming in finished:
-            os.unlink(incoming)
+        with pool.exclusive_incoming():
+            for incoming in pool.incoming_files(all_hosts=all_hosts):
+                outcome, linked = _recover_one(pool, catalog, incoming)
+                done[outcome] += 1
+                if outcome == "reledgered":
+                    done["completed"] += 1
+                folders.update(linked)
+                finished.append(incoming)
+            # Rows and links durable first; only then do the incoming copies go.
+            catalog.sync()
+            sync_folders(folders)
+            for incoming in finished:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(incoming)
     finally:
         catalog.dispose()
     return done
 
 
-def _row_from_file(incoming: Path, sha: str) -> dict | None:
-    """Rebuild a batch's ledger row from its incoming file (None if it is not a batch)."""
-    body = incoming.read_bytes()
-    if hashlib.sha256(body).hexdigest() != sha:
-        return None
+def _recover_one(pool: DataPool, catalog: Catalog, incoming: Path) -> tuple[str, set[Path]]:
+    tag = incoming_tag(incoming)
+    kind, sha = tag[:1], tag[1:]
+    table = uploads if kind == "b" else rejections
+    with catalog.engine.connect() as conn:
+        paths = [
+            p
+            for p in conn.execute(select(table.c.path).where(table.c.sha256 == sha)).scalars()
+            if p
+        ]
+    outcome = "completed"
+    if not paths and kind == "b":
+        body = incoming.read_bytes()
+        if hashlib.sha256(body).hexdigest() != sha:
+            return "discarded", set()  # cut short: never answered
+        row = _row_from_body(body, sha, received=incoming.stat().st_mtime_ns // 1_000_000)
+        if row is None:
+            relative = f"junk/recovered/{incoming.name.removesuffix('.part')}.json"
+            pool.link(incoming, relative)
+            with catalog.writing(durable=False) as conn:
+                conn.execute(
+                    rejections.insert().values(
+                        received_at=now_ms(),
+                        action="recover",
+                        status=422,
+                        reason="unfileable",
+                        message="a complete batch found by recovery no longer passes the checks",
+                        bytes=len(body),
+                        sha256=sha,
+                        path=relative,
+                    )
+                )
+            return "junk", {(pool.root / relative).parent}
+        with catalog.writing(durable=False) as conn:
+            conn.execute(insert_ignore(catalog), row)
+        paths, outcome = [row["path"]], "reledgered"
+    if not paths:
+        return "discarded", set()
+    linked = set()
+    for relative in paths:
+        with contextlib.suppress(FileExistsError):
+            pool.link(incoming, relative)
+        linked.add((pool.root / relative).parent)
+    return outcome, linked
+
+
+def _row_from_body(body: bytes, sha: str, *, received: int) -> dict | None:
+    """Rebuild a batch's ledger row from its bytes (None if they no longer pass the checks)."""
     try:
         records = _decode_batch(body)
-    except msgspec.MsgspecError:
+        first = records[0]
+        ids = [first.studyId, first.username, first.deviceid, first.sensorname]
+        kinds = ("study", "subject", "device", "sensor")
+        if not all(is_identifier(kind, value) for kind, value in zip(kinds, ids, strict=True)):
+            return None
+        if sum(map(len, ids)) > MAX_NAME - NAME_EXTRA:
+            return None
+        first_ts, last_ts = _span_of_batch(records, *ids)
+    except (msgspec.MsgspecError, BadRequest):
         return None
-    first = records[0]
-    ids = [first.studyId, first.username, first.deviceid, first.sensorname]
-    kinds = ("study", "subject", "device", "sensor")
-    if not all(is_identifier(kind, value) for kind, value in zip(kinds, ids, strict=True)):
-        return None
-    first_ts, last_ts = _span_of_batch(records, *ids)
-    received = incoming.stat().st_mtime_ns // 1_000_000
     return batch_row(*ids, body, sha, len(records), first_ts, last_ts, received=received)
 
 

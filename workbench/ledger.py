@@ -7,6 +7,7 @@ import hashlib
 import logging
 import os
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from tqdm import tqdm
 from workbench.catalog import Catalog, Prepared, rejections, uploads
 from workbench.config import Config
 from workbench.errors import CatalogError
-from workbench.pool import INCOMING, DataPool, sync_folders
+from workbench.pool import DataPool, sync_folders
 
 log = logging.getLogger("workbench.ledger")
 
@@ -34,19 +35,39 @@ class Discrepancy:
 
 
 def verify(
-    config: Config, *, check_hashes: bool = True, progress: bool = False
+    config: Config, *, check_hashes: bool = True, progress: bool = False, settle: float = 1.0
 ) -> list[Discrepancy]:
     """Check that every ledger row's file exists with its size and hash, that no stored file
     lacks a row, and that no temporary file is left; return every discrepancy found.
 
+    Safe beside a running server: what an upload in flight shows for an instant (a row whose
+    file is being linked, an incoming file not yet recorded) is looked at again after
+    ``settle`` seconds, and only what is still wrong then is reported.
+
     Example: ``assert verify(load_config()) == []``.
     """
+    found = _verify_once(config, check_hashes=check_hashes, progress=progress)
+    if found and settle > 0:
+        time.sleep(settle)
+        again = set(_verify_once(config, check_hashes=check_hashes, progress=False))
+        found = [d for d in found if d in again]
+    return found
+
+
+def _verify_once(config: Config, *, check_hashes: bool, progress: bool) -> list[Discrepancy]:
     pool = DataPool(config.pool)
-    catalog = Catalog(config.catalog_url)
-    catalog.upgrade()
     found: list[Discrepancy] = []
+    # Files first, rows second: a row is committed before its file is linked, so every file
+    # seen here has its row in the query below.
+    stored = []
+    for top in (pool.studies, pool.junk):
+        for folder, _dirs, files in os.walk(top):
+            stored.extend(os.path.relpath(os.path.join(folder, n), pool.root) for n in files)
+    incoming = pool.incoming_files(all_hosts=True)
     recorded: set[str] = set()
     recorded_ids: set[tuple[int, int]] = set()
+    catalog = Catalog(config.catalog_url)
+    catalog.upgrade()
     try:
         with catalog.engine.connect() as conn:
             total = conn.execute(select(func.count()).select_from(uploads)).scalar_one()
@@ -66,30 +87,22 @@ def verify(
                 found.extend(_check_file(pool, path, size, sha, check_hashes, recorded_ids))
     finally:
         catalog.dispose()
-    for top in (pool.studies, pool.junk):
-        for folder, _dirs, files in os.walk(top):
-            for name in files:
-                relative = os.path.relpath(os.path.join(folder, name), pool.root)
-                if name.endswith((".part", ".tmp")) or name.startswith("."):
-                    found.append(Discrepancy("temporary", relative, "a temporary file is visible"))
-                elif relative not in recorded:
-                    found.append(
-                        Discrepancy("unrecorded", relative, "stored file has no ledger row")
-                    )
-    incoming_root = pool.root / INCOMING
-    if incoming_root.is_dir():
-        for folder, _dirs, files in os.walk(incoming_root):
-            for name in files:
-                path = Path(folder) / name
-                if _awaiting_sync(path, recorded_ids):
-                    continue
-                found.append(
-                    Discrepancy(
-                        "temporary",
-                        os.path.relpath(path, pool.root),
-                        "an interrupted write awaits recovery (`workbench recover`)",
-                    )
+    for relative in stored:
+        name = os.path.basename(relative)
+        if name.endswith((".part", ".tmp")) or name.startswith("."):
+            found.append(Discrepancy("temporary", relative, "a temporary file is visible"))
+        elif relative not in recorded:
+            found.append(Discrepancy("unrecorded", relative, "stored file has no ledger row"))
+    for path in incoming:
+        if not _awaiting_sync(path, recorded_ids):
+            found.append(
+                Discrepancy(
+                    "temporary",
+                    os.path.relpath(path, pool.root),
+                    "an interrupted write awaits recovery (`workbench recover`, "
+                    "`--all-hosts` for another host's folder)",
                 )
+            )
     return found
 
 
@@ -109,6 +122,8 @@ def _check_file(pool: DataPool, path: str, size: int, sha: str | None, check_has
         st = full.stat()
     except FileNotFoundError:
         return [Discrepancy("missing", path, "ledger row without a file")]
+    except OSError as exc:
+        return [Discrepancy("missing", path, f"cannot read the file: {exc.strerror}")]
     inodes.add((st.st_dev, st.st_ino))
     actual = st.st_size
     if actual != size:
@@ -164,9 +179,8 @@ class LedgerWriter:
     (the batch file) and shares the rest.
     """
 
-    def __init__(self, catalog: Catalog, pool: DataPool, *, sync_interval: float = 0.5) -> None:
+    def __init__(self, catalog: Catalog, *, sync_interval: float = 0.5) -> None:
         self.catalog = catalog
-        self.pool = pool
         self.sync_interval = sync_interval
         self._insert = Prepared(
             catalog.engine,

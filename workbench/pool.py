@@ -1,19 +1,25 @@
 """The data pool on disk: where raw uploads, junk and reports live, and how files get there.
 
-Every file enters the pool the same durable way: written to a private incoming folder,
-fsynced, then hard-linked under its final name (which fails rather than overwrite) and the
-folder made durable. Raw files are never modified or deleted afterwards.
+Every file enters the pool the same way: written to this host's incoming folder and fsynced,
+then hard-linked under its final name (which fails rather than overwrite). The new name is made
+durable at once for junk (:meth:`DataPool.publish`) or by the upload server's background sync
+for batches; the incoming name goes only after that. Raw files are never modified or deleted.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import errno
+import fcntl
 import itertools
 import os
 import socket
+from collections.abc import Iterator
 from pathlib import Path
+
+from workbench.errors import WorkbenchError
 
 INCOMING = ".incoming"
 PART_SUFFIX = ".part"
@@ -46,13 +52,6 @@ class DataPool:
             self.incoming,
         ):
             folder.mkdir(parents=True, exist_ok=True)
-
-    def path(self, relative: str) -> Path:
-        """Absolute path of a pool-relative path, refusing anything that leaves the pool."""
-        candidate = (self.root / relative).resolve()
-        if not candidate.is_relative_to(self.root.resolve()):
-            raise ValueError(f"path {relative!r} leaves the data pool")
-        return candidate
 
     def write_incoming(self, data: bytes, *, tag: str) -> Path:
         """Write ``data`` to a new private file in the incoming folder and fsync it.
@@ -96,11 +95,45 @@ class DataPool:
         os.unlink(incoming)
         return final
 
-    def incoming_files(self) -> list[Path]:
-        """Files left in this host's incoming folder (only after a crash)."""
-        if not self.incoming.is_dir():
-            return []
-        return sorted(p for p in self.incoming.iterdir() if p.name.endswith(PART_SUFFIX))
+    def incoming_files(self, *, all_hosts: bool = False) -> list[Path]:
+        """Files in this host's incoming folder (or every host's): a running server's pending
+        ones, or what a crash left."""
+        folders = sorted((self.root / INCOMING).glob("*")) if all_hosts else [self.incoming]
+        return sorted(
+            p
+            for folder in folders
+            if folder.is_dir()
+            for p in folder.iterdir()
+            if p.name.endswith(PART_SUFFIX)
+        )
+
+    def hold_incoming(self) -> int:
+        """Take a shared lock that tells recovery a writer on this host is alive; the lock
+        lasts as long as the returned descriptor stays open (a server keeps it for its life)."""
+        fd = self._incoming_lock()
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        return fd
+
+    @contextlib.contextmanager
+    def exclusive_incoming(self) -> Iterator[None]:
+        """Hold the incoming folder alone, or fail at once if a server on this host writes."""
+        fd = self._incoming_lock()
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise WorkbenchError(
+                    "a server on this host is writing to the pool; stop it before recovering"
+                ) from None
+            yield
+        finally:
+            os.close(fd)
+
+    def _incoming_lock(self) -> int:
+        self.incoming.mkdir(parents=True, exist_ok=True)
+        return os.open(
+            self.root / INCOMING / f"{self.incoming.name}.lock", os.O_RDWR | os.O_CREAT, 0o640
+        )
 
 
 def incoming_tag(path: Path) -> str:

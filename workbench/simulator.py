@@ -295,7 +295,8 @@ def _send_raw(
             break
         except httpx.TransportError as exc:
             error = f"{action}: {exc!r}"
-            time.sleep(0.2 * 2**attempt)
+            if attempt < 3:
+                time.sleep(0.2 * 2**attempt)
     with lock:
         if action == "write_data":
             report.sent += 1
