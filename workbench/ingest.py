@@ -166,11 +166,7 @@ class Ingest:
 
     def write_data(self, upload: Upload) -> Receipt:
         """File one batch of sensor records (JTrack ``write_data``)."""
-        claimed = _Claimed()
-        try:
-            return self._write_data(upload, claimed)
-        except REFUSALS as exc:
-            raise self._rejected("write_data", upload, claimed, exc) from None
+        return self._refusals_recorded("write_data", self._write_data, upload)
 
     def _write_data(self, upload: Upload, claimed: _Claimed) -> Receipt:
         has_checksum = _verify_checksum(upload)
@@ -239,11 +235,8 @@ class Ingest:
             raise
         if row_id is None:
             return self._duplicate(incoming, row)
-        try:
-            self.ledger.published(incoming, self.pool.link(incoming, row["path"]))
-        except FileExistsError:
-            # A resent copy of this batch, arriving meanwhile, linked the same bytes already.
-            os.unlink(incoming)
+        # A resent copy arriving meanwhile may have linked the same bytes already: that is fine.
+        self._place(incoming, row["path"])
         return Receipt(
             200,
             {
@@ -255,6 +248,13 @@ class Ingest:
                 "sha256": sha,
             },
         )
+
+    def _place(self, incoming: Path, relative: str) -> None:
+        """Link an incoming batch under its recorded name, unless those bytes are there already."""
+        try:
+            self.ledger.published(incoming, self.pool.link(incoming, relative))
+        except FileExistsError:
+            os.unlink(incoming)
 
     def _duplicate(self, incoming: Path, row: dict) -> Receipt:
         """A retried batch: answer 200 once the first copy is surely in place."""
@@ -268,12 +268,9 @@ class Ingest:
                     uploads.c.sha256 == row["sha256"],
                 )
             ).one()
-        try:
-            # The first attempt may have been committed and then interrupted before its file
-            # was linked: this retry carries the same bytes, so it completes the first attempt.
-            self.ledger.published(incoming, self.pool.link(incoming, first.path))
-        except FileExistsError:
-            os.unlink(incoming)
+        # The first attempt may have been committed and then interrupted before its file was
+        # linked: this retry carries the same bytes, so it completes the first attempt.
+        self._place(incoming, first.path)
         return Receipt(
             200,
             {
@@ -290,11 +287,7 @@ class Ingest:
 
     def add_user(self, upload: Upload) -> Receipt:
         """Attach a device to an enrolled subject (JTrack ``add_user``)."""
-        claimed = _Claimed()
-        try:
-            return self._add_user(upload, claimed)
-        except REFUSALS as exc:
-            raise self._rejected("add_user", upload, claimed, exc) from None
+        return self._refusals_recorded("add_user", self._add_user, upload)
 
     def _add_user(self, upload: Upload, claimed: _Claimed) -> Receipt:
         user = self._user_message(upload, claimed)
@@ -319,14 +312,7 @@ class Ingest:
                             f"device {device_id!r} of {subject_id!r} has left the study; "
                             "it cannot be registered again"
                         )
-                    return Receipt(
-                        200,
-                        {
-                            "ok": True,
-                            "message": "device already registered",
-                            "already_registered": True,
-                        },
-                    )
+                    return _already_registered()
                 active = sum(1 for d in existing if d.status == ACTIVE)
                 if active >= definition["max_devices"]:
                     raise Conflict(
@@ -347,10 +333,7 @@ class Ingest:
                     )
                 )
         except IntegrityError:  # the same device registered by a concurrent request
-            return Receipt(
-                200,
-                {"ok": True, "message": "device already registered", "already_registered": True},
-            )
+            return _already_registered()
         return Receipt(
             200,
             {"ok": True, "message": f"device {device_id} registered for {subject_id}", "app": app},
@@ -358,11 +341,7 @@ class Ingest:
 
     def update_user(self, upload: Upload) -> Receipt:
         """Change a device's status, e.g. when the subject leaves (JTrack ``update_user``)."""
-        claimed = _Claimed()
-        try:
-            return self._update_user(upload, claimed)
-        except REFUSALS as exc:
-            raise self._rejected("update_user", upload, claimed, exc) from None
+        return self._refusals_recorded("update_user", self._update_user, upload)
 
     def _update_user(self, upload: Upload, claimed: _Claimed) -> Receipt:
         user = self._user_message(upload, claimed)
@@ -481,8 +460,9 @@ class Ingest:
         if not folder.is_dir():
             raise UnknownSensor(f"resources folder {folder} of study {study_id!r} does not exist")
         files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.is_symlink())
+        stats = [(p, p.stat()) for p in files]
         fingerprint = tuple(
-            (str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns) for p in files
+            (str(p.relative_to(folder)), st.st_size, st.st_mtime_ns) for p, st in stats
         )
         cached = self._zips.get(study_id)
         if cached and cached[0] == fingerprint:
@@ -509,6 +489,14 @@ class Ingest:
         if self._incoming_lock is not None:
             os.close(self._incoming_lock)
             self._incoming_lock = None
+
+    def _refusals_recorded(self, action: str, handler, upload: Upload) -> Receipt:
+        """Run an action; a refusal is recorded (and kept in junk when flagged), then raised."""
+        claimed = _Claimed()
+        try:
+            return handler(upload, claimed)
+        except REFUSALS as exc:
+            raise self._rejected(action, upload, claimed, exc) from None
 
     def reject_unread(self, action: str, upload: Upload, exc: UploadRejected) -> UploadRejected:
         """Record a rejection made before the body was read (e.g. 413)."""
@@ -769,6 +757,12 @@ def _row_from_body(body: bytes, sha: str, *, received: int) -> dict | None:
     except (msgspec.MsgspecError, BadRequest):
         return None
     return batch_row(*ids, body, sha, len(records), first_ts, last_ts, received=received)
+
+
+def _already_registered() -> Receipt:
+    return Receipt(
+        200, {"ok": True, "message": "device already registered", "already_registered": True}
+    )
 
 
 def _keep(exc: UploadRejected) -> UploadRejected:
