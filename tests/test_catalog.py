@@ -55,4 +55,8 @@ def test_sync_makes_commits_durable_without_dropping_locks(home):
         conn.execute(text("INSERT INTO schema_info (key, value) VALUES ('probe', 'x')"))
     with catalog.engine.connect() as conn:
         assert conn.execute(text("SELECT value FROM schema_info WHERE key = 'synced_at'")).scalar()
-        assert conn.execute(text("PRAGMA synchronous")).scalar() == 1  # back to NORMAL
+    # every pooled connection, the one sync used among them, is back to NORMAL (1), not FULL
+    pooled = [catalog.engine.connect() for _ in range(catalog.engine.pool.checkedin())]
+    assert pooled and all(c.execute(text("PRAGMA synchronous")).scalar() == 1 for c in pooled)
+    for c in pooled:
+        c.close()

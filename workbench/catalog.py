@@ -327,8 +327,11 @@ class Catalog:
             )
 
     def dispose(self) -> None:
-        """Close all pooled connections."""
+        """Close all pooled connections and the write-lock file."""
         self.engine.dispose()
+        if self._lock_fd is not None and self._lock_pid == os.getpid():
+            os.close(self._lock_fd)
+            self._lock_fd = None
 
 
 def _configure_sqlite(engine: Engine) -> None:
