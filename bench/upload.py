@@ -155,10 +155,10 @@ def load(port: int, requests: list[bytes], clients: int, connections: int) -> di
     }
 
 
-def group_cpu_seconds(pgid: int) -> float:
-    """CPU time (user + system) of every live process in a process group."""
+def group_cpu_seconds(pgid: int) -> tuple[float, float]:
+    """CPU time (user, system) of every live process in a process group."""
     tick = os.sysconf("SC_CLK_TCK")
-    total = 0
+    user = system = 0
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -167,8 +167,9 @@ def group_cpu_seconds(pgid: int) -> float:
         except OSError:
             continue
         if int(fields[2]) == pgid:
-            total += int(fields[11]) + int(fields[12])
-    return total / tick
+            user += int(fields[11])
+            system += int(fields[12])
+    return user / tick, system / tick
 
 
 def wait_port(port: int, proc: subprocess.Popen) -> None:
@@ -300,11 +301,17 @@ def main() -> None:
                         args.clients,
                         args.connections,
                     )
-                    result["cpu"] = (group_cpu_seconds(proc.pid) - cpu) / result["n"] * 1000
+                    user, system = (
+                        (after - before) / result["n"] * 1000
+                        for after, before in zip(group_cpu_seconds(proc.pid), cpu, strict=True)
+                    )
+                    result["cpu"] = user + system
+                    result["sys"] = system
                     results[name].append(result)
                     print(
                         f"round {round_no} {name:<5} {result['rate']:7.0f} uploads/s   p50 {result['p50']:6.2f} ms"
-                        f"   p99 {result['p99']:6.2f} ms   server CPU {result['cpu']:.2f} ms/upload",
+                        f"   p99 {result['p99']:6.2f} ms   server CPU {result['cpu']:.2f} ms/upload"
+                        f" ({result['sys']:.2f} system)",
                         flush=True,
                     )
                 except LoadFailed as exc:

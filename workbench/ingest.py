@@ -21,6 +21,7 @@ import hmac
 import io
 import json
 import logging
+import operator
 import os
 import time
 import zipfile
@@ -771,7 +772,7 @@ def _keep(exc: UploadRejected) -> UploadRejected:
     return exc
 
 
-class BatchRecord(msgspec.Struct):
+class BatchRecord(msgspec.Struct, gc=False):
     """The fields of a write_data record the server checks (the rest is stored as sent).
 
     The compiled twin of ``data_templates/schemas/batch.schema.json``; tests/test_ingest_schema.py
@@ -792,21 +793,23 @@ _decode_batch = msgspec.json.Decoder(
 
 def _span_of_batch(records: list[BatchRecord], study: str, subject: str, device: str, sensor: str):
     """First and last sample time of a batch whose records must all name the same source."""
-    for record in records:
-        if (
-            record.username != subject
-            or record.studyId != study
-            or record.deviceid != device
-            or record.sensorname != sensor
-        ):
+    for getter, expected in zip(_SOURCE_FIELDS, (study, subject, device, sensor), strict=True):
+        if set(map(getter, records)) != {expected}:
             raise _keep(
                 BadRequest(
                     "every record of a batch must name the same study, subject, device and "
                     "sensor; the batch is kept in junk"
                 )
             )
-    stamps = [record.timestamp for record in records]
+    stamps = list(map(_timestamp_of, records))
     return min(stamps), max(stamps)
+
+
+# attrgetter runs in C: one set per field is about twice as fast as a loop over the records.
+_SOURCE_FIELDS = tuple(
+    operator.attrgetter(name) for name in ("studyId", "username", "deviceid", "sensorname")
+)
+_timestamp_of = operator.attrgetter("timestamp")
 
 
 def _claim(value: object) -> str | None:
