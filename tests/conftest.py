@@ -14,7 +14,9 @@ from pathlib import Path
 import httpx
 import orjson
 import pytest
+from sqlalchemy import update
 
+from workbench import catalog as tables
 from workbench.catalog import open_catalog
 from workbench.config import init_home
 from workbench.demo import serve_command, wait_for_server
@@ -201,3 +203,103 @@ def server(home, study):
     running = ServerProcess(home.home).start()
     yield running
     running.stop()
+
+
+# --- status scenarios: devices and ledger rows at chosen times -----------------------
+
+HOUR = 3_600_000
+DAY = 24 * HOUR
+T0 = 1_700_000_000_000  # registration time of most devices below
+NOW = T0 + 10 * DAY
+
+
+class Scenario:
+    """Devices and ledger rows written straight into the catalog, at chosen times."""
+
+    def __init__(self, catalog, people):
+        self.catalog = catalog
+        self.people = {p.subject: p for p in people}
+        self.serial = 0
+
+    def device(self, subject, device, *, registered=T0, status=0, time_left=None, app="main"):
+        with self.catalog.writing() as conn:
+            conn.execute(
+                tables.devices.insert().values(
+                    study_id="demo",
+                    subject_id=subject,
+                    app=app,
+                    device_id=device,
+                    status=status,
+                    time_left=time_left,
+                    registered_at=registered,
+                    updated_at=registered,
+                )
+            )
+
+    def batches(self, subject, device, sensor, received_times):
+        rows = []
+        for received in received_times:
+            self.serial += 1
+            rows.append(
+                {
+                    "study_id": "demo",
+                    "subject_id": subject,
+                    "device_id": device,
+                    "sensor": sensor,
+                    "received_at": received,
+                    "path": f"studies/demo/{subject}/{device}/{sensor}/{self.serial}.json",
+                    "bytes": 7000,
+                    "sha256": f"{self.serial:064x}",
+                    "n_records": 150,
+                    "first_ts": received - 60_000,
+                    "last_ts": received - 1_000,
+                }
+            )
+        with self.catalog.writing() as conn:
+            conn.execute(tables.uploads.insert(), rows)
+
+    def enrolled_at(self, subject, when):
+        with self.catalog.writing() as conn:
+            conn.execute(
+                update(tables.subjects)
+                .where(tables.subjects.c.subject_id == subject)
+                .values(enrolled_at=when)
+            )
+
+
+@pytest.fixture
+def people(catalog, study):
+    from workbench.enrollment import enroll
+
+    return enroll(catalog, "demo", 7)
+
+
+@pytest.fixture
+def scenario(catalog, people):
+    """Seven subjects of "demo" (14 days; accelerometer and location, 24 batches a day each),
+    one per activity code, seen at NOW = registration + 10 days."""
+    s = Scenario(catalog, people)
+    a, b, c, d, e, f, g = (p.subject for p in people)
+    for subject in (a, b, c, d, e, f, g):
+        s.enrolled_at(subject, T0 - DAY)
+    # a: sending; 120 accelerometer batches (50 % of 240), 240 location batches (100 %).
+    s.device(a, "a1")
+    s.batches(a, "a1", "accelerometer", [NOW - HOUR - i * 2 * HOUR for i in range(120)])
+    s.batches(a, "a1", "location", [NOW - 2 * HOUR - i * HOUR for i in range(240)])
+    # b: sent for three days, then nothing for seven.
+    s.device(b, "b1")
+    s.batches(b, "b1", "accelerometer", [T0 + i * HOUR for i in range(1, 73)])
+    # c: left on day 5 (status 1, the app's time).
+    s.device(c, "c1", status=1, time_left=T0 + 5 * DAY)
+    s.batches(c, "c1", "location", [T0 + i * HOUR for i in range(1, 121)])
+    # d: joined 20 days ago and left after 14 days and an hour: completed.
+    s.device(d, "d1", registered=T0 - 20 * DAY, status=2, time_left=T0 - 6 * DAY + HOUR)
+    # e: joined 15 days ago, still active, still sending.
+    s.device(e, "e1", registered=T0 - 5 * DAY)
+    s.batches(e, "e1", "location", [NOW - HOUR])
+    # f: two active phones with the main app.
+    s.device(f, "f1")
+    s.device(f, "f2", registered=T0 + 2 * DAY)
+    s.batches(f, "f2", "location", [NOW - HOUR])
+    # g: enrolled, never registered a device.
+    return s

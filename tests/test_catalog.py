@@ -60,3 +60,18 @@ def test_sync_makes_commits_durable_without_dropping_locks(home):
     assert pooled and all(c.execute(text("PRAGMA synchronous")).scalar() == 1 for c in pooled)
     for c in pooled:
         c.close()
+
+
+def test_a_version_1_catalog_gains_the_status_tables(home):
+    catalog = open_catalog(home)
+    with catalog.writing() as conn:
+        for table in ("alerts", "status_history", "status_current", "status_sensors", "state"):
+            conn.execute(text(f"DROP TABLE {table}"))
+        conn.execute(text("UPDATE schema_info SET value = '1' WHERE key = 'version'"))
+    catalog.dispose()
+    catalog = open_catalog(home)
+    assert catalog.version() == SCHEMA_VERSION == 2
+    with catalog.engine.connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM status_sensors")).scalar() == 0
+        assert conn.execute(text("SELECT count(*) FROM alerts")).scalar() == 0
+    catalog.dispose()

@@ -69,3 +69,34 @@ def test_relative_pool_is_relative_to_the_home(tmp_path, monkeypatch):
     (tmp_path / "workbench.toml").write_text('[pool]\npath = "data/pool"\n')
     monkeypatch.chdir("/")
     assert load_config(tmp_path).pool == tmp_path / "data" / "pool"
+
+
+def test_smtp_is_off_until_a_host_is_set(tmp_path, monkeypatch):
+    config = init_home(tmp_path)
+    assert config.smtp is None
+    path = tmp_path / "workbench.toml"
+    text = path.read_text()
+    path.write_text(
+        text.replace('host = ""', 'host = "mail.lab.example"').replace(
+            "recipients = []", 'recipients = ["a@lab.example", "b@lab.example"]'
+        )
+    )
+    monkeypatch.setenv("WORKBENCH_SMTP_PASSWORD", "s3cret")
+    smtp = load_config(tmp_path).smtp
+    assert smtp.host == "mail.lab.example" and smtp.recipients == ("a@lab.example", "b@lab.example")
+    assert smtp.password == "s3cret"
+
+
+@pytest.mark.parametrize(
+    ("section", "message"),
+    [
+        ('[smtp]\nhost = "m"\n', "recipients must list"),
+        ('[smtp]\nhost = "m"\nrecipients = ["nobody"]\n', "recipients must list"),
+        ('[smtp]\nhost = "m"\nrecipients = ["a@b.c"]\nport = 0\n', "port"),
+        ('[smtp]\nhots = "m"\n', "unknown keys in \\[smtp\\]: hots"),
+    ],
+)
+def test_bad_smtp_section_is_a_clear_error(tmp_path, section, message):
+    (tmp_path / "workbench.toml").write_text(section)
+    with pytest.raises(ConfigError, match=message):
+        load_config(tmp_path)

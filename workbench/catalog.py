@@ -1,4 +1,5 @@
-"""The catalog: studies, subjects, devices, the upload ledger and rejections, via SQLAlchemy 2.
+"""The catalog: studies, subjects, devices, the upload ledger and rejections, and what the
+status and sanity checks derive from them, via SQLAlchemy 2.
 
 The same code runs on a SQLite file (WAL mode, the embedded default) and on PostgreSQL: the
 URL decides. Times are integers, milliseconds since the Unix epoch (UTC), as the phone apps
@@ -37,7 +38,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from workbench.errors import CatalogError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 # A migration upgrades the catalog from version N-1 to N; it is keyed by N.
 MIGRATIONS: dict[int, Callable[[Connection], None]] = {}
@@ -128,6 +129,102 @@ rejections = Table(
     Column("remote_addr", String(64)),
     Index("ix_rejections_study_id", "study_id", "id"),
 )
+
+
+# --- version 2: study status, alerts, sanity --------------------------------------------
+
+# Counters and watermarks, e.g. the last ledger id folded into the status aggregates.
+state = Table(
+    "state",
+    metadata,
+    Column("key", String(64), primary_key=True),
+    Column("value", BigInteger, nullable=False),
+)
+
+# Per source (study, subject, device, sensor): the ledger rows folded in so far.
+status_sensors = Table(
+    "status_sensors",
+    metadata,
+    Column("study_id", String(64), primary_key=True),
+    Column("subject_id", String(128), primary_key=True),
+    Column("device_id", String(128), primary_key=True),
+    Column("sensor", String(64), primary_key=True),
+    Column("n_batches", BigInteger, nullable=False),
+    Column("n_records", BigInteger, nullable=False),
+    Column("bytes", BigInteger, nullable=False),
+    Column("first_received", BigInteger, nullable=False),
+    Column("last_received", BigInteger, nullable=False),
+    Column("first_sample", BigInteger),
+    Column("last_sample", BigInteger),
+)
+
+# The activity code each status row had at the last refresh ('' for "no device yet").
+status_current = Table(
+    "status_current",
+    metadata,
+    Column("study_id", String(64), primary_key=True),
+    Column("subject_id", String(128), primary_key=True),
+    Column("app", String(16), primary_key=True),
+    Column("device_id", String(128), primary_key=True),
+    Column("activity_code", Integer, nullable=False),
+    Column("since", BigInteger, nullable=False),
+)
+
+# Every change of activity code: when it happened (``at``) and when a refresh noticed it.
+status_history = Table(
+    "status_history",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("study_id", String(64), nullable=False),
+    Column("subject_id", String(128), nullable=False),
+    Column("app", String(16), nullable=False),
+    Column("device_id", String(128), nullable=False),
+    Column("from_code", Integer),  # None: the row's first appearance
+    Column("to_code", Integer, nullable=False),
+    Column("at", BigInteger, nullable=False),
+    Column("noticed_at", BigInteger, nullable=False),
+    Index("ix_status_history_subject", "study_id", "subject_id", "id"),
+)
+
+alerts = Table(
+    "alerts",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("study_id", String(64), nullable=False),
+    Column("subject_id", String(128), nullable=False),
+    Column("device_id", String(128), nullable=False),  # '' when not about one device
+    Column("kind", String(32), nullable=False),
+    Column("since", BigInteger, nullable=False),  # when the condition began
+    Column("detail", Text, nullable=False),
+    Column("opened_at", BigInteger, nullable=False),
+    Column("closed_at", BigInteger),
+    Column("mailed_at", BigInteger),
+    Column("acked_at", BigInteger),
+    Column("acked_by", String(128)),
+    Column("note", Text),
+    Index("ix_alerts_open", "study_id", "closed_at"),
+)
+
+
+def _add_status_tables(conn: Connection) -> None:
+    metadata.create_all(
+        conn, tables=[state, status_sensors, status_current, status_history, alerts]
+    )
+
+
+MIGRATIONS[2] = _add_status_tables
+
+
+def dialect_insert(engine: Engine, table: Table):
+    """An INSERT of ``table`` that knows ON CONFLICT (SQLite and PostgreSQL spell it alike)."""
+    dialect = engine.dialect.name
+    if dialect == "sqlite":
+        from sqlalchemy.dialects.sqlite import insert
+    elif dialect == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    else:  # pragma: no cover - only SQLite and PostgreSQL are supported
+        raise CatalogError(f"unsupported catalog database {dialect!r}")
+    return insert(table)
 
 
 class Prepared:

@@ -330,6 +330,239 @@ def verify(ctx, quick) -> None:
 
 
 @cli.command()
+@click.argument("study_id", metavar="STUDY", required=False)
+@click.option("--all", "all_studies", is_flag=True, help="Every study, archived ones too.")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["table", "csv", "json", "parquet"]),
+    default="table",
+    show_default=True,
+    help="table: readable text; csv: JTrack's columns first; json: a list of rows.",
+)
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, writable=True),
+    help="Write to FILE instead of standard output (parquet needs it).",
+)
+@click.option(
+    "--history",
+    is_flag=True,
+    help="Show the changes of activity code instead: when each subject went silent, left, ...",
+)
+@click.option("--subject", help="With --history: only this subject.")
+@click.pass_context
+def status(ctx, study_id, all_studies, fmt, out, history, subject) -> None:
+    """Show who is sending data, who went silent and since when, and how complete it is.
+
+    Refreshes first: new uploads are folded in, changes recorded, alerts updated and each
+    study's CSV rewritten in the pool's reports folder. Activity codes: 0 no data, 1 left
+    early, 2 duration over but not left, 3 completed, 4 several devices active, 5 ok.
+
+    \b
+    Example:
+        workbench status demo
+        workbench status demo --format csv --out demo-status.csv
+        workbench status --all --format parquet --out status.parquet
+        workbench status demo --history --subject demo_00003
+    """
+    import polars as pl
+
+    from workbench.status import refresh_status, render, status_history_table, study_status
+    from workbench.studies import list_studies
+
+    if bool(study_id) == all_studies:
+        raise click.UsageError("name one STUDY, or give --all")
+    if fmt == "parquet" and not out:
+        raise click.UsageError("--format parquet needs --out FILE")
+    config = _config(ctx)
+    catalog = _catalog(ctx)
+    try:
+        refresh_status(config, catalog=catalog)
+        ids = [s.id for s in list_studies(catalog)] if all_studies else [study_id]
+        tables = []
+        for one in ids:
+            if history:
+                table = status_history_table(catalog, one, subject=subject)
+            else:
+                table = study_status(catalog, one, fold=False)
+            if all_studies:
+                table = table.select(pl.lit(one).alias("study"), pl.all())
+            tables.append(table)
+    finally:
+        catalog.dispose()
+    if fmt == "table" and all_studies:
+        data = b"".join(
+            f"{one}\n".encode() + render(t, "table") + b"\n"
+            for one, t in zip(ids, tables, strict=True)
+        )
+    else:
+        table = pl.concat(tables, how="diagonal_relaxed") if tables else pl.DataFrame()
+        if fmt == "parquet":
+            table.write_parquet(out)
+            click.echo(f"wrote {table.height} rows to {out}", err=True)
+            return
+        data = render(table, fmt)
+    _emit(data, out)
+
+
+def _emit(data: bytes, out: str | None) -> None:
+    if out:
+        from pathlib import Path
+
+        from workbench.pool import write_file_atomically
+
+        write_file_atomically(Path(out).resolve(), data)
+        click.echo(f"wrote {out}", err=True)
+    else:
+        click.echo(data.decode(), nl=False)
+
+
+@cli.command()
+@click.option("--no-mail", is_flag=True, help="Do not mail new alerts this time.")
+@click.pass_context
+def refresh(ctx, no_mail) -> None:
+    """Bring every active study's status, history, alerts and CSV up to date.
+
+    Costs in proportion to the uploads since the last refresh; meant to run every few minutes
+    from the scheduler (or cron). New alerts are mailed once when [smtp] is configured.
+
+    \b
+    Example:
+        workbench refresh
+    """
+    from workbench.status import refresh_status
+
+    report = refresh_status(_config(ctx), mail=not no_mail)
+    click.echo(report.summary())
+
+
+class _DefaultToList(_Group):
+    """``workbench alerts [STUDY]`` lists; ``workbench alerts ack ID`` acknowledges."""
+
+    def parse_args(self, ctx, args):
+        if not args or (args[0] not in self.commands and args[0] not in ("-h", "--help")):
+            args = ["list", *args]
+        return super().parse_args(ctx, args)
+
+
+@cli.group(cls=_DefaultToList)
+def alerts() -> None:
+    """What coordinators should act on: silent subjects, overdue leavers, extra devices,
+    subjects who never sent data, low completeness. Without a subcommand: list.
+
+    \b
+    Example:
+        workbench alerts
+        workbench alerts demo --format json
+        workbench alerts ack 12 --note "phone replaced"
+    """
+
+
+@alerts.command("list")
+@click.argument("study_id", metavar="[STUDY]", required=False)
+@click.option("--all", "include_closed", is_flag=True, help="Closed alerts too.")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["table", "json", "csv"]),
+    default="table",
+    show_default=True,
+)
+@click.option("--no-refresh", is_flag=True, help="List what the last refresh found.")
+@click.pass_context
+def alerts_list(ctx, study_id, include_closed, fmt, no_refresh) -> None:
+    """List open alerts (of one study, or all), each with since-when and what to do.
+
+    \b
+    Example:
+        workbench alerts list demo
+        workbench alerts list --all --format csv
+    """
+    from workbench.alerts import alerts_table, list_alerts
+    from workbench.status import refresh_status, render
+    from workbench.studies import get_study
+
+    config = _config(ctx)
+    catalog = _catalog(ctx)
+    try:
+        if study_id:
+            get_study(catalog, study_id)
+        if not no_refresh:
+            refresh_status(config, catalog=catalog)
+        items = list_alerts(catalog, study_id, include_closed=include_closed)
+    finally:
+        catalog.dispose()
+    if fmt == "table" and not items:
+        click.echo("no open alerts" if not include_closed else "no alerts")
+        return
+    if fmt == "json":
+        import orjson
+
+        click.echo(orjson.dumps([a.as_dict() for a in items], option=orjson.OPT_INDENT_2).decode())
+        return
+    _emit(render(alerts_table(items), fmt), None)
+
+
+@alerts.command("ack")
+@click.argument("alert_id", metavar="ID", type=int)
+@click.option("--note", help="What was done.")
+@click.option("--by", help="Who handled it (default: the logged-in user).")
+@click.pass_context
+def alerts_ack(ctx, alert_id, note, by) -> None:
+    """Record that an alert was handled, by whom, with a note.
+
+    \b
+    Example:
+        workbench alerts ack 12 --note "called; phone was in airplane mode"
+    """
+    from workbench.alerts import ack_alert
+
+    catalog = _catalog(ctx)
+    try:
+        alert = ack_alert(catalog, alert_id, by=by, note=note)
+    finally:
+        catalog.dispose()
+    click.echo(f"alert {alert.id} ({alert.kind}, {alert.subject}) acknowledged by {alert.acked_by}")
+
+
+@cli.command()
+@click.argument("study_id", metavar="[STUDY]", required=False)
+@click.option(
+    "--full", is_flag=True, help="Check every file again and look for files no ledger row names."
+)
+@click.option(
+    "--workers",
+    type=click.IntRange(1, 64),
+    help="Processes checking files (default: one per core).",
+)
+@click.pass_context
+def sanity(ctx, study_id, full, workers) -> None:
+    """Check stored batch files against the ledger and the batch JSON Schema.
+
+    Each file must exist with its recorded size and SHA-256, parse, hold valid records that
+    all name the ledger row's study, subject, device and sensor, and match its record count
+    and sample span. By default only files not checked before are read. Failing files are
+    listed in a CSV and JSON report under the pool's reports/sanity/; exit status 1 if any.
+
+    \b
+    Example:
+        workbench sanity
+        workbench sanity demo --full
+    """
+    from workbench.sanity import sanity_check
+
+    report = sanity_check(
+        _config(ctx), study=study_id, full=full, workers=workers, progress=sys.stderr.isatty()
+    )
+    for failure in report.failures:
+        click.echo(f"{failure.path}: {failure.reason}")
+    click.echo(report.summary())
+    if not report.ok:
+        ctx.exit(1)
+
+
+@cli.command()
 @click.option(
     "--all-hosts",
     is_flag=True,

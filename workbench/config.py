@@ -27,6 +27,26 @@ class ServerConfig:
 
 
 @dataclass(frozen=True)
+class SmtpConfig:
+    """Where alert digests and critical events are mailed; the password comes from the
+    environment variable named by ``password_env``."""
+
+    host: str
+    port: int = 25
+    sender: str = "workbench@localhost"
+    recipients: tuple[str, ...] = ()
+    starttls: bool = False
+    ssl: bool = False
+    username: str = ""
+    password_env: str = "WORKBENCH_SMTP_PASSWORD"
+    timeout: float = 30.0
+
+    @property
+    def password(self) -> str | None:
+        return os.environ.get(self.password_env) or None
+
+
+@dataclass(frozen=True)
 class Config:
     """One workbench home: where the pool is and how to reach the catalog."""
 
@@ -34,6 +54,7 @@ class Config:
     pool: Path
     catalog_url: str
     server: ServerConfig = field(default_factory=ServerConfig)
+    smtp: SmtpConfig | None = None  # None: mail is off
 
 
 def find_home(home: str | os.PathLike | None = None) -> Path:
@@ -86,7 +107,28 @@ def config_from_dict(raw: dict, *, home: Path) -> Config:
         pool=pool,
         catalog_url=url,
         server=server_cfg,
+        smtp=_smtp(_section(raw, "smtp")),
     )
+
+
+def _smtp(section: dict) -> SmtpConfig | None:
+    unknown = set(section) - set(SmtpConfig.__dataclass_fields__)
+    if unknown:
+        raise ConfigError(f"unknown keys in [smtp]: {', '.join(sorted(unknown))}")
+    if not section.get("host"):
+        return None
+    recipients = section.get("recipients", [])
+    if isinstance(recipients, str):
+        recipients = [recipients]
+    if not recipients or not all(isinstance(r, str) and "@" in r for r in recipients):
+        raise ConfigError("[smtp] recipients must list at least one e-mail address")
+    try:
+        smtp = SmtpConfig(**{**section, "recipients": tuple(recipients)})
+    except TypeError as exc:
+        raise ConfigError(f"bad [smtp] section: {exc}") from exc
+    if not isinstance(smtp.port, int) or not 0 < smtp.port < 65536:
+        raise ConfigError("[smtp] port must be a port number")
+    return smtp
 
 
 def _section(raw: dict, name: str) -> dict:

@@ -20,7 +20,9 @@ upload server into an HTTP status and a JSON body (``status`` and ``code`` attri
     │   ├── UnknownSensor          sensor not in the study's list (HTTP 422)
     │   ├── Conflict               e.g. too many devices for one subject (HTTP 409)
     │   └── BodyTooLarge           body over the configured limit (HTTP 413)
-    └── VerifyFailed               ledger and files disagree (exit 5)
+    ├── VerifyFailed               ledger and files disagree (exit 5)
+    ├── UnknownAlert               no alert of that id (exit 4)
+    └── MailError                  the SMTP server refused or could not be reached (exit 6)
 """
 
 from __future__ import annotations
@@ -125,3 +127,13 @@ class BodyTooLarge(UploadRejected):
 class VerifyFailed(WorkbenchError):
     exit_code = 5
     code = "verify_failed"
+
+
+class UnknownAlert(WorkbenchError):
+    exit_code = 4
+    code = "unknown_alert"
+
+
+class MailError(WorkbenchError):
+    exit_code = 6
+    code = "mail"

@@ -126,7 +126,6 @@ class Ingest:
         self.catalog.upgrade()
         self._incoming_lock = self.pool.hold_incoming()  # recovery waits while we write
         self.ledger = LedgerWriter(self.catalog)
-        self._batch_schema = load_schema("batch")
         self._user_schema = load_schema("user")
         self._check_user = jsonschema.Draft202012Validator(self._user_schema).is_valid
         self._definitions: dict[str, tuple[int, dict, frozenset]] = {}
@@ -171,7 +170,7 @@ class Ingest:
 
     def _write_data(self, upload: Upload, claimed: _Claimed) -> Receipt:
         has_checksum = _verify_checksum(upload)
-        records = self._parse_batch(upload.body)
+        records = parse_batch(upload.body)
         first = records[0]
         claimed.study, claimed.subject = first.studyId, first.username
         claimed.device, claimed.sensor = first.deviceid, first.sensorname
@@ -196,7 +195,7 @@ class Ingest:
         self._authenticate(definition, row.token_hash, upload, subject_id)
         if row.status != "active":
             raise _keep(StudyArchived(f"study {study_id!r} is archived; the batch is kept in junk"))
-        first_ts, last_ts = _span_of_batch(records, study_id, subject_id, device_id, sensor)
+        first_ts, last_ts = span_of_batch(records, study_id, subject_id, device_id, sensor)
         if definition["checksum_required"] and not has_checksum:
             raise BadRequest(
                 f"study {study_id!r} requires an md5 or Content-Digest header on uploads"
@@ -385,7 +384,7 @@ class Ingest:
 
     def _user_message(self, upload: Upload, claimed: _Claimed) -> dict:
         _verify_checksum(upload)
-        raw = self._parse(upload.body, self._check_user, self._user_schema, "a JSON object")
+        raw = _parse_json(upload.body, self._check_user, self._user_schema, "a JSON object")
         app = "ema" if "deviceid_ema" in raw else "main"
         suffix = "_ema" if app == "ema" else ""
         user = {
@@ -502,34 +501,6 @@ class Ingest:
     def reject_unread(self, action: str, upload: Upload, exc: UploadRejected) -> UploadRejected:
         """Record a rejection made before the body was read (e.g. 413)."""
         return self._rejected(action, upload, _Claimed(), exc)
-
-    def _parse_batch(self, body: bytes) -> list[BatchRecord]:
-        """Parse and validate a write_data body in one compiled step (msgspec); only a body
-        that fails is parsed again, by jsonschema, to say why in the schema's terms."""
-        try:
-            return _decode_batch(body)
-        except msgspec.ValidationError as exc:
-            self._parse(body, None, self._batch_schema, "a JSON array", fallback=str(exc))
-        except msgspec.DecodeError:
-            self._parse(body, None, self._batch_schema, "a JSON array")
-        raise AssertionError("unreachable: _parse raises for a body msgspec refused")
-
-    def _parse(self, body: bytes, check, schema: dict, expected: str, fallback: str | None = None):
-        try:
-            data = orjson.loads(body)
-        except orjson.JSONDecodeError as exc:
-            raise BadRequest(f"the body is not valid JSON: {exc}") from None
-        if check is None or not check(data):
-            error = jsonschema.exceptions.best_match(
-                jsonschema.Draft202012Validator(schema).iter_errors(data)
-            )
-            if error is not None:
-                where = "/".join(map(str, error.absolute_path))
-                message = f"{where + ': ' if where else ''}{error.message[:300]}"
-            else:  # stricter than the schema: e.g. a timestamp of 1.0
-                message = fallback or "does not match the schema"
-            raise BadRequest(f"the body must be {expected}: {message}")
-        return data
 
     def _definition(self, study_id: str, revision: int, text: str) -> tuple[dict, frozenset]:
         cached = self._definitions.get(study_id)
@@ -754,7 +725,7 @@ def _row_from_body(body: bytes, sha: str, *, received: int) -> dict | None:
             return None
         if sum(map(len, ids)) > MAX_NAME - NAME_EXTRA:
             return None
-        first_ts, last_ts = _span_of_batch(records, *ids)
+        first_ts, last_ts = span_of_batch(records, *ids)
     except (msgspec.MsgspecError, BadRequest):
         return None
     return batch_row(*ids, body, sha, len(records), first_ts, last_ts, received=received)
@@ -791,7 +762,38 @@ _decode_batch = msgspec.json.Decoder(
 ).decode
 
 
-def _span_of_batch(records: list[BatchRecord], study: str, subject: str, device: str, sensor: str):
+def parse_batch(body: bytes) -> list[BatchRecord]:
+    """Parse and validate a write_data body in one compiled step (msgspec); only a body that
+    fails is parsed again, by jsonschema, to say why in the schema's terms (:class:`BadRequest`).
+    """
+    try:
+        return _decode_batch(body)
+    except msgspec.ValidationError as exc:
+        _parse_json(body, None, load_schema("batch"), "a JSON array", fallback=str(exc))
+    except msgspec.DecodeError:
+        _parse_json(body, None, load_schema("batch"), "a JSON array")
+    raise AssertionError("unreachable: _parse_json raises for a body msgspec refused")
+
+
+def _parse_json(body: bytes, check, schema: dict, expected: str, fallback: str | None = None):
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise BadRequest(f"the body is not valid JSON: {exc}") from None
+    if check is None or not check(data):
+        error = jsonschema.exceptions.best_match(
+            jsonschema.Draft202012Validator(schema).iter_errors(data)
+        )
+        if error is not None:
+            where = "/".join(map(str, error.absolute_path))
+            message = f"{where + ': ' if where else ''}{error.message[:300]}"
+        else:  # stricter than the schema: e.g. a timestamp of 1.0
+            message = fallback or "does not match the schema"
+        raise BadRequest(f"the body must be {expected}: {message}")
+    return data
+
+
+def span_of_batch(records: list[BatchRecord], study: str, subject: str, device: str, sensor: str):
     """First and last sample time of a batch whose records must all name the same source."""
     for getter, expected in zip(_SOURCE_FIELDS, (study, subject, device, sensor), strict=True):
         if set(map(getter, records)) != {expected}:

@@ -14,9 +14,8 @@ from pathlib import Path
 from sqlalchemy import func, select
 from tqdm import tqdm
 
-from workbench.catalog import Catalog, Prepared, rejections, uploads
+from workbench.catalog import Catalog, Prepared, dialect_insert, rejections, uploads
 from workbench.config import Config
-from workbench.errors import CatalogError
 from workbench.pool import DataPool, sync_folders
 
 log = logging.getLogger("workbench.ledger")
@@ -154,14 +153,7 @@ def ledger_counts(catalog: Catalog, study_id: str | None = None) -> dict[str, in
 
 def insert_ignore(catalog: Catalog):
     """INSERT of an upload row that does nothing (and returns no id) if the batch is there."""
-    dialect = catalog.engine.dialect.name
-    if dialect == "sqlite":
-        from sqlalchemy.dialects.sqlite import insert
-    elif dialect == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert
-    else:  # pragma: no cover - only SQLite and PostgreSQL are supported
-        raise CatalogError(f"unsupported catalog database {dialect!r}")
-    return insert(uploads).on_conflict_do_nothing().returning(uploads.c.id)
+    return dialect_insert(catalog.engine, uploads).on_conflict_do_nothing().returning(uploads.c.id)
 
 
 class LedgerWriter:

@@ -67,8 +67,14 @@ def validate_definition(definition: dict) -> dict:
     if errors:
         lines = [f"{'/'.join(map(str, e.absolute_path)) or '(top)'}: {e.message}" for e in errors]
         raise InvalidDefinition("invalid study definition:\n  " + "\n  ".join(lines))
+    return with_defaults(definition)
+
+
+def with_defaults(definition: dict) -> dict:
+    """A copy of a valid definition with every unset key at its schema default (definitions
+    stored by an older version lack the keys added since)."""
     filled = copy.deepcopy(definition)
-    for key, spec in schema["properties"].items():
+    for key, spec in load_schema("study")["properties"].items():
         if "default" in spec and key not in filled:
             filled[key] = copy.deepcopy(spec["default"])
     for sensor in filled["sensors"].values():
@@ -212,7 +218,7 @@ def archive_study(catalog: Catalog, study_id: str) -> Study:
 def _study(row) -> Study:
     return Study(
         id=row.study_id,
-        definition=json.loads(row.definition),
+        definition=with_defaults(json.loads(row.definition)),
         status=row.status,
         revision=row.revision,
         created_at=row.created_at,

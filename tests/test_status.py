@@ -1,0 +1,293 @@
+"""Study status: hand-computed cases, incremental refresh, history, atomic CSV."""
+
+from __future__ import annotations
+
+import random
+import threading
+
+import polars as pl
+from sqlalchemy import update
+
+from tests.conftest import DAY, HOUR, NOW, T0, Scenario
+from workbench.pool import DataPool
+from workbench.status import (
+    COMPLETED,
+    LEFT_EARLY,
+    NO_DATA,
+    OK,
+    OVER_NOT_LEFT,
+    SEVERAL_DEVICES,
+    jtrack_columns,
+    rebuild_aggregates,
+    refresh_status,
+    status_csv_path,
+    status_history_table,
+    study_status,
+)
+
+
+def row(table, subject, device=None):
+    found = table.filter(
+        (pl.col("subject_name") == subject)
+        & (pl.col("device_id").is_null() if device is None else pl.col("device_id") == device)
+    )
+    assert found.height == 1, found
+    return found.row(0, named=True)
+
+
+def ms(value):
+    return None if value is None else int(value.timestamp() * 1000)
+
+
+def test_columns_start_with_jtracks_in_order(catalog, scenario):
+    table = study_status(catalog, "demo", now=NOW)
+    expected = jtrack_columns(["accelerometer", "location"])
+    assert table.columns[: len(expected)] == expected
+    assert expected[:7] == [
+        "app",
+        "subject_name",
+        "device_id",
+        "date_registered",
+        "date_left_study",
+        "time_in_study",
+        "status_code",
+    ]
+    assert table.height == 8  # f has two rows, g one without a device
+
+
+def test_sending_subject(catalog, scenario, people):
+    r = row(study_status(catalog, "demo", now=NOW), people[0].subject, "a1")
+    assert r["activity_code"] == OK and r["activity"] == "ok"
+    assert r["time_in_study"] == 10.0
+    assert r["accelerometer_n_batches"] == 120 and r["location_n_batches"] == 240
+    assert r["accelerometer_completeness"] == 50.0  # 120 of 24 x 10
+    assert r["location_completeness"] == 100.0
+    assert ms(r["accelerometer_last_time_received"]) == NOW - HOUR
+    assert ms(r["accelerometer_last_sample"]) == NOW - HOUR - 1_000  # from the data
+    assert ms(r["last_data"]) == NOW - HOUR
+    assert r["hours_since_last_data"] == 1.0
+    assert ms(r["date_registered"]) == T0 and r["date_left_study"] is None
+
+
+def test_silent_subject(catalog, scenario, people):
+    r = row(study_status(catalog, "demo", now=NOW), people[1].subject, "b1")
+    assert r["activity_code"] == NO_DATA
+    assert ms(r["last_data"]) == T0 + 72 * HOUR
+    assert r["hours_since_last_data"] == 7 * 24.0
+    # silent since the last data plus the 48 h threshold
+    assert ms(r["activity_since"]) == T0 + 72 * HOUR + 48 * HOUR
+    assert r["accelerometer_completeness"] == 30.0  # 72 of 240
+    assert r["location_n_batches"] == 0 and r["location_completeness"] == 0.0
+
+
+def test_left_early_subject(catalog, scenario, people):
+    r = row(study_status(catalog, "demo", now=NOW), people[2].subject, "c1")
+    assert r["activity_code"] == LEFT_EARLY and r["status_code"] == 1
+    assert ms(r["date_left_study"]) == T0 + 5 * DAY
+    assert r["time_in_study"] == 5.0
+    assert r["location_completeness"] == 100.0  # 120 of 24 x 5 days in study
+
+
+def test_completed_subject(catalog, scenario, people):
+    r = row(study_status(catalog, "demo", now=NOW), people[3].subject, "d1")
+    assert r["activity_code"] == COMPLETED
+    assert r["time_in_study"] == round(14 + 1 / 24, 2)
+    assert r["accelerometer_completeness"] == 0.0  # expected over the 14 days of the study
+
+
+def test_duration_over_not_left(catalog, scenario, people):
+    r = row(study_status(catalog, "demo", now=NOW), people[4].subject, "e1")
+    assert r["activity_code"] == OVER_NOT_LEFT
+    assert ms(r["activity_since"]) == T0 - 5 * DAY + 14 * DAY
+    assert r["time_in_study"] == 15.0
+
+
+def test_several_devices(catalog, scenario, people):
+    table = study_status(catalog, "demo", now=NOW)
+    for device in ("f1", "f2"):
+        r = row(table, people[5].subject, device)
+        assert r["activity_code"] == SEVERAL_DEVICES
+        assert ms(r["activity_since"]) == T0 + 2 * DAY  # when the second phone came
+
+
+def test_never_registered(catalog, scenario, people):
+    r = row(study_status(catalog, "demo", now=NOW), people[6].subject)
+    assert r["app"] is None and r["time_in_study"] is None
+    assert r["activity_code"] == NO_DATA
+    assert ms(r["activity_since"]) == T0 - DAY + 48 * HOUR
+
+
+def test_stale_threshold_is_the_studys(catalog, scenario, people):
+    from workbench.catalog import studies
+
+    with catalog.writing() as conn:
+        definition = conn.execute(studies.select()).one().definition
+        conn.execute(
+            update(studies).values(
+                definition=definition.replace('"staleness_hours": 48', '"staleness_hours": 200'),
+                revision=studies.c.revision + 1,
+            )
+        )
+    r = row(study_status(catalog, "demo", now=NOW), people[1].subject, "b1")
+    assert r["activity_code"] == OK  # 168 h silent, under 200
+
+
+def test_refresh_after_new_uploads_equals_full_recomputation(catalog, study, people, home):
+    s = Scenario(catalog, people)
+    rng = random.Random(7)
+    for i, p in enumerate(people):
+        s.device(p.subject, f"d{i}", registered=T0 + rng.randrange(DAY))
+    for step in range(5):
+        for _ in range(40):
+            i = rng.randrange(len(people))
+            s.batches(
+                people[i].subject,
+                f"d{i}",
+                rng.choice(["accelerometer", "location"]),
+                [T0 + step * DAY + rng.randrange(DAY)],
+            )
+        now = T0 + (step + 1) * DAY
+        incremental = study_status(catalog, "demo", now=now)
+        full = study_status(catalog, "demo", now=now, from_ledger=True)
+        assert incremental.equals(full), step
+        assert incremental["accelerometer_n_batches"].sum() + incremental[
+            "location_n_batches"
+        ].sum() == 40 * (step + 1)
+    assert rebuild_aggregates(catalog) == 200
+    assert study_status(catalog, "demo", now=now).equals(full)
+
+
+def test_refresh_reads_only_new_ledger_rows(catalog, scenario, home):
+    first = refresh_status(home, catalog=catalog, now=NOW)
+    assert first.folded == 120 + 240 + 72 + 120 + 1 + 1
+    assert refresh_status(home, catalog=catalog, now=NOW).folded == 0
+    scenario.batches(list(scenario.people)[0], "a1", "location", [NOW])
+    assert refresh_status(home, catalog=catalog, now=NOW).folded == 1
+
+
+def test_history_says_when_a_subject_went_silent_and_came_back(catalog, scenario, people, home):
+    b = people[1].subject
+    refresh_status(home, catalog=catalog, now=T0 + 4 * DAY)  # b still sending recently
+    refresh_status(home, catalog=catalog, now=NOW)  # b silent
+    scenario.batches(b, "b1", "accelerometer", [NOW + HOUR])
+    refresh_status(home, catalog=catalog, now=NOW + 2 * HOUR)
+    history = status_history_table(catalog, "demo", subject=b)
+    assert history["to_code"].to_list() == [OK, NO_DATA, OK]
+    assert history["from_code"].to_list() == [None, OK, NO_DATA]
+    went_silent = history.row(1, named=True)
+    assert ms(went_silent["at"]) == T0 + 72 * HOUR + 48 * HOUR
+    assert ms(went_silent["noticed_at"]) == NOW
+    assert ms(history.row(2, named=True)["at"]) == NOW + HOUR
+
+
+def test_refresh_writes_the_csv_in_jtracks_column_order(catalog, scenario, home):
+    refresh_status(home, catalog=catalog, now=NOW)
+    path = status_csv_path(DataPool(home.pool), "demo")
+    table = pl.read_csv(path)
+    assert table.columns[:11] == jtrack_columns(["accelerometer", "location"])
+    assert table.height == 8
+    assert not list(path.parent.glob(".*tmp"))
+
+
+def test_a_reader_never_sees_a_partial_csv(catalog, study, home):
+    from workbench.enrollment import enroll
+
+    many = enroll(catalog, "demo", 300)
+    s = Scenario(catalog, many)
+    for i, p in enumerate(many):
+        s.device(p.subject, f"d{i}")
+    path = status_csv_path(DataPool(home.pool), "demo")
+    refresh_status(home, catalog=catalog, now=NOW)
+    expected = path.read_bytes().count(b"\n")
+    stop = threading.Event()
+    seen = []
+
+    def read():
+        while not stop.is_set():
+            data = path.read_bytes()
+            seen.append((data.count(b"\n"), data.endswith(b"\n")))
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    try:
+        for k in range(15):
+            refresh_status(home, catalog=catalog, now=NOW + k * HOUR)
+    finally:
+        stop.set()
+        reader.join()
+    assert len(seen) > 10
+    assert all(lines == expected and complete for lines, complete in seen)
+
+
+def test_status_through_the_upload_server(client, catalog, subjects, home):
+    from tests.conftest import Phone
+
+    phone = Phone(client, subjects[0])
+    phone.register()
+    assert phone.upload(phone.batch("accelerometer")).status_code == 200
+    assert phone.upload(phone.batch("location", n=5)).status_code == 200
+    table = study_status(catalog, "demo")
+    r = row(table, subjects[0].subject, phone.device)
+    assert r["accelerometer_n_batches"] == 1 and r["location_n_batches"] == 1
+    assert r["activity_code"] == OK
+    assert r["hours_since_last_data"] < 1
+
+
+def cli_run(home, *args):
+    from click.testing import CliRunner
+
+    from workbench.cli import cli
+
+    result = CliRunner().invoke(cli, ["--home", str(home.home), *args])
+    return result
+
+
+def test_cli_status_formats(home, scenario, people, tmp_path):
+    table = cli_run(home, "status", "demo")
+    assert table.exit_code == 0, table.output
+    assert "| subject" in table.output and people[6].subject in table.output
+    assert "accelerometer %" in table.output
+    csv = cli_run(home, "status", "demo", "--format", "csv")
+    assert csv.output.splitlines()[0].startswith(
+        "app,subject_name,device_id,date_registered,date_left_study,time_in_study,status_code,"
+        "accelerometer_n_batches,accelerometer_last_time_received"
+    )
+    import json
+
+    rows = json.loads(cli_run(home, "status", "demo", "--format", "json").output)
+    assert len(rows) == 8 and {"activity_code", "hours_since_last_data"} <= set(rows[0])
+    out = tmp_path / "all.parquet"
+    done = cli_run(home, "status", "--all", "--format", "parquet", "--out", str(out))
+    assert done.exit_code == 0, done.output
+    assert pl.read_parquet(out)["study"].unique().to_list() == ["demo"]
+    assert cli_run(home, "status", "--format", "parquet", "demo").exit_code == 2
+    assert cli_run(home, "status").exit_code == 2
+    missing = cli_run(home, "status", "nope")
+    assert missing.exit_code == 4 and "no study 'nope'" in missing.output
+
+
+def test_cli_status_history(home, scenario, people):
+    cli_run(home, "status", "demo")
+    shown = cli_run(home, "status", "demo", "--history", "--subject", people[1].subject)
+    assert shown.exit_code == 0, shown.output
+    # the CLI sees the scenario years later: every phone's 14 days are over
+    assert "duration over, not left" in shown.output and people[1].subject in shown.output
+    assert people[0].subject not in shown.output
+
+
+def test_cli_refresh_and_alerts(home, scenario, people):
+    done = cli_run(home, "refresh")
+    assert done.exit_code == 0 and "alerts:" in done.output, done.output
+    listed = cli_run(home, "alerts", "demo", "--format", "json")
+    import json
+
+    items = json.loads(listed.output)
+    assert {"never_sent", "several_devices"} <= {i["kind"] for i in items}
+    assert all(i["action"] and i["since"] for i in items)
+    first = items[0]["id"]
+    acked = cli_run(home, "alerts", "ack", str(first), "--note", "called", "--by", "ana")
+    assert acked.exit_code == 0 and "acknowledged by ana" in acked.output
+    again = json.loads(cli_run(home, "alerts", "list", "--format", "json").output)
+    assert [i["note"] for i in again if i["id"] == first] == ["called"]
+    assert "| id" in cli_run(home, "alerts").output
+    assert cli_run(home, "alerts", "ack", "424242").exit_code == 4

@@ -1,0 +1,316 @@
+"""Alerts: what a study's coordinator should act on, opened and closed by each status refresh.
+
+An alert opens when its condition first holds for a subject (or one of its devices) and closes
+by itself when the condition ends (data resumes, the subject leaves, ...). Each is mailed once,
+in a digest, when it opens; a coordinator acknowledges it with :func:`ack_alert`.
+
+Kinds, from a study's status table (:mod:`workbench.status`):
+
+    stale             a device that sent data has sent nothing for the staleness threshold
+    never_sent        enrolled (or registered a device) and never sent data, past the threshold
+    over_not_left     the study's duration is over but the device has not left
+    several_devices   more than one device of the same app is active for the subject
+    low_completeness  an active device's completeness is below the study's target
+
+Example::
+
+    for alert in list_alerts(catalog, "demo"):
+        print(alert.id, alert.subject, alert.kind, alert.action)
+    ack_alert(catalog, 7, by="coordinator", note="called, phone was off")
+"""
+
+from __future__ import annotations
+
+import datetime
+import getpass
+from dataclasses import dataclass
+
+import polars as pl
+from sqlalchemy import select, update
+
+from workbench.catalog import Catalog, alerts, now_ms
+from workbench.config import SmtpConfig
+from workbench.errors import MailError, UnknownAlert
+from workbench.mail import send_mail
+from workbench.status import (
+    ACTIVE_DEVICE,
+    HOUR_MS,
+    NO_DATA,
+    OVER_NOT_LEFT,
+    SEVERAL_DEVICES,
+)
+from workbench.studies import Study
+
+__all__ = [
+    "ACTIONS",
+    "Alert",
+    "MailError",
+    "ack_alert",
+    "list_alerts",
+    "mail_new_alerts",
+    "update_alerts",
+]
+
+# What to do about each kind: shown with every alert and in the mail.
+ACTIONS = {
+    "stale": "contact the subject: check the app still runs and has its permissions",
+    "never_sent": "check the subject installed the app and scanned the enrollment QR code",
+    "over_not_left": "the study period is over: ask the subject to end the study in the app",
+    "several_devices": "confirm which device is in use and ask the subject to leave on the others",
+    "low_completeness": "check the phone's battery optimisation and sensor permissions",
+}
+
+
+@dataclass(frozen=True)
+class Alert:
+    """One alert, open or closed."""
+
+    id: int
+    study: str
+    subject: str
+    device: str
+    kind: str
+    since: int
+    detail: str
+    opened_at: int
+    closed_at: int | None
+    mailed_at: int | None
+    acked_at: int | None
+    acked_by: str | None
+    note: str | None
+
+    @property
+    def action(self) -> str:
+        return ACTIONS[self.kind]
+
+    @property
+    def is_open(self) -> bool:
+        return self.closed_at is None
+
+    def as_dict(self) -> dict:
+        out = {name: getattr(self, name) for name in self.__dataclass_fields__}
+        for name in ("since", "opened_at", "closed_at", "mailed_at", "acked_at"):
+            out[name] = _iso(out[name])
+        out["action"] = self.action
+        return out
+
+
+def _iso(ms: int | None) -> str | None:
+    if ms is None:
+        return None
+    return datetime.datetime.fromtimestamp(ms / 1000, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def alert_conditions(study: Study, table: pl.DataFrame, *, now: int) -> dict:
+    """The alerts a status table calls for: ``{(subject, device, kind): (since, detail)}``."""
+    definition = study.definition
+    target = definition["completeness_target_pct"]
+    sensors = list(definition["sensors"])
+    found: dict[tuple[str, str, str], tuple[int, str]] = {}
+    columns = [
+        "subject_name",
+        "app",
+        "device_id",
+        "status_code",
+        "activity_code",
+        "time_in_study",
+        *(f"{s}_completeness" for s in sensors),
+    ]
+    times = table.select(pl.col("last_data", "date_registered", "activity_since").cast(pl.Int64))
+    for row, when in zip(
+        table.select(columns).iter_rows(named=True), times.iter_rows(named=True), strict=True
+    ):
+        subject, device = row["subject_name"], row["device_id"] or ""
+        code = row["activity_code"]
+        hours = definition["staleness_hours"]
+        if code == NO_DATA and when["last_data"] is not None:
+            found[(subject, device, "stale")] = (
+                when["last_data"],
+                f"no data from {device} for over {hours:g} h (last at {_iso(when['last_data'])})",
+            )
+        elif code == NO_DATA:
+            what = f"device {device}" if device else "no device registered"
+            found[(subject, device, "never_sent")] = (
+                when["activity_since"] - int(hours * HOUR_MS),
+                f"no data ever received ({what})",
+            )
+        elif code == OVER_NOT_LEFT:
+            found[(subject, device, "over_not_left")] = (
+                when["activity_since"],
+                f"{definition['duration_days']} days are over; {device} is still active",
+            )
+        elif code == SEVERAL_DEVICES:
+            devices = table.filter(
+                (pl.col("subject_name") == subject)
+                & (pl.col("app") == row["app"])
+                & (pl.col("status_code") == ACTIVE_DEVICE)
+            )["device_id"].to_list()
+            found[(subject, "", "several_devices")] = (
+                when["activity_since"],
+                f"{len(devices)} active {row['app']} devices: {', '.join(sorted(devices))}",
+            )
+        if row["status_code"] == ACTIVE_DEVICE and (row["time_in_study"] or 0) >= 1:
+            low = [
+                f"{s} {row[f'{s}_completeness']:g}%"
+                for s in sensors
+                if row[f"{s}_completeness"] is not None and row[f"{s}_completeness"] < target
+            ]
+            if low:
+                found[(subject, device, "low_completeness")] = (
+                    now,
+                    f"completeness below {target:g}%: {', '.join(low)}",
+                )
+    return found
+
+
+def update_alerts(
+    catalog: Catalog, study: Study, table: pl.DataFrame, *, now: int
+) -> tuple[int, int]:
+    """Open the alerts the status table calls for and close those it no longer does; return
+    (opened, closed)."""
+    wanted = alert_conditions(study, table, now=now)
+    c = alerts.c
+    with catalog.writing() as conn:
+        open_now = {
+            (r.subject_id, r.device_id, r.kind): r.id
+            for r in conn.execute(
+                select(c.id, c.subject_id, c.device_id, c.kind).where(
+                    c.study_id == study.id, c.closed_at.is_(None)
+                )
+            )
+        }
+        new = [
+            {
+                "study_id": study.id,
+                "subject_id": subject,
+                "device_id": device,
+                "kind": kind,
+                "since": since,
+                "detail": detail,
+                "opened_at": now,
+            }
+            for (subject, device, kind), (since, detail) in wanted.items()
+            if (subject, device, kind) not in open_now
+        ]
+        if new:
+            conn.execute(alerts.insert(), new)
+        ended = [alert_id for key, alert_id in open_now.items() if key not in wanted]
+        if ended:
+            conn.execute(update(alerts).where(c.id.in_(ended)).values(closed_at=now))
+    return len(new), len(ended)
+
+
+def list_alerts(
+    catalog: Catalog, study: str | None = None, *, include_closed: bool = False
+) -> list[Alert]:
+    """Open alerts (all alerts with ``include_closed``), oldest first.
+
+    Example: ``[a.detail for a in list_alerts(catalog, "demo")]``.
+    """
+    c = alerts.c
+    query = select(alerts).order_by(c.study_id, c.since, c.id)
+    if study is not None:
+        query = query.where(c.study_id == study)
+    if not include_closed:
+        query = query.where(c.closed_at.is_(None))
+    with catalog.engine.connect() as conn:
+        return [_alert(r) for r in conn.execute(query)]
+
+
+def ack_alert(
+    catalog: Catalog, alert_id: int, *, by: str | None = None, note: str | None = None
+) -> Alert:
+    """Record who handled an alert (default: the logged-in user), with an optional note.
+
+    Example: ``ack_alert(catalog, 3, by="ana", note="new phone, device removed")``.
+    """
+    by = by or getpass.getuser()
+    c = alerts.c
+    with catalog.writing() as conn:
+        done = conn.execute(
+            update(alerts).where(c.id == alert_id).values(acked_at=now_ms(), acked_by=by, note=note)
+        ).rowcount
+    if not done:
+        raise UnknownAlert(f"no alert {alert_id}; see `workbench alerts --all`")
+    with catalog.engine.connect() as conn:
+        return _alert(conn.execute(select(alerts).where(c.id == alert_id)).one())
+
+
+def mail_new_alerts(catalog: Catalog, smtp: SmtpConfig, *, now: int | None = None) -> int:
+    """Mail one digest of the open alerts not mailed yet and mark them mailed; return how
+    many it listed. Raises :class:`MailError` (and marks nothing) when sending fails."""
+    c = alerts.c
+    with catalog.engine.connect() as conn:
+        pending = [
+            _alert(r)
+            for r in conn.execute(
+                select(alerts)
+                .where(c.mailed_at.is_(None), c.closed_at.is_(None))
+                .order_by(c.study_id, c.id)
+            )
+        ]
+    if not pending:
+        return 0
+    lines = [f"{len(pending)} new alert(s) need attention:", ""]
+    for alert in pending:
+        where = f"{alert.subject}" + (f" / {alert.device}" if alert.device else "")
+        lines += [
+            f"#{alert.id} [{alert.study}] {where}: {alert.kind} since {_iso(alert.since)}",
+            f"    {alert.detail}",
+            f"    to do: {alert.action}",
+        ]
+    lines += ["", "Acknowledge with: workbench alerts ack ID --note TEXT"]
+    studies = sorted({a.study for a in pending})
+    send_mail(
+        smtp,
+        f"[workbench] {len(pending)} new alert(s) in {', '.join(studies)}",
+        "\n".join(lines) + "\n",
+    )
+    stamp = now_ms() if now is None else now
+    with catalog.writing() as conn:
+        conn.execute(
+            update(alerts).where(c.id.in_([a.id for a in pending])).values(mailed_at=stamp)
+        )
+    return len(pending)
+
+
+def alerts_table(items: list[Alert]) -> pl.DataFrame:
+    """Alerts as a polars DataFrame (times as UTC datetimes), for display and export."""
+    schema = {
+        "id": pl.Int64,
+        "study": pl.String,
+        "subject": pl.String,
+        "device": pl.String,
+        "kind": pl.String,
+        "since": pl.Int64,
+        "detail": pl.String,
+        "action": pl.String,
+        "opened_at": pl.Int64,
+        "closed_at": pl.Int64,
+        "acked_at": pl.Int64,
+        "acked_by": pl.String,
+        "note": pl.String,
+    }
+    rows = [tuple(getattr(a, name) for name in schema) for a in items]
+    table = pl.DataFrame(rows, schema=schema, orient="row")
+    return table.with_columns(
+        pl.col("since", "opened_at", "closed_at", "acked_at").cast(pl.Datetime("ms", "UTC"))
+    )
+
+
+def _alert(row) -> Alert:
+    return Alert(
+        id=row.id,
+        study=row.study_id,
+        subject=row.subject_id,
+        device=row.device_id,
+        kind=row.kind,
+        since=row.since,
+        detail=row.detail,
+        opened_at=row.opened_at,
+        closed_at=row.closed_at,
+        mailed_at=row.mailed_at,
+        acked_at=row.acked_at,
+        acked_by=row.acked_by,
+        note=row.note,
+    )
