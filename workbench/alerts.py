@@ -105,61 +105,58 @@ def alert_conditions(study: Study, table: pl.DataFrame, *, now: int) -> dict:
     """The alerts a status table calls for: ``{(subject, device, kind): (since, detail)}``."""
     definition = study.definition
     target = definition["completeness_target_pct"]
+    hours = definition["staleness_hours"]
     sensors = list(definition["sensors"])
+    t = table.with_columns(
+        pl.col("last_data", "date_registered", "activity_since").cast(pl.Int64),
+        pl.col("device_id").fill_null(""),
+    )
+    code = pl.col("activity_code")
     found: dict[tuple[str, str, str], tuple[int, str]] = {}
-    columns = [
-        "subject_name",
-        "app",
-        "device_id",
-        "status_code",
-        "activity_code",
-        "time_in_study",
-        *(f"{s}_completeness" for s in sensors),
-    ]
-    times = table.select(pl.col("last_data", "date_registered", "activity_since").cast(pl.Int64))
-    for row, when in zip(
-        table.select(columns).iter_rows(named=True), times.iter_rows(named=True), strict=True
-    ):
-        subject, device = row["subject_name"], row["device_id"] or ""
-        code = row["activity_code"]
-        hours = definition["staleness_hours"]
-        if code == NO_DATA and when["last_data"] is not None:
-            found[(subject, device, "stale")] = (
-                when["last_data"],
-                f"no data from {device} for over {hours:g} h (last at {_iso(when['last_data'])})",
-            )
-        elif code == NO_DATA:
-            what = f"device {device}" if device else "no device registered"
-            found[(subject, device, "never_sent")] = (
-                when["activity_since"] - int(hours * HOUR_MS),
-                f"no data ever received ({what})",
-            )
-        elif code == OVER_NOT_LEFT:
-            found[(subject, device, "over_not_left")] = (
-                when["activity_since"],
-                f"{definition['duration_days']} days are over; {device} is still active",
-            )
-        elif code == SEVERAL_DEVICES:
-            devices = table.filter(
-                (pl.col("subject_name") == subject)
-                & (pl.col("app") == row["app"])
-                & (pl.col("status_code") == ACTIVE_DEVICE)
-            )["device_id"].to_list()
-            found[(subject, "", "several_devices")] = (
-                when["activity_since"],
-                f"{len(devices)} active {row['app']} devices: {', '.join(sorted(devices))}",
-            )
-        if row["status_code"] == ACTIVE_DEVICE and (row["time_in_study"] or 0) >= 1:
-            low = [
-                f"{s} {row[f'{s}_completeness']:g}%"
-                for s in sensors
-                if row[f"{s}_completeness"] is not None and row[f"{s}_completeness"] < target
-            ]
-            if low:
-                found[(subject, device, "low_completeness")] = (
-                    now,
-                    f"completeness below {target:g}%: {', '.join(low)}",
-                )
+
+    for r in t.filter((code == NO_DATA) & pl.col("last_data").is_not_null()).iter_rows(named=True):
+        found[(r["subject_name"], r["device_id"], "stale")] = (
+            r["last_data"],
+            f"no data from {r['device_id']} for over {hours:g} h (last at {_iso(r['last_data'])})",
+        )
+    for r in t.filter((code == NO_DATA) & pl.col("last_data").is_null()).iter_rows(named=True):
+        device = r["device_id"]
+        what = f"device {device}" if device else "no device registered"
+        found[(r["subject_name"], device, "never_sent")] = (
+            r["activity_since"] - int(hours * HOUR_MS),
+            f"no data ever received ({what})",
+        )
+    for r in t.filter(code == OVER_NOT_LEFT).iter_rows(named=True):
+        found[(r["subject_name"], r["device_id"], "over_not_left")] = (
+            r["activity_since"],
+            f"{definition['duration_days']} days are over; {r['device_id']} is still active",
+        )
+    several = (
+        t.filter((code == SEVERAL_DEVICES) & (pl.col("status_code") == ACTIVE_DEVICE))
+        .group_by("subject_name", "app")
+        .agg(pl.col("device_id").sort(), pl.col("activity_since").max())
+    )
+    for r in several.iter_rows(named=True):
+        found[(r["subject_name"], "", "several_devices")] = (
+            r["activity_since"],
+            f"{len(r['device_id'])} active {r['app']} devices: {', '.join(r['device_id'])}",
+        )
+    completeness = [f"{s}_completeness" for s in sensors]
+    low = t.filter(
+        (pl.col("status_code") == ACTIVE_DEVICE)
+        & (pl.col("time_in_study") >= 1)
+        & pl.any_horizontal(pl.col(completeness) < target)
+    )
+    for r in low.select("subject_name", "device_id", *completeness).iter_rows(named=True):
+        below = [
+            f"{s} {r[c]:g}%"
+            for s, c in zip(sensors, completeness, strict=True)
+            if r[c] is not None and r[c] < target
+        ]
+        found[(r["subject_name"], r["device_id"], "low_completeness")] = (
+            now,
+            f"completeness below {target:g}%: {', '.join(below)}",
+        )
     return found
 
 
@@ -170,7 +167,7 @@ def update_alerts(
     (opened, closed)."""
     wanted = alert_conditions(study, table, now=now)
     c = alerts.c
-    with catalog.writing() as conn:
+    with catalog.writing(durable=False) as conn:
         open_now = {
             (r.subject_id, r.device_id, r.kind): r.id
             for r in conn.execute(

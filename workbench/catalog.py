@@ -260,6 +260,21 @@ class Prepared:
         return None if first is None else first[0]
 
 
+def fetch_tuples(conn: Connection, statement) -> list[tuple]:
+    """Run a SELECT on the connection's DBAPI cursor and return plain tuples: for reads of
+    many rows, where building SQLAlchemy rows would cost more than the query itself."""
+    compiled = statement.compile(dialect=conn.dialect, compile_kwargs={"render_postcompile": True})
+    params = compiled.params
+    if conn.dialect.positional:
+        params = tuple(params[name] for name in compiled.positiontup)
+    cursor = conn.connection.dbapi_connection.cursor()
+    try:
+        cursor.execute(str(compiled), params)
+        return cursor.fetchall()
+    finally:
+        cursor.close()
+
+
 def now_ms() -> int:
     """Current time in milliseconds since the epoch."""
     return time.time_ns() // 1_000_000

@@ -38,6 +38,8 @@ class DataPool:
         self.reports = self.root / "reports"
         self.enrollment = self.root / "enrollment"
         self.resources = self.root / "resources"
+        # Derived data that can always be rebuilt from the catalog (e.g. status sums).
+        self.cache = self.root / ".cache"
         # One incoming folder per host, so recovery on one host never touches another's writes.
         self.incoming = self.root / INCOMING / _host_name()
 
@@ -179,9 +181,10 @@ def _host_name() -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name).lstrip(".") or "host"
 
 
-def write_file_atomically(path: Path, data: bytes) -> Path:
+def write_file_atomically(path: Path, data: bytes, *, durable: bool = True) -> Path:
     """Replace ``path`` by ``data`` so that a reader sees the old file or the new one, never a
-    part: a temporary file in the same folder, fsynced, then renamed over it."""
+    part: a temporary file in the same folder, renamed over it. ``durable`` fsyncs the file
+    before and its folder after, so the new content also survives a power loss."""
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.{os.getpid()}.{next(_sequence)}.tmp")
     try:
@@ -190,14 +193,16 @@ def write_file_atomically(path: Path, data: bytes) -> Path:
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view) :]
-            os.fsync(fd)
+            if durable:
+                os.fsync(fd)
         finally:
             os.close(fd)
         os.replace(temporary, path)
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
-    fsync_dir(path.parent)
+    if durable:
+        fsync_dir(path.parent)
     return path
 
 

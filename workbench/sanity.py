@@ -21,6 +21,7 @@ import datetime
 import hashlib
 import multiprocessing
 import os
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -173,7 +174,9 @@ def _check_rows(
                 failures += check_files(root, chunk)
                 bar.update(len(chunk))
         else:
-            context = multiprocessing.get_context("forkserver")
+            # fork starts at once; it is only safe while this process runs a single thread
+            method = "fork" if threading.active_count() == 1 else "forkserver"
+            context = multiprocessing.get_context(method)
             with context.Pool(workers) as processes:
                 for found, done in processes.imap_unordered(
                     _check_chunk, [(root, chunk) for chunk in chunks]
