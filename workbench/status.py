@@ -173,7 +173,8 @@ def rebuild_aggregates(catalog: Catalog, *, workers: int | None = None) -> int:
 
 
 def _fold(conn: Connection, catalog: Catalog) -> _Fold:
-    """One INSERT ... SELECT ... ON CONFLICT DO UPDATE: the new rows never leave the database."""
+    """One INSERT ... SELECT ... ON CONFLICT DO UPDATE ... RETURNING: the new ledger rows
+    never leave the database, only the new sums of the sources they touched."""
     mark = conn.execute(
         select(state.c.value).where(state.c.key == FOLDED).with_for_update()
     ).scalar()
@@ -191,8 +192,9 @@ def _fold(conn: Connection, catalog: Catalog) -> _Fold:
     insert = dialect_insert(catalog.engine, status_sensors)
     new = insert.excluded
     table = status_sensors.c
-    conn.execute(
-        insert.from_select(names, grouped).on_conflict_do_update(
+    upsert = (
+        insert.from_select(names, grouped)
+        .on_conflict_do_update(
             index_elements=["study_id", "subject_id", "device_id", "sensor"],
             set_={
                 "n_batches": table.n_batches + new.n_batches,
@@ -204,25 +206,21 @@ def _fold(conn: Connection, catalog: Catalog) -> _Fold:
                 "last_sample": _greatest(table.last_sample, new.last_sample),
             },
         )
-    )
-    _set_state(conn, catalog, FOLDED, top)
-    # The new sums of the sources this fold touched, for the cached copies of the sums.
-    u, c = uploads.c, status_sensors.c
-    touched = select(u.study_id, u.subject_id, u.device_id, u.sensor).where(*span).distinct()
-    touched = touched.subquery()
-    t = touched.c
-    query = select(
-        c.study_id, c.subject_id, c.device_id, c.sensor, c.n_batches, c.last_received, c.last_sample
-    ).join(
-        touched,
-        (c.study_id == t.study_id)
-        & (c.subject_id == t.subject_id)
-        & (c.device_id == t.device_id)
-        & (c.sensor == t.sensor),
+        # the sources' new sums, for the cached copies of the sums
+        .returning(
+            table.study_id,
+            table.subject_id,
+            table.device_id,
+            table.sensor,
+            table.n_batches,
+            table.last_received,
+            table.last_sample,
+        )
     )
     by_study: dict[str, list[tuple]] = {}
-    for study_id, *row in fetch_tuples(conn, query):
+    for study_id, *row in fetch_tuples(conn, upsert):
         by_study.setdefault(study_id, []).append(tuple(row))
+    _set_state(conn, catalog, FOLDED, top)
     changed = {study_id: _frame(rows, SUMS_SCHEMA) for study_id, rows in by_study.items()}
     return _Fold(folded, generation, mark, top, changed)
 
