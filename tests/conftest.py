@@ -211,6 +211,7 @@ HOUR = 3_600_000
 DAY = 24 * HOUR
 T0 = 1_700_000_000_000  # registration time of most devices below
 NOW = T0 + 10 * DAY
+LAG = 10 * 60_000  # a batch's last sample is taken this long before the server receives it
 
 
 class Scenario:
@@ -251,8 +252,8 @@ class Scenario:
                     "bytes": 7000,
                     "sha256": f"{self.serial:064x}",
                     "n_records": 150,
-                    "first_ts": received - 60_000,
-                    "last_ts": received - 1_000,
+                    "first_ts": received - 2 * LAG,
+                    "last_ts": received - LAG,
                 }
             )
         with self.catalog.writing() as conn:

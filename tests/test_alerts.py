@@ -6,7 +6,7 @@ import socket
 
 import pytest
 
-from tests.conftest import DAY, HOUR, NOW, T0
+from tests.conftest import DAY, HOUR, LAG, NOW, T0
 from workbench.alerts import ack_alert, list_alerts, mail_new_alerts
 from workbench.config import load_config
 from workbench.errors import MailError, UnknownAlert
@@ -37,7 +37,7 @@ def test_each_kind_opens_with_since_and_action(catalog, scenario, people, home):
     )
     assert report.opened == 9 and report.closed == 0
     by_kind = {(x.subject, x.kind): x for x in list_alerts(catalog, "demo")}
-    assert by_kind[(b, "stale")].since == T0 + 72 * HOUR
+    assert by_kind[(b, "stale")].since == T0 + 72 * HOUR - LAG
     assert "no data from b1" in by_kind[(b, "stale")].detail
     assert by_kind[(e, "over_not_left")].since == T0 + 9 * DAY
     assert by_kind[(g, "never_sent")].since == T0 - DAY

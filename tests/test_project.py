@@ -54,4 +54,9 @@ def test_public_api_example_runs(tmp_path):
     people = workbench.enroll(catalog, "sleep", 2)
     assert [p.subject for p in people] == ["sleep_00001", "sleep_00002"]
     assert workbench.verify(config) == []
+    assert workbench.refresh_status(config).studies == ["sleep"]
+    table = workbench.study_status(catalog, "sleep")
+    assert table["subject_name"].to_list() == ["sleep_00001", "sleep_00002"]
+    assert workbench.list_alerts(catalog, "sleep") == []  # enrolled just now: nothing overdue
+    assert workbench.sanity_check(config).ok
     assert set(workbench.__all__) <= set(dir(workbench))

@@ -8,7 +8,7 @@ import threading
 import polars as pl
 from sqlalchemy import update
 
-from tests.conftest import DAY, HOUR, NOW, T0, Scenario
+from tests.conftest import DAY, HOUR, LAG, NOW, T0, Scenario
 from workbench.pool import DataPool
 from workbench.status import (
     COMPLETED,
@@ -64,19 +64,19 @@ def test_sending_subject(catalog, scenario, people):
     assert r["accelerometer_completeness"] == 50.0  # 120 of 24 x 10
     assert r["location_completeness"] == 100.0
     assert ms(r["accelerometer_last_time_received"]) == NOW - HOUR
-    assert ms(r["accelerometer_last_sample"]) == NOW - HOUR - 1_000  # from the data
-    assert ms(r["last_data"]) == NOW - HOUR
-    assert r["hours_since_last_data"] == 1.0
+    assert ms(r["accelerometer_last_sample"]) == NOW - HOUR - LAG  # from the data
+    assert ms(r["last_data"]) == NOW - HOUR - LAG  # the newest sample of any sensor
+    assert r["hours_since_last_data"] == 1.2
     assert ms(r["date_registered"]) == T0 and r["date_left_study"] is None
 
 
 def test_silent_subject(catalog, scenario, people):
     r = row(study_status(catalog, "demo", now=NOW), people[1].subject, "b1")
     assert r["activity_code"] == NO_DATA
-    assert ms(r["last_data"]) == T0 + 72 * HOUR
-    assert r["hours_since_last_data"] == 7 * 24.0
-    # silent since the last data plus the 48 h threshold
-    assert ms(r["activity_since"]) == T0 + 72 * HOUR + 48 * HOUR
+    assert ms(r["last_data"]) == T0 + 72 * HOUR - LAG
+    assert r["hours_since_last_data"] == 7 * 24.0 + 0.2
+    # silent since the last sample plus the 48 h threshold
+    assert ms(r["activity_since"]) == T0 + 72 * HOUR - LAG + 48 * HOUR
     assert r["accelerometer_completeness"] == 30.0  # 72 of 240
     assert r["location_n_batches"] == 0 and r["location_completeness"] == 0.0
 
@@ -176,9 +176,9 @@ def test_history_says_when_a_subject_went_silent_and_came_back(catalog, scenario
     assert history["to_code"].to_list() == [OK, NO_DATA, OK]
     assert history["from_code"].to_list() == [None, OK, NO_DATA]
     went_silent = history.row(1, named=True)
-    assert ms(went_silent["at"]) == T0 + 72 * HOUR + 48 * HOUR
+    assert ms(went_silent["at"]) == T0 + 72 * HOUR - LAG + 48 * HOUR
     assert ms(went_silent["noticed_at"]) == NOW
-    assert ms(history.row(2, named=True)["at"]) == NOW + HOUR
+    assert ms(history.row(2, named=True)["at"]) == NOW + HOUR - LAG
 
 
 def test_refresh_writes_the_csv_in_jtracks_column_order(catalog, scenario, home):
@@ -225,13 +225,16 @@ def test_status_through_the_upload_server(client, catalog, subjects, home):
 
     phone = Phone(client, subjects[0])
     phone.register()
-    assert phone.upload(phone.batch("accelerometer")).status_code == 200
-    assert phone.upload(phone.batch("location", n=5)).status_code == 200
+    from workbench.catalog import now_ms
+
+    recent = now_ms() - HOUR
+    assert phone.upload(phone.batch("accelerometer", start=recent)).status_code == 200
+    assert phone.upload(phone.batch("location", n=5, start=recent)).status_code == 200
     table = study_status(catalog, "demo")
     r = row(table, subjects[0].subject, phone.device)
     assert r["accelerometer_n_batches"] == 1 and r["location_n_batches"] == 1
     assert r["activity_code"] == OK
-    assert r["hours_since_last_data"] < 1
+    assert 0.9 < r["hours_since_last_data"] < 1.1
 
 
 def cli_run(home, *args):

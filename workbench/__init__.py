@@ -8,15 +8,22 @@ The public API, for notebooks and scripts::
     workbench.create_study(catalog, workbench.definition_from_options("sleep", duration_days=28))
     people = workbench.enroll(catalog, "sleep", 10)
     problems = workbench.verify(config)
+    workbench.refresh_status(config)                   # status, history, alerts, CSVs
+    table = workbench.study_status(catalog, "sleep")   # a polars DataFrame
+    alerts = workbench.list_alerts(catalog, "sleep")
+    report = workbench.sanity_check(config)
 """
 
+from workbench.alerts import ack_alert, list_alerts
 from workbench.catalog import Catalog, open_catalog
 from workbench.config import Config, init_home, load_config
 from workbench.enrollment import enroll
 from workbench.errors import WorkbenchError
 from workbench.ingest import recover_incoming
 from workbench.ledger import ledger_counts, verify
+from workbench.sanity import sanity_check
 from workbench.simulator import simulate
+from workbench.status import refresh_status, status_history_table, study_status
 from workbench.studies import (
     archive_study,
     create_study,
@@ -29,6 +36,7 @@ __all__ = [
     "Catalog",
     "Config",
     "WorkbenchError",
+    "ack_alert",
     "archive_study",
     "create_study",
     "definition_from_options",
@@ -36,10 +44,15 @@ __all__ = [
     "get_study",
     "init_home",
     "ledger_counts",
+    "list_alerts",
     "list_studies",
     "load_config",
     "open_catalog",
     "recover_incoming",
+    "refresh_status",
+    "sanity_check",
     "simulate",
+    "status_history_table",
+    "study_status",
     "verify",
 ]

@@ -501,7 +501,12 @@ def alerts_list(ctx, study_id, include_closed, fmt, no_refresh) -> None:
 
         click.echo(orjson.dumps([a.as_dict() for a in items], option=orjson.OPT_INDENT_2).decode())
         return
-    _emit(render(alerts_table(items), fmt), None)
+    table = alerts_table(items)
+    if fmt == "table":  # what a coordinator reads first; --format csv/json has every column
+        table = table.select(
+            "id", "study", "subject", "device", "kind", "since", "detail", "action", "acked_by"
+        )
+    _emit(render(table, fmt), None)
 
 
 @alerts.command("ack")

@@ -11,15 +11,19 @@ from pathlib import Path
 
 import httpx
 
+from workbench.alerts import list_alerts
 from workbench.catalog import open_catalog
 from workbench.config import CONFIG_NAME, init_home, load_config
 from workbench.errors import StudyExists, WorkbenchError
 from workbench.ledger import verify
+from workbench.pool import DataPool
 from workbench.simulator import simulate
+from workbench.status import refresh_status, render, status_csv_path, study_status
 from workbench.studies import create_study, definition_from_options
 
 DEMO_STUDY = "demo"
 DEMO_SENSORS = ["accelerometer", "activity", "location", "ema"]
+DEMO_BATCHES_PER_DAY = 12  # per sensor: what the study expects and the simulated phones send
 
 
 def serve_command(
@@ -76,13 +80,10 @@ def run_demo(
     config = load_config(home)
     catalog = open_catalog(config)
     try:
-        create_study(
-            catalog,
-            {
-                **definition_from_options(DEMO_STUDY, duration_days=28, sensors=DEMO_SENSORS),
-                "name": "Demo study",
-            },
-        )
+        definition = definition_from_options(DEMO_STUDY, duration_days=28, sensors=DEMO_SENSORS)
+        for sensor in definition["sensors"].values():
+            sensor["batches_per_day"] = DEMO_BATCHES_PER_DAY
+        create_study(catalog, {**definition, "name": "Demo study"})
         print(f"created study {DEMO_STUDY!r}")
     except StudyExists:
         print(f"study {DEMO_STUDY!r} exists; adding new simulated subjects to it")
@@ -99,7 +100,7 @@ def run_demo(
             subjects=subjects,
             days=days,
             url=url,
-            batches_per_day=12,
+            batches_per_day=DEMO_BATCHES_PER_DAY,
             progress=True,
         )
         print(report.summary())
@@ -108,6 +109,19 @@ def run_demo(
             "verify: ledger and files agree"
             if not problems
             else f"verify: {len(problems)} discrepancies"
+        )
+        refreshed = refresh_status(config)
+        catalog = open_catalog(config)
+        try:
+            table = study_status(catalog, DEMO_STUDY, fold=False)
+            open_alerts = list_alerts(catalog, DEMO_STUDY)
+        finally:
+            catalog.dispose()
+        print(f"\nstatus of {DEMO_STUDY!r} ({refreshed.summary()}):")
+        print(render(table, "table").decode(), end="")
+        print(
+            f"{len(open_alerts)} open alerts: workbench --home {home} alerts {DEMO_STUDY}; "
+            f"status CSV: {status_csv_path(DataPool(config.pool), DEMO_STUDY)}"
         )
         print(f"data pool: {config.pool}")
         if keep_serving:

@@ -333,9 +333,16 @@ def _read_people(conn: Connection, study_id: str) -> tuple[pl.DataFrame, pl.Data
     d = devices.c
     attached = fetch_tuples(
         conn,
-        select(d.subject_id, d.app, d.device_id, d.status, d.time_left, d.registered_at).where(
-            d.study_id == study_id
-        ),
+        select(
+            d.subject_id,
+            d.app,
+            d.device_id,
+            d.status,
+            d.time_left,
+            # JTrack's date_registered is the app's time of joining; the server's time of
+            # registration stands in when the app sent none.
+            func.coalesce(d.time_joined, d.registered_at),
+        ).where(d.study_id == study_id),
     )
     people = _frame(enrolled, {"subject_name": pl.String, "enrolled_at": pl.Int64})
     phones = _frame(
@@ -448,9 +455,9 @@ def compute_status(
         .over("subject_name", "app")
         .alias("_newest_active")
     )
-    last_data = pl.max_horizontal([pl.col(f"{s}_last_time_received") for s in sensors]).alias(
-        "last_data"
-    )
+    # From the data (the newest sample), not from when it arrived: a phone that uploads a
+    # backlog after days offline was still silent for those days.
+    last_data = pl.max_horizontal([pl.col(f"{s}_last_sample") for s in sensors]).alias("last_data")
     base = base.with_columns(
         window_days,
         active_here,
@@ -772,7 +779,7 @@ def _terminal_table(table: pl.DataFrame) -> str:
         tbl_rows=-1,
         tbl_cols=-1,
         tbl_width_chars=1000,
-        fmt_str_lengths=60,
+        fmt_str_lengths=120,
         tbl_hide_dataframe_shape=True,
         tbl_hide_column_data_types=True,
         tbl_formatting="ASCII_MARKDOWN",

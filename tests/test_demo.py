@@ -1,0 +1,49 @@
+"""`workbench demo` (what `make run` calls) end to end, and the commands a team runs after it."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from workbench.pool import DataPool
+from workbench.status import status_csv_path
+
+pytestmark = pytest.mark.slow
+
+
+def workbench(home, *args, timeout=300):
+    return subprocess.run(
+        [sys.executable, "-m", "workbench.cli", "--home", str(home), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def test_demo_then_status_alerts_and_sanity(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    home = tmp_path / "demo-home"
+    run = workbench(home, "demo", "--port", str(port), "--exit", "--subjects", "6", "--days", "3")
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "verify: ledger and files agree" in run.stdout
+    assert "status of 'demo'" in run.stdout and "| subject" in run.stdout
+    csv = status_csv_path(DataPool(home / "pool"), "demo")
+    assert csv.read_text().startswith("app,subject_name,device_id,date_registered")
+
+    rows = json.loads(workbench(home, "status", "demo", "--format", "json").stdout)
+    assert len(rows) == 6
+    assert sum(r["accelerometer_n_batches"] for r in rows) > 0
+    # the simulator lets some subjects fall silent part-way and some leave
+    assert {r["activity_code"] for r in rows} & {0, 1}
+    listed = workbench(home, "alerts", "demo", "--format", "json")
+    assert listed.returncode == 0, listed.stderr
+    assert all(a["action"] for a in json.loads(listed.stdout))
+    sanity = workbench(home, "sanity", "--full")
+    assert sanity.returncode == 0, sanity.stdout + sanity.stderr
+    assert "0 failed" in sanity.stdout
