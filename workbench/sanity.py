@@ -21,7 +21,6 @@ import datetime
 import hashlib
 import multiprocessing
 import os
-import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -174,8 +173,9 @@ def _check_rows(
                 failures += check_files(root, chunk)
                 bar.update(len(chunk))
         else:
-            # fork starts at once; it is only safe while this process runs a single thread
-            method = "fork" if threading.active_count() == 1 else "forkserver"
+            # fork starts at once and needs no importable __main__ (scripts, notebooks); the
+            # children only read files and hash them, so no lock they inherit is ever taken
+            method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
             context = multiprocessing.get_context(method)
             with context.Pool(workers) as processes:
                 for found, done in processes.imap_unordered(
