@@ -3,7 +3,7 @@
 Each round starts gunicorn (2 workers, gthread) on 127.0.0.1 twice: once with the workbench
 upload server (`workbench serve`), once with bench/floor_app.py, a bare Bottle endpoint that
 only parses the JSON body and fsync-writes it to a new file. Client processes send unique
-JTrack accelerometer batches (150 records each) over keep-alive connections; every answer
+JTrack accelerometer batches (150 records each, --records) over keep-alive connections; every answer
 must be 200. Prints durable uploads/s, p50/p99 latency and the server's CPU time per upload
 for both, then the ratio. Rounds alternate and the medians are reported.
 
@@ -202,6 +202,12 @@ def main() -> None:
     parser.add_argument(
         "--threads", type=int, default=8, help="gunicorn threads per worker (default 8)"
     )
+    parser.add_argument(
+        "--records",
+        type=int,
+        default=150,
+        help="records per batch (default 150; full JTrack records, about 160 bytes each)",
+    )
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="bench-upload-"))
@@ -230,7 +236,7 @@ def main() -> None:
                     "accelerometer",
                     1_700_000_000_000 + i * 3000,
                     3000,
-                    150,
+                    args.records,
                     rng,
                 )
             )
@@ -245,7 +251,8 @@ def main() -> None:
             for s, t, d in subjects
         ]
         print(
-            f"batches: 150 accelerometer records, {statistics.mean(sizes) / 1024:.1f} KiB on average"
+            f"batches: {args.records} accelerometer records, "
+            f"{statistics.mean(sizes) / 1024:.1f} KiB on average"
         )
         print(
             f"servers: gunicorn, {WORKERS} workers x {args.threads} threads (gthread); clients: "
