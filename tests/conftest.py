@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -18,11 +19,12 @@ from sqlalchemy import update
 
 from workbench import catalog as tables
 from workbench.catalog import open_catalog
-from workbench.config import init_home
+from workbench.config import init_home, load_config
 from workbench.demo import serve_command, wait_for_server
 from workbench.enrollment import enroll
 from workbench.simulator import make_batch
 from workbench.studies import create_study, definition_from_options
+from workbench.study_server import generate_keypair
 
 REPO = Path(__file__).resolve().parent.parent
 START_MS = 1_700_000_000_000
@@ -304,3 +306,28 @@ def scenario(catalog, people):
     s.batches(f, "f2", "location", [NOW - HOUR])
     # g: enrolled, never registered a device.
     return s
+
+
+# --- questionnaire export: keys and a source configured in the home ------------------
+
+
+@pytest.fixture(scope="session")
+def keys(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("keys")
+    generate_keypair(folder, bits=1024)
+    return folder
+
+
+def configure(home, keys, monkeypatch, **changes):
+    (home.home / "keys").mkdir(exist_ok=True)
+    shutil.copy(keys / "private_key.pem", home.home / "keys" / "private_key.pem")
+    monkeypatch.setenv("MT_USER", "mt")
+    monkeypatch.setenv("MT_PASSWORD", "secret")
+    path = home.home / "workbench.toml"
+    text = path.read_text()
+    settings = {"timeout": "5", "retries": "2", "backoff": "0.01", **changes}
+    for key, value in settings.items():
+        lines = [ln for ln in text.splitlines() if not ln.startswith(f"{key} =")]
+        text = "\n".join(lines) + f"\n{key} = {value}\n"
+    path.write_text(text)
+    return load_config(home.home)

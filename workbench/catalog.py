@@ -38,7 +38,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from workbench.errors import CatalogError
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 # A migration upgrades the catalog from version N-1 to N; it is keyed by N.
 MIGRATIONS: dict[int, Callable[[Connection], None]] = {}
@@ -213,6 +213,56 @@ def _add_status_tables(conn: Connection) -> None:
 
 
 MIGRATIONS[2] = _add_status_tables
+
+
+# --- version 3: questionnaire export -----------------------------------------------------
+
+# Every raw snapshot fetched from a source: immutable, hashed, in fetch order.
+export_raw = Table(
+    "export_raw",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("source", String(64), nullable=False),
+    Column("table_name", String(128), nullable=False),
+    Column("fetched_at", BigInteger, nullable=False),
+    Column("path", String(1024), nullable=False, unique=True),
+    Column("sha256", String(64), nullable=False),
+    Column("bytes", BigInteger, nullable=False),
+    Column("n_rows", Integer, nullable=False),
+    Column("min_row", BigInteger),
+    Column("max_row", BigInteger),
+    Column("decoded_at", BigInteger),  # set once its rows are in the decoded tables
+    Column("deleted_at", BigInteger),  # set once its rows are deleted on the server
+    Index("ix_export_raw_table", "source", "table_name", "id"),
+)
+
+# The high-water mark of each exported table: the largest row id stored and decoded.
+export_marks = Table(
+    "export_marks",
+    metadata,
+    Column("source", String(64), primary_key=True),
+    Column("table_name", String(128), primary_key=True),
+    Column("high_water", BigInteger, nullable=False),
+    Column("updated_at", BigInteger, nullable=False),
+)
+
+# Rows deleted on a server, each after it was verified in raw and decoded tables.
+export_deletions = Table(
+    "export_deletions",
+    metadata,
+    Column("source", String(64), primary_key=True),
+    Column("table_name", String(128), primary_key=True),
+    Column("row_id", BigInteger, primary_key=True),
+    Column("raw_id", BigInteger, nullable=False),
+    Column("deleted_at", BigInteger, nullable=False),
+)
+
+
+def _add_export_tables(conn: Connection) -> None:
+    metadata.create_all(conn, tables=[export_raw, export_marks, export_deletions])
+
+
+MIGRATIONS[3] = _add_export_tables
 
 
 def dialect_insert(engine: Engine, table: Table):

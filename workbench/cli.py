@@ -573,19 +573,179 @@ def sanity(ctx, study_id, full, workers) -> None:
     is_flag=True,
     help="Also finish the writes of servers that ran on other hosts (e.g. a container that was replaced).",
 )
+@click.option(
+    "--uploads/--no-uploads",
+    default=True,
+    show_default=True,
+    help="Finish upload writes interrupted by a crash (refused while a server on this host runs).",
+)
+@click.option(
+    "--exports/--no-exports",
+    default=True,
+    show_default=True,
+    help="Rebuild every decoded questionnaire table from the raw snapshots alone.",
+)
 @click.pass_context
-def recover(ctx, all_hosts) -> None:
-    """Finish or discard writes interrupted by a crash (refused while a server on this host runs).
+def recover(ctx, all_hosts, uploads, exports) -> None:
+    """Recover from a crash or a lost folder: finish or discard interrupted upload writes, and
+    rebuild every decoded questionnaire table from the raw snapshots.
 
     \b
     Example:
         workbench recover
-        workbench recover --all-hosts
+        workbench recover --all-hosts --no-exports
+        workbench recover --no-uploads        # only rebuild the decoded tables
     """
-    from workbench.ingest import recover_incoming
+    config = _config(ctx)
+    if uploads:
+        from workbench.ingest import recover_incoming
 
-    done = recover_incoming(_config(ctx), all_hosts=all_hosts)
-    click.echo(_recovered(done))
+        click.echo(_recovered(recover_incoming(config, all_hosts=all_hosts)))
+    if exports and config.sources:
+        from workbench.export import rebuild_decoded
+
+        done = rebuild_decoded(config, progress=sys.stderr.isatty())
+        click.echo(
+            f"decoded tables rebuilt from raw: {sum(done.values())} rows in {len(done)} tables"
+        )
+
+
+@cli.command()
+@click.argument("source", metavar="[SOURCE|.]", required=False)
+@click.argument("table", metavar="[TABLE|.]", required=False)
+@click.pass_context
+def export(ctx, source, table) -> None:
+    """Export questionnaire tables from study servers into the pool, decrypted and decoded.
+
+    Fetches the rows above each table's high-water mark, stores them as a raw snapshot
+    (hashed, in the catalog), decrypts the ...RSA fields, merges them into per-day Parquet and
+    CSV files, advances the mark and, for sources in delete_mode, deletes on the server the rows
+    found in both. "." means every source or every table. Credentials come from the
+    environment variables the source names. Exit status 8 if a table failed (what was stored
+    stays stored; the next run resumes).
+
+    \b
+    Example:
+        MT_USER=demo MT_PASSWORD=demo workbench export
+        workbench export mindtrails PHQ9
+    """
+    from workbench.errors import ExportFailed
+    from workbench.export import export_sources
+    from workbench.logs import setup_logging
+
+    config = _config(ctx)
+    setup_logging(config)
+    reports = export_sources(
+        config,
+        None if source in (None, ".") else source,
+        None if table in (None, ".") else table,
+        progress=sys.stderr.isatty(),
+    )
+    for report in reports:
+        click.echo(report.summary())
+    if not all(r.ok for r in reports):
+        raise ExportFailed("some tables failed; see above and the error log in the pool's logs/")
+
+
+@cli.command()
+@click.argument("source", metavar="[SOURCE|.]", required=False)
+@click.argument("table", metavar="[TABLE|.]", required=False)
+@click.pass_context
+def decode(ctx, source, table) -> None:
+    """Decode tables again from their raw snapshots (e.g. after a fix to decoding or a new key).
+
+    \b
+    Example:
+        workbench decode                 # every source and table
+        workbench decode mindtrails PHQ9
+    """
+    from workbench.export import rebuild_decoded
+    from workbench.logs import setup_logging
+
+    config = _config(ctx)
+    setup_logging(config)
+    done = rebuild_decoded(
+        config,
+        None if source in (None, ".") else source,
+        None if table in (None, ".") else table,
+        progress=sys.stderr.isatty(),
+    )
+    for key, rows in sorted(done.items()):
+        click.echo(f"{key}: {rows} rows decoded")
+    if not done:
+        click.echo("no raw snapshots to decode")
+
+
+@cli.command()
+@click.argument("table")
+@click.option("--source", help="Source of the table (default: the only one configured).")
+@click.option(
+    "--format", "fmt", type=click.Choice(["csv", "parquet"]), default="csv", show_default=True
+)
+@click.option("--out", type=click.Path(dir_okay=False), help="Write to FILE (parquet needs it).")
+@click.pass_context
+def combine(ctx, table, source, fmt, out) -> None:
+    """Join every day of one decoded table into one file, by id (exact name, never a prefix).
+
+    \b
+    Example:
+        workbench combine PHQ9 --out phq9.csv
+        workbench combine GAD7 --source mindtrails --format parquet --out gad7.parquet
+    """
+    from workbench.export import combine_table
+
+    config = _config(ctx)
+    if source is None:
+        if len(config.sources) != 1:
+            raise click.UsageError("name the --source (workbench.toml has several or none)")
+        source = config.sources[0].name
+    if fmt == "parquet" and not out:
+        raise click.UsageError("--format parquet needs --out FILE")
+    frame = combine_table(config, source, table)
+    if fmt == "parquet":
+        frame.write_parquet(out)
+        click.echo(f"wrote {frame.height} rows to {out}", err=True)
+        return
+    _emit(frame.write_csv().encode(), out)
+
+
+@cli.command("simulate-questionnaires")
+@click.option("--port", type=int, default=9000, show_default=True)
+@click.option("--participants", type=click.IntRange(1, 100000), default=20, show_default=True)
+@click.option("--days", type=click.IntRange(1, 3650), default=14, show_default=True)
+@click.option(
+    "--padding", type=click.Choice(["pkcs1v15", "oaep"]), default="pkcs1v15", show_default=True
+)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.pass_context
+def simulate_questionnaires(ctx, port, participants, days, padding, seed) -> None:
+    """Run a local study server speaking the MindTrails export protocol, with realistic
+    questionnaire tables (PHQ-9, GAD-7, demographics) whose participantRSA fields are
+    encrypted with the public key in the home's keys/ folder (a key pair is made if missing).
+    Logins are the values of MT_USER and MT_PASSWORD (default demo/demo).
+
+    \b
+    Example:
+        workbench simulate-questionnaires --port 9000 --participants 50
+    """
+    from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+    from workbench.study_server import StudyServer, demo_tables, generate_keypair, serve
+
+    home = _config(ctx).home
+    _private, public = generate_keypair(home / "keys")
+    key = load_pem_public_key(public.read_bytes())
+    tables, deleteable = demo_tables(
+        key, participants=participants, days=days, seed=seed, padding=padding
+    )
+    server = StudyServer(
+        tables,
+        deleteable=deleteable,
+        user=os.environ.get("MT_USER", "demo"),
+        password=os.environ.get("MT_PASSWORD", "demo"),
+    )
+    click.echo(f"study server on http://127.0.0.1:{port}/export/ (Ctrl-C to stop)", err=True)
+    serve(server, host="127.0.0.1", port=port)
 
 
 def _recovered(done: dict[str, int]) -> str:

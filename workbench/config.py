@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +48,56 @@ class SmtpConfig:
 
 
 @dataclass(frozen=True)
+class SourceConfig:
+    """A study server whose questionnaire tables are exported (MindTrails export protocol).
+
+    Credentials and the key's passphrase come from the environment variables named here.
+    """
+
+    name: str
+    url: str
+    user_env: str = ""
+    password_env: str = ""
+    private_key: Path | None = None  # PEM file, resolved against the home
+    passphrase_env: str = ""
+    padding: str = "pkcs1v15"  # or "oaep"
+    delete_mode: bool = False
+    include: tuple[str, ...] = ()  # tables to export; empty means all
+    exclude: tuple[str, ...] = ()
+    timeout: float = 60.0  # seconds per request
+    retries: int = 4  # further attempts after a failed request
+    backoff: float = 1.0  # seconds before the first retry, doubled each time
+
+    def credentials(self) -> tuple[str, str]:
+        """(user, password) from the environment, or :class:`ConfigError`."""
+        missing = [v for v in (self.user_env, self.password_env) if not os.environ.get(v)]
+        if not self.user_env or not self.password_env or missing:
+            raise ConfigError(
+                f"source {self.name!r} needs its credentials in the environment: set "
+                + " and ".join(missing or ["user_env and password_env in workbench.toml"])
+            )
+        return os.environ[self.user_env], os.environ[self.password_env]
+
+    def passphrase(self) -> bytes | None:
+        """The private key's passphrase from the environment, if one is named."""
+        if not self.passphrase_env:
+            return None
+        value = os.environ.get(self.passphrase_env)
+        if value is None:
+            raise ConfigError(
+                f"source {self.name!r}: the key's passphrase is read from "
+                f"{self.passphrase_env}, which is not set"
+            )
+        return value.encode()
+
+    def wants(self, table: str) -> bool:
+        """Whether ``table`` is exported (include list, then exclude list)."""
+        if self.include and table not in self.include:
+            return False
+        return table not in self.exclude
+
+
+@dataclass(frozen=True)
 class Config:
     """One workbench home: where the pool is and how to reach the catalog."""
 
@@ -55,6 +106,15 @@ class Config:
     catalog_url: str
     server: ServerConfig = field(default_factory=ServerConfig)
     smtp: SmtpConfig | None = None  # None: mail is off
+    sources: tuple[SourceConfig, ...] = ()
+
+    def source(self, name: str) -> SourceConfig:
+        """The source called ``name``, or :class:`ConfigError`."""
+        for source in self.sources:
+            if source.name == name:
+                return source
+        known = ", ".join(s.name for s in self.sources) or "none"
+        raise ConfigError(f"no source {name!r} in workbench.toml (sources: {known})")
 
 
 def find_home(home: str | os.PathLike | None = None) -> Path:
@@ -108,7 +168,44 @@ def config_from_dict(raw: dict, *, home: Path) -> Config:
         catalog_url=url,
         server=server_cfg,
         smtp=_smtp(_section(raw, "smtp")),
+        sources=_sources(raw.get("sources", []), home),
     )
+
+
+def _sources(raw: object, home: Path) -> tuple[SourceConfig, ...]:
+    if not isinstance(raw, list) or not all(isinstance(s, dict) for s in raw):
+        raise ConfigError("sources must be written as [[sources]] tables")
+    known = set(SourceConfig.__dataclass_fields__)
+    found = []
+    for entry in raw:
+        name = entry.get("name")
+        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}", name):
+            raise ConfigError(f"[[sources]] needs a name of letters, digits, '-' and '_': {name!r}")
+        unknown = set(entry) - known
+        if unknown:
+            raise ConfigError(f"unknown keys in source {name!r}: {', '.join(sorted(unknown))}")
+        if not str(entry.get("url", "")).startswith(("http://", "https://")):
+            raise ConfigError(f"source {name!r} needs an http(s) url")
+        if entry.get("padding", "pkcs1v15") not in ("pkcs1v15", "oaep"):
+            raise ConfigError(f"source {name!r}: padding must be 'pkcs1v15' or 'oaep'")
+        values = dict(entry)
+        for key in ("include", "exclude"):
+            values[key] = tuple(values.get(key, ()))
+        if values.get("private_key"):
+            values["private_key"] = (home / str(values["private_key"])).resolve()
+        try:
+            source = SourceConfig(**values)
+        except TypeError as exc:
+            raise ConfigError(f"bad source {name!r}: {exc}") from exc
+        if source.retries < 0 or source.timeout <= 0 or source.backoff < 0:
+            raise ConfigError(
+                f"source {name!r}: timeout must be positive, retries and backoff not negative"
+            )
+        found.append(source)
+    names = [s.name for s in found]
+    if len(set(names)) != len(names):
+        raise ConfigError("two [[sources]] share a name")
+    return tuple(found)
 
 
 def _smtp(section: dict) -> SmtpConfig | None:

@@ -22,7 +22,9 @@ upload server into an HTTP status and a JSON body (``status`` and ``code`` attri
     │   └── BodyTooLarge           body over the configured limit (HTTP 413)
     ├── VerifyFailed               ledger and files disagree (exit 5)
     ├── UnknownAlert               no alert of that id (exit 4)
-    └── MailError                  the SMTP server refused or could not be reached (exit 6)
+    ├── MailError                  the SMTP server refused or could not be reached (exit 6)
+    ├── SourceUnavailable          a study server cannot be reached or keeps failing (exit 7)
+    └── ExportFailed               an export stored what it could but some tables failed (exit 8)
 """
 
 from __future__ import annotations
@@ -137,3 +139,13 @@ class UnknownAlert(WorkbenchError):
 class MailError(WorkbenchError):
     exit_code = 6
     code = "mail"
+
+
+class SourceUnavailable(WorkbenchError):
+    exit_code = 7
+    code = "source_unavailable"
+
+
+class ExportFailed(WorkbenchError):
+    exit_code = 8
+    code = "export_failed"

@@ -1,0 +1,881 @@
+"""Questionnaire export: empty study servers into the pool, decrypted and decoded.
+
+A source (``[[sources]]`` in workbench.toml) speaks the MindTrails export protocol: ``GET
+/export/`` lists tables, ``GET /export/{name}?greaterThan={id}`` returns rows after an id,
+``DELETE /export/{name}/{id}`` deletes one row. For each table, an export does, each step
+durable before the next:
+
+1. fetch the rows above the table's high-water mark (rows at or below it are dropped here too,
+   for servers that ignore ``greaterThan``);
+2. write them as a raw snapshot, ``questionnaires/<source>/raw/<table>/<table>_<time>_<hash>.json``,
+   never overwriting, and record its SHA-256 in the catalog (``export_raw``);
+3. decrypt the fields whose names end in ``RSA`` and merge the rows into per-date Parquet files
+   (and ``<table>_<date>.csv``) under ``questionnaires/<source>/decoded/<table>/``,
+   de-duplicated by row id;
+4. advance the high-water mark;
+5. in ``delete_mode`` only, delete on the server each row found both in the raw snapshot (hash
+   checked) and in the decoded files.
+
+A crash at any point loses nothing: the next run first finishes what an earlier one left
+(snapshots not yet decoded, deletes not yet done) and then fetches again from the mark, so it
+converges. :func:`rebuild_decoded` makes every decoded table again from the raw snapshots alone,
+and gives what the incremental path gave.
+
+Example::
+
+    report = export_sources(load_config("demo-home"))
+    print(report.summary())
+    phq9 = combine_table(load_config("demo-home"), "mindtrails", "PHQ9")
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import datetime
+import hashlib
+import logging
+import multiprocessing
+import os
+import re
+import shutil
+import signal
+import time
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import orjson
+import polars as pl
+from sqlalchemy import select, update
+from tqdm import tqdm
+
+from workbench.catalog import (
+    Catalog,
+    dialect_insert,
+    export_deletions,
+    export_marks,
+    export_raw,
+    now_ms,
+    open_catalog,
+)
+from workbench.config import Config, SourceConfig
+from workbench.errors import ConfigError, SourceUnavailable, WorkbenchError
+from workbench.pool import fsync_dir, write_file_atomically
+
+log = logging.getLogger("workbench.export")
+
+TABLE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+ENCRYPTED_SUFFIX = "RSA"
+PARALLEL_FROM = 2000  # values; fewer are decrypted in this process
+# A string this long of base64 characters left in a decoded table is ciphertext until proven
+# otherwise (RSA-2048 gives 344 characters).
+CIPHERTEXT = r"^[A-Za-z0-9+/]{160,}={0,2}$"
+UNDATED = "undated"
+
+
+FAULT_ENV = "WORKBENCH_EXPORT_FAULT"
+
+
+def _fault_point(name: str) -> None:
+    """Crash tests kill the exporter here (SIGKILL, as a power cut would) when
+    ``$WORKBENCH_EXPORT_FAULT`` names this point; otherwise nothing happens."""
+    if os.environ.get(FAULT_ENV) == name:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+# ---------------------------------------------------------------------------- reports
+
+
+@dataclass
+class TableExport:
+    """What an export did for one table."""
+
+    table: str
+    new_rows: int = 0
+    raw: str | None = None
+    undecryptable: int = 0
+    deleted: int = 0
+    left_on_server: int = 0
+    error: str | None = None
+
+
+@dataclass
+class ExportReport:
+    """What :func:`export_source` did."""
+
+    source: str
+    tables: list[TableExport] = field(default_factory=list)
+    resumed: int = 0  # raw snapshots an earlier, interrupted run left to decode
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return not any(t.error for t in self.tables)
+
+    def summary(self) -> str:
+        rows = sum(t.new_rows for t in self.tables)
+        parts = [f"{self.source}: {rows} new rows from {len(self.tables)} tables"]
+        if self.resumed:
+            parts.append(f"{self.resumed} interrupted snapshots finished")
+        deleted = sum(t.deleted for t in self.tables)
+        if deleted:
+            parts.append(f"{deleted} rows deleted on the server")
+        bad = sum(t.undecryptable for t in self.tables)
+        if bad:
+            parts.append(f"{bad} values could not be decrypted (flagged, see critical.log)")
+        failed = [f"{t.table}: {t.error}" for t in self.tables if t.error]
+        if failed:
+            parts.append("failed: " + "; ".join(failed))
+        return f"{', '.join(parts)} ({self.seconds:.1f} s)"
+
+
+# ---------------------------------------------------------------------------- client
+
+
+class ExportClient:
+    """The export protocol over HTTP, with timeouts and retries with doubling backoff.
+
+    Example: ``ExportClient(config.source("mindtrails")).tables()``.
+    """
+
+    def __init__(self, source: SourceConfig, *, transport: httpx.BaseTransport | None = None):
+        self.source = source
+        user, password = source.credentials()
+        self.http = httpx.Client(
+            base_url=source.url.rstrip("/"),
+            auth=(user, password),
+            timeout=source.timeout,
+            transport=transport,
+        )
+
+    def close(self) -> None:
+        self.http.close()
+
+    def _request(self, method: str, path: str, **kwargs) -> httpx.Response:
+        delay = self.source.backoff
+        for attempt in range(self.source.retries + 1):
+            try:
+                response = self.http.request(method, path, **kwargs)
+            except httpx.TransportError as exc:  # refused, dropped, timed out
+                problem = f"{type(exc).__name__}: {exc or 'no answer'}"
+            else:
+                if response.status_code < 500:
+                    return response
+                problem = f"HTTP {response.status_code}"
+            log.warning(
+                "%s %s%s failed (%s), attempt %d of %d",
+                method,
+                self.source.url,
+                path,
+                problem,
+                attempt + 1,
+                self.source.retries + 1,
+            )
+            if attempt < self.source.retries:
+                time.sleep(delay)
+                delay *= 2
+        raise SourceUnavailable(
+            f"source {self.source.name!r} at {self.source.url}: {method} {path} failed "
+            f"{self.source.retries + 1} times, last with {problem}"
+        )
+
+    def _json(self, response: httpx.Response, what: str):
+        if response.status_code == 401:
+            raise SourceUnavailable(
+                f"source {self.source.name!r} refused the credentials from "
+                f"{self.source.user_env}/{self.source.password_env} (401)"
+            )
+        if response.status_code != 200:
+            raise SourceUnavailable(
+                f"source {self.source.name!r}: {what} answered {response.status_code}: "
+                f"{response.text[:200]}"
+            )
+        try:
+            return orjson.loads(response.content)
+        except orjson.JSONDecodeError as exc:
+            raise SourceUnavailable(
+                f"source {self.source.name!r}: {what} is not JSON: {exc}"
+            ) from None
+
+    def tables(self) -> list[dict]:
+        """The server's tables: ``[{"name", "size", "deleteable"}, ...]``."""
+        listing = self._json(self._request("GET", "/export/"), "the table list")
+        if not isinstance(listing, list) or not all(
+            isinstance(t, dict) and isinstance(t.get("name"), str) for t in listing
+        ):
+            raise SourceUnavailable(f"source {self.source.name!r}: unexpected table list")
+        return listing
+
+    def rows(self, table: str, greater_than: int) -> list[dict]:
+        """The rows of ``table`` with ids above ``greater_than`` (the server may send more)."""
+        response = self._request("GET", f"/export/{table}", params={"greaterThan": greater_than})
+        rows = self._json(response, f"table {table}")
+        if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+            raise SourceUnavailable(f"source {self.source.name!r}: table {table} is not a list")
+        return rows
+
+    def delete(self, table: str, row_id: int) -> bool:
+        """Delete one row; True when deleted now or gone already (404)."""
+        response = self._request("DELETE", f"/export/{table}/{row_id}")
+        if response.status_code in (200, 204, 404):
+            return True
+        log.error(
+            "source %s refused to delete %s/%s: %s %s",
+            self.source.name,
+            table,
+            row_id,
+            response.status_code,
+            response.text[:200],
+        )
+        return False
+
+
+# ---------------------------------------------------------------------------- decryption
+
+
+def load_private_key(source: SourceConfig):
+    """The source's private key (loaded once per export), or :class:`ConfigError`."""
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+    if source.private_key is None:
+        raise ConfigError(f"source {source.name!r} has no private_key to decrypt with")
+    try:
+        pem = source.private_key.read_bytes()
+    except OSError as exc:
+        raise ConfigError(
+            f"source {source.name!r}: cannot read {source.private_key}: {exc}"
+        ) from exc
+    try:
+        return load_pem_private_key(pem, password=source.passphrase())
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(
+            f"source {source.name!r}: cannot load the private key {source.private_key} "
+            f"(wrong passphrase, or not a PEM private key): {exc}"
+        ) from exc
+
+
+def _padding(name: str):
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import padding
+
+    if name == "oaep":
+        return padding.OAEP(
+            mgf=padding.MGF1(algorithm=hashes.SHA256()), algorithm=hashes.SHA256(), label=None
+        )
+    return padding.PKCS1v15()
+
+
+def decrypt_values(key, values: list[str | None], padding_name: str) -> list[str | None]:
+    """Plaintexts of base64 RSA ciphertexts; None for a value that is missing or fails.
+
+    With PKCS#1 v1.5, OpenSSL answers a wrong ciphertext with random bytes rather than an error
+    (implicit rejection), so a plaintext must also be non-empty printable UTF-8 to count.
+    """
+    from cryptography.exceptions import InvalidKey
+
+    scheme = _padding(padding_name)
+    out: list[str | None] = []
+    for value in values:
+        if not isinstance(value, str) or not value:
+            out.append(None)
+            continue
+        try:
+            plain = key.decrypt(base64.b64decode(value, validate=True), scheme).decode("utf-8")
+        except (ValueError, binascii.Error, InvalidKey, UnicodeDecodeError):
+            out.append(None)
+            continue
+        out.append(plain if plain and plain.isprintable() else None)
+    return out
+
+
+_worker_key = None
+_worker_padding = "pkcs1v15"
+
+
+def _start_worker(source: SourceConfig) -> None:
+    global _worker_key, _worker_padding
+    _worker_key, _worker_padding = load_private_key(source), source.padding
+
+
+def _decrypt_chunk(values: list[str | None]) -> list[str | None]:
+    return decrypt_values(_worker_key, values, _worker_padding)
+
+
+class Decrypter:
+    """Decrypts with a source's key, loaded once; large batches go to one process per core."""
+
+    def __init__(self, source: SourceConfig, *, workers: int | None = None):
+        self.source = source
+        self.key = load_private_key(source)
+        self.workers = workers or os.cpu_count() or 1
+        self._pool: ProcessPoolExecutor | None = None
+
+    def __call__(self, values: list[str | None], *, progress: bool = False) -> list[str | None]:
+        if len(values) < PARALLEL_FROM or self.workers == 1:
+            return decrypt_values(self.key, values, self.source.padding)
+        if self._pool is None:
+            method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+            self._pool = ProcessPoolExecutor(
+                self.workers,
+                mp_context=multiprocessing.get_context(method),
+                initializer=_start_worker,
+                initargs=(self.source,),
+            )
+        size = max(200, len(values) // (self.workers * 8))
+        chunks = [values[i : i + size] for i in range(0, len(values), size)]
+        out: list[str | None] = []
+        with tqdm(total=len(values), unit="value", desc="decrypt", disable=not progress) as bar:
+            for part in self._pool.map(_decrypt_chunk, chunks):
+                out.extend(part)
+                bar.update(len(part))
+        return out
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
+
+
+# ---------------------------------------------------------------------------- decoding
+
+
+def decode_rows(
+    rows: list[dict], decrypt: Callable[[list], list], *, source: str, table: str
+) -> tuple[pl.DataFrame, int]:
+    """A tidy table of ``rows``: each ``<name>RSA`` field decrypted into ``<name>`` (the
+    ciphertext dropped) with a ``<name>_undecryptable`` flag, nested values as JSON text, and
+    ``_date`` (the row's day, from its ``date``) for partitioning. Returns it and the number of
+    values that could not be decrypted; those are logged as critical."""
+    if not rows:
+        return pl.DataFrame(), 0
+    names: list[str] = []
+    for row in rows:
+        for key in row:
+            if key not in names:
+                names.append(key)
+    encrypted = [
+        n for n in names if n.endswith(ENCRYPTED_SUFFIX) and len(n) > len(ENCRYPTED_SUFFIX)
+    ]
+    columns: dict[str, list] = {}
+    failed = 0
+    for name in names:
+        values = [row.get(name) for row in rows]
+        if name in encrypted:
+            base = name[: -len(ENCRYPTED_SUFFIX)]
+            target = base if base not in names else f"{name}_plain"
+            present = sum(1 for v in values if v not in (None, ""))
+            plain = decrypt(values)
+            bad = sum(
+                1 for v, p in zip(values, plain, strict=True) if v not in (None, "") and p is None
+            )
+            if bad:
+                failed += bad
+                why = (
+                    "none could be decrypted: wrong private key or padding?"
+                    if bad == present
+                    else "corrupt ciphertext?"
+                )
+                log.critical(
+                    "%s/%s: %d of %d values of %s could not be decrypted and are left empty "
+                    "with %s_undecryptable set (%s)",
+                    source,
+                    table,
+                    bad,
+                    present,
+                    name,
+                    target,
+                    why,
+                )
+            columns[target] = plain
+            columns[f"{target}_undecryptable"] = [
+                v not in (None, "") and p is None for v, p in zip(values, plain, strict=True)
+            ]
+        else:
+            if any(isinstance(v, dict | list) for v in values):
+                values = [
+                    orjson.dumps(v).decode() if isinstance(v, dict | list) else v for v in values
+                ]
+            columns[name] = values
+    frame = pl.DataFrame(columns, strict=False, infer_schema_length=None)
+    frame = frame.with_columns(_day(frame).alias("_date"))
+    _warn_ciphertext(frame, source=source, table=table)
+    return frame, failed
+
+
+def _day(frame: pl.DataFrame) -> pl.Expr:
+    if "date" not in frame.columns:
+        return pl.lit(UNDATED)
+    text = pl.col("date").cast(pl.String)
+    return (
+        pl.when(text.str.contains(r"^\d{4}-\d{2}-\d{2}"))
+        .then(text.str.slice(0, 10))
+        .otherwise(pl.lit(UNDATED))
+    )
+
+
+def _warn_ciphertext(frame: pl.DataFrame, *, source: str, table: str) -> None:
+    for name, dtype in frame.schema.items():
+        if dtype == pl.String:
+            found = frame.select(pl.col(name).str.contains(CIPHERTEXT).sum()).item()
+            if found:
+                log.critical(
+                    "%s/%s: %d values of column %s look like ciphertext after decoding",
+                    source,
+                    table,
+                    found,
+                    name,
+                )
+
+
+def merge_decoded(folder: Path, table: str, frame: pl.DataFrame) -> list[str]:
+    """Merge decoded rows into ``folder/<table>_<date>.parquet`` (and ``.csv``), one file per
+    day, keeping one row per id (the latest); return the days written."""
+    if frame.is_empty():
+        return []
+    folder.mkdir(parents=True, exist_ok=True)
+    days = sorted(frame["_date"].unique().to_list())
+    for day in days:
+        part = frame.filter(pl.col("_date") == day).drop("_date")
+        target = folder / f"{table}_{day}.parquet"
+        if target.exists():
+            part = pl.concat([pl.read_parquet(target), part], how="diagonal_relaxed")
+        part = part.unique(subset="id", keep="last", maintain_order=True).sort("id")
+        temporary = folder / f".{target.name}.{os.getpid()}.tmp"
+        part.write_parquet(temporary)
+        with open(temporary, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(temporary, target)
+        write_file_atomically(folder / f"{table}_{day}.csv", _csv(part))
+        _fault_point("during-decode")
+    fsync_dir(folder)
+    return days
+
+
+def _csv(frame: pl.DataFrame) -> bytes:
+    return frame.write_csv().encode()  # nested values were turned into JSON text by decode_rows
+
+
+# ---------------------------------------------------------------------------- the export
+
+
+def source_folder(config: Config, source: str) -> Path:
+    """Where a source's raw snapshots and decoded tables live."""
+    return config.pool / "questionnaires" / source
+
+
+def export_sources(
+    config: Config,
+    source: str | None = None,
+    table: str | None = None,
+    *,
+    progress: bool = False,
+    transport: httpx.BaseTransport | None = None,
+) -> list[ExportReport]:
+    """Export every source (or one), every table (or one).
+
+    Example: ``[r.summary() for r in export_sources(config)]``.
+    """
+    chosen = [config.source(source)] if source else list(config.sources)
+    if not chosen:
+        raise ConfigError("no [[sources]] in workbench.toml to export")
+    return [
+        export_source(
+            config,
+            s.name,
+            tables=[table] if table else None,
+            progress=progress,
+            transport=transport,
+        )
+        for s in chosen
+    ]
+
+
+def export_source(
+    config: Config,
+    name: str,
+    *,
+    tables: list[str] | None = None,
+    progress: bool = False,
+    transport: httpx.BaseTransport | None = None,
+    catalog: Catalog | None = None,
+) -> ExportReport:
+    """Export one source: finish what an interrupted run left, then fetch, store, decode,
+    advance and (in delete mode) delete, table by table.
+
+    Example: ``export_source(config, "mindtrails", tables=["PHQ9"]).summary()``.
+    """
+    source = config.source(name)
+    started = time.perf_counter()
+    report = ExportReport(source=name)
+    own = catalog is None
+    catalog = catalog or open_catalog(config)
+    client = ExportClient(source, transport=transport)
+    decrypter: Decrypter | None = None
+    try:
+        decrypter = Decrypter(source)
+        report.resumed = _finish_interrupted(config, catalog, source, decrypter)
+        listing = {t["name"]: t for t in client.tables()}
+        names = [n for n in sorted(listing) if source.wants(n) and (not tables or n in tables)]
+        for missing in sorted(set(tables or ()) - set(listing)):
+            report.tables.append(TableExport(missing, error="no such table on the server"))
+        for table in names:
+            result = TableExport(table)
+            report.tables.append(result)
+            if not TABLE_NAME.fullmatch(table):
+                result.error = "the table name cannot be used as a file name"
+                log.error("%s: table %r skipped: %s", name, table, result.error)
+                continue
+            try:
+                _export_table(
+                    config, catalog, client, source, decrypter, listing[table], result, progress
+                )
+            except SourceUnavailable as exc:
+                result.error = exc.message
+                log.error("%s/%s: %s; progress so far is kept", name, table, exc.message)
+    except SourceUnavailable as exc:
+        log.critical("source %s is down: %s", name, exc.message)
+        raise
+    finally:
+        client.close()
+        if decrypter is not None:
+            decrypter.close()
+        if own:
+            catalog.dispose()
+    report.seconds = time.perf_counter() - started
+    log.info("%s", report.summary())
+    return report
+
+
+def _export_table(config, catalog, client, source, decrypter, listed, result, progress) -> None:
+    table = listed["name"]
+    mark = high_water(catalog, source.name, table)
+    rows = client.rows(table, mark)
+    bad = [r for r in rows if not isinstance(r.get("id"), int) or isinstance(r.get("id"), bool)]
+    if bad:
+        raise SourceUnavailable(f"{len(bad)} rows without an integer id: cannot export by id")
+    new = sorted((r for r in rows if r["id"] > mark), key=lambda r: r["id"])
+    result.new_rows = len(new)
+    _fault_point("after-fetch")
+    if new:
+        raw_id, relative = write_raw(config, catalog, source.name, table, new, mark)
+        _fault_point("after-raw")
+        result.raw = relative
+        result.undecryptable = _decode_raw(config, catalog, source, decrypter, raw_id, progress)
+        _advance(catalog, source.name, table, new[-1]["id"])
+    if source.delete_mode and listed.get("deleteable"):
+        result.deleted = _delete_verified(config, catalog, client, source, table)
+        # Everything stored is deleted by now: a row at or below the mark still there is
+        # sensitive data that escaped (a failed delete, a restored backup, ...).
+        top = high_water(catalog, source.name, table)
+        still = [
+            r.get("id")
+            for r in client.rows(table, 0)
+            if isinstance(r.get("id"), int) and r["id"] <= top
+        ]
+        if still:
+            result.left_on_server = len(still)
+            log.critical(
+                "%s/%s: sensitive data found on server: %d rows at or below the high-water "
+                "mark %d are still there (ids %s)",
+                source.name,
+                table,
+                len(still),
+                top,
+                ", ".join(map(str, still[:20])) + (" ..." if len(still) > 20 else ""),
+            )
+
+
+def high_water(catalog: Catalog, source: str, table: str) -> int:
+    """The largest row id of ``table`` already stored and decoded (0 if none)."""
+    m = export_marks.c
+    with catalog.engine.connect() as conn:
+        value = conn.execute(
+            select(m.high_water).where(m.source == source, m.table_name == table)
+        ).scalar()
+    return value or 0
+
+
+def _advance(catalog: Catalog, source: str, table: str, top: int) -> None:
+    now = now_ms()
+    with catalog.writing() as conn:
+        conn.execute(
+            dialect_insert(catalog.engine, export_marks)
+            .values(source=source, table_name=table, high_water=top, updated_at=now)
+            .on_conflict_do_update(
+                index_elements=["source", "table_name"],
+                set_={"high_water": top, "updated_at": now},
+            )
+        )
+
+
+def write_raw(
+    config: Config, catalog: Catalog, source: str, table: str, rows: list[dict], mark: int
+) -> tuple[int, str]:
+    """Store fetched rows as an immutable snapshot and record it; return (raw id, path)."""
+    fetched = now_ms()
+    body = orjson.dumps(
+        {
+            "source": source,
+            "table": table,
+            "fetched_at": fetched,
+            "greater_than": mark,
+            "rows": rows,
+        },
+        option=orjson.OPT_NON_STR_KEYS,
+    )
+    sha = hashlib.sha256(body).hexdigest()
+    stamp = datetime.datetime.fromtimestamp(fetched / 1000, datetime.UTC).strftime("%Y%m%dT%H%M%S")
+    folder = source_folder(config, source) / "raw" / table
+    folder.mkdir(parents=True, exist_ok=True)
+    temporary = folder / f".{sha}.{os.getpid()}.tmp"
+    with open(temporary, "wb") as handle:
+        handle.write(body)
+        handle.flush()
+        os.fsync(handle.fileno())
+    for n in range(1000):
+        final = folder / f"{table}_{stamp}_{sha[:12]}{'' if n == 0 else f'_{n}'}.json"
+        try:
+            os.link(temporary, final)  # never overwrites
+            break
+        except FileExistsError:
+            continue
+    os.unlink(temporary)
+    fsync_dir(folder)
+    relative = str(final.relative_to(config.pool))
+    with catalog.writing() as conn:
+        raw_id = conn.execute(
+            export_raw.insert()
+            .values(
+                source=source,
+                table_name=table,
+                fetched_at=fetched,
+                path=relative,
+                sha256=sha,
+                bytes=len(body),
+                n_rows=len(rows),
+                min_row=rows[0]["id"],
+                max_row=rows[-1]["id"],
+            )
+            .returning(export_raw.c.id)
+        ).scalar_one()
+    log.info("%s/%s: %d rows stored raw in %s", source, table, len(rows), relative)
+    return raw_id, relative
+
+
+def read_raw(config: Config, row) -> list[dict]:
+    """The rows of a recorded raw snapshot, after checking its SHA-256."""
+    body = (config.pool / row.path).read_bytes()
+    if hashlib.sha256(body).hexdigest() != row.sha256:
+        raise WorkbenchError(f"raw snapshot {row.path} no longer matches its recorded SHA-256")
+    return orjson.loads(body)["rows"]
+
+
+def _decode_raw(config, catalog, source, decrypter, raw_id: int, progress: bool) -> int:
+    with catalog.engine.connect() as conn:
+        row = conn.execute(select(export_raw).where(export_raw.c.id == raw_id)).one()
+    rows = read_raw(config, row)
+    frame, failed = decode_rows(
+        rows,
+        lambda values: decrypter(values, progress=progress),
+        source=source.name,
+        table=row.table_name,
+    )
+    folder = source_folder(config, source.name) / "decoded" / row.table_name
+    merge_decoded(folder, row.table_name, frame)
+    with catalog.writing() as conn:
+        conn.execute(
+            update(export_raw).where(export_raw.c.id == raw_id).values(decoded_at=now_ms())
+        )
+    return failed
+
+
+def _finish_interrupted(config, catalog, source, decrypter) -> int:
+    """Decode the snapshots an interrupted run stored but did not decode, and advance their
+    tables' marks; return how many."""
+    r = export_raw.c
+    with catalog.engine.connect() as conn:
+        pending = conn.execute(
+            select(r.id, r.table_name, r.max_row)
+            .where(r.source == source.name, r.decoded_at.is_(None))
+            .order_by(r.id)
+        ).all()
+    for item in pending:
+        log.warning(
+            "%s/%s: finishing raw snapshot %d left by an interrupted run",
+            source.name,
+            item.table_name,
+            item.id,
+        )
+        _decode_raw(config, catalog, source, decrypter, item.id, False)
+        if item.max_row > high_water(catalog, source.name, item.table_name):
+            _advance(catalog, source.name, item.table_name, item.max_row)
+    return len(pending)
+
+
+def decoded_ids(config: Config, source: str, table: str) -> set[int]:
+    """Row ids present in a table's decoded files."""
+    files = sorted((source_folder(config, source) / "decoded" / table).glob(f"{table}_*.parquet"))
+    ids: set[int] = set()
+    for path in files:
+        if _day_of(path, table) is not None:
+            ids.update(pl.read_parquet(path, columns=["id"])["id"].to_list())
+    return ids
+
+
+def _day_of(path: Path, table: str) -> str | None:
+    """The day of ``<table>_<day>.parquet`` (exact table name, never a prefix)."""
+    match = re.fullmatch(
+        re.escape(table) + r"_(\d{4}-\d{2}-\d{2}|" + UNDATED + r")\.parquet", path.name
+    )
+    return match.group(1) if match else None
+
+
+def _delete_verified(config, catalog, client, source, table) -> int:
+    """Delete on the server the rows of decoded, not yet deleted snapshots of ``table``, each
+    only if it is in its raw snapshot (hash checked) and in the decoded files."""
+    r = export_raw.c
+    with catalog.engine.connect() as conn:
+        pending = conn.execute(
+            select(export_raw)
+            .where(
+                r.source == source.name,
+                r.table_name == table,
+                r.decoded_at.is_not(None),
+                r.deleted_at.is_(None),
+            )
+            .order_by(r.id)
+        ).all()
+    if not pending:
+        return 0
+    decoded = decoded_ids(config, source.name, table)
+    deleted = 0
+    for snapshot in pending:
+        ids = [row["id"] for row in read_raw(config, snapshot)]
+        complete = True
+        for row_id in ids:
+            if row_id not in decoded:
+                log.critical(
+                    "%s/%s: row %s is in raw snapshot %s but not in the decoded files; not "
+                    "deleted on the server",
+                    source.name,
+                    table,
+                    row_id,
+                    snapshot.path,
+                )
+                complete = False
+                continue
+            if not client.delete(table, row_id):
+                log.critical(
+                    "%s/%s: could not delete row %s on the server", source.name, table, row_id
+                )
+                complete = False
+                continue
+            deleted += 1
+            _fault_point("during-delete")
+            with catalog.writing(durable=False) as conn:
+                conn.execute(
+                    dialect_insert(catalog.engine, export_deletions)
+                    .values(
+                        source=source.name,
+                        table_name=table,
+                        row_id=row_id,
+                        raw_id=snapshot.id,
+                        deleted_at=now_ms(),
+                    )
+                    .on_conflict_do_nothing()
+                )
+        if complete:
+            with catalog.writing() as conn:
+                conn.execute(
+                    update(export_raw).where(r.id == snapshot.id).values(deleted_at=now_ms())
+                )
+    log.info("%s/%s: %d rows deleted on the server", source.name, table, deleted)
+    return deleted
+
+
+# ---------------------------------------------------------------------------- rebuild, combine
+
+
+def rebuild_decoded(
+    config: Config,
+    source: str | None = None,
+    table: str | None = None,
+    *,
+    progress: bool = False,
+    catalog: Catalog | None = None,
+) -> dict[str, int]:
+    """Make decoded tables again from the raw snapshots alone (every source and table, or
+    one); return the rows decoded per ``source/table``.
+
+    Example: ``rebuild_decoded(config)`` after losing the decoded folder.
+    """
+    chosen = [config.source(source)] if source else list(config.sources)
+    own = catalog is None
+    catalog = catalog or open_catalog(config)
+    done: dict[str, int] = {}
+    try:
+        for src in chosen:
+            r = export_raw.c
+            query = select(export_raw).where(r.source == src.name).order_by(r.id)
+            if table:
+                query = query.where(r.table_name == table)
+            with catalog.engine.connect() as conn:
+                snapshots = conn.execute(query).all()
+            tables = sorted({s.table_name for s in snapshots} | ({table} if table else set()))
+            for name in tables:
+                folder = source_folder(config, src.name) / "decoded" / name
+                if folder.exists():
+                    shutil.rmtree(folder)
+            if not snapshots:
+                continue
+            decrypter = Decrypter(src)
+            try:
+                for snapshot in tqdm(
+                    snapshots, unit="snapshot", desc=f"decode {src.name}", disable=not progress
+                ):
+                    rows = read_raw(config, snapshot)
+                    frame, _failed = decode_rows(
+                        rows, decrypter, source=src.name, table=snapshot.table_name
+                    )
+                    merge_decoded(
+                        source_folder(config, src.name) / "decoded" / snapshot.table_name,
+                        snapshot.table_name,
+                        frame,
+                    )
+                    key = f"{src.name}/{snapshot.table_name}"
+                    done[key] = done.get(key, 0) + len(rows)
+            finally:
+                decrypter.close()
+    finally:
+        if own:
+            catalog.dispose()
+    return done
+
+
+def combine_table(config: Config, source: str, table: str) -> pl.DataFrame:
+    """All days of one decoded table in one frame, by id (the exact table, never a prefix).
+
+    Example: ``combine_table(config, "mindtrails", "PHQ9").height``.
+    """
+    config.source(source)
+    folder = source_folder(config, source) / "decoded" / table
+    files = sorted(p for p in folder.glob(f"{table}_*.parquet") if _day_of(p, table) is not None)
+    if not files:
+        raise WorkbenchError(
+            f"no decoded table {table!r} for source {source!r}; run `workbench export` first"
+        )
+    frames = [pl.read_parquet(p) for p in files]
+    return pl.concat(frames, how="diagonal_relaxed").sort("id")
+
+
+def raw_counts(catalog: Catalog, source: str) -> dict[str, int]:
+    """Rows stored raw per table (for reports and tests)."""
+    r = export_raw.c
+    counts: dict[str, int] = {}
+    with catalog.engine.connect() as conn:
+        for name, n in conn.execute(select(r.table_name, r.n_rows).where(r.source == source)):
+            counts[name] = counts.get(name, 0) + n
+    return counts
