@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+from workbench.config import init_home
 from workbench.pool import DataPool
 from workbench.status import status_csv_path
 
@@ -24,11 +25,18 @@ def workbench(home, *args, timeout=300):
     )
 
 
-def test_demo_then_status_alerts_and_sanity(tmp_path):
+def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+        return s.getsockname()[1]
+
+
+def test_demo_then_status_alerts_sanity_and_questionnaires(tmp_path):
     home = tmp_path / "demo-home"
+    init_home(home)
+    config = home / "workbench.toml"  # the template's source, on a port free here
+    config.write_text(config.read_text().replace(":9000", f":{free_port()}"))
+    port = free_port()
     run = workbench(home, "demo", "--port", str(port), "--exit", "--subjects", "6", "--days", "3")
     assert run.returncode == 0, run.stdout + run.stderr
     assert "verify: ledger and files agree" in run.stdout
@@ -47,3 +55,11 @@ def test_demo_then_status_alerts_and_sanity(tmp_path):
     sanity = workbench(home, "sanity", "--full")
     assert sanity.returncode == 0, sanity.stdout + sanity.stderr
     assert "0 failed" in sanity.stdout
+
+    # the template's questionnaire source, served by the local study server, was exported
+    assert "questionnaires exported: mindtrails:" in run.stdout
+    combined = workbench(home, "combine", "PHQ9")
+    assert combined.returncode == 0, combined.stderr
+    header, *rows = combined.stdout.splitlines()
+    assert "participant" in header.split(",") and len(rows) > 10
+    assert "RSA" not in header

@@ -270,3 +270,41 @@ def test_wrong_credentials_are_a_clear_error(config, server, monkeypatch):
 
 def test_faults_dataclass_defaults_are_off():
     assert Faults().error_rate == 0 and not Faults().ignore_greater_than
+
+
+def cli(config, *args):
+    from click.testing import CliRunner
+
+    from workbench.cli import cli as command
+
+    return CliRunner().invoke(command, ["--home", str(config.home), *args])
+
+
+def test_cli_export_decode_combine_recover(home, keys, monkeypatch, server, tmp_path):
+    from workbench.study_server import start_in_thread
+
+    with start_in_thread(server) as running:
+        config = configure(home, keys, monkeypatch, url=f'"{running.url}"')
+        done = cli(config, "export", ".", "PHQ9")
+        assert done.exit_code == 0, done.output
+        assert f"mindtrails: {len(server.tables['PHQ9'])} new rows from 1 tables" in done.output
+        assert cli(config, "export").exit_code == 0
+        missing = cli(config, "export", "mindtrails", "Nope")
+        assert missing.exit_code == 8 and "no such table" in missing.output
+    assert (home.pool / "logs" / "daily.log").read_text().count("new rows") >= 2
+    out = tmp_path / "phq9.csv"
+    combined = cli(config, "combine", "PHQ9", "--out", str(out))
+    assert combined.exit_code == 0, combined.output
+    assert pl.read_csv(out).height == len(server.tables["PHQ9"])
+    decoded = cli(config, "decode", "mindtrails", "GAD7")
+    assert f"mindtrails/GAD7: {len(server.tables['GAD7'])} rows decoded" in decoded.output
+    folder = source_folder(config, "mindtrails") / "decoded"
+    shutil.rmtree(folder)
+    recovered = cli(config, "recover", "--no-uploads")
+    assert recovered.exit_code == 0, recovered.output
+    assert "decoded tables rebuilt from raw" in recovered.output
+    assert pl.read_csv(out).equals(
+        combine_table(config, "mindtrails", "PHQ9").pipe(
+            lambda f: pl.read_csv(f.write_csv().encode())
+        )
+    )

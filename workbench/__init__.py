@@ -12,6 +12,8 @@ The public API, for notebooks and scripts::
     table = workbench.study_status(catalog, "sleep")   # a polars DataFrame
     alerts = workbench.list_alerts(catalog, "sleep")
     report = workbench.sanity_check(config)
+    workbench.export_sources(config)                    # questionnaires, decrypted
+    phq9 = workbench.combine_table(config, "mindtrails", "PHQ9")
 """
 
 from workbench.alerts import ack_alert, list_alerts
@@ -19,6 +21,7 @@ from workbench.catalog import Catalog, open_catalog
 from workbench.config import Config, init_home, load_config
 from workbench.enrollment import enroll
 from workbench.errors import WorkbenchError
+from workbench.export import combine_table, export_sources, rebuild_decoded
 from workbench.ingest import recover_incoming
 from workbench.ledger import ledger_counts, verify
 from workbench.sanity import sanity_check
@@ -37,10 +40,12 @@ __all__ = [
     "Config",
     "WorkbenchError",
     "ack_alert",
+    "combine_table",
     "archive_study",
     "create_study",
     "definition_from_options",
     "enroll",
+    "export_sources",
     "get_study",
     "init_home",
     "ledger_counts",
@@ -48,6 +53,7 @@ __all__ = [
     "list_studies",
     "load_config",
     "open_catalog",
+    "rebuild_decoded",
     "recover_incoming",
     "refresh_status",
     "sanity_check",

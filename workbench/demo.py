@@ -23,7 +23,8 @@ from workbench.studies import create_study, definition_from_options
 
 DEMO_STUDY = "demo"
 DEMO_SENSORS = ["accelerometer", "activity", "location", "ema"]
-DEMO_BATCHES_PER_DAY = 12  # per sensor: what the study expects and the simulated phones send
+DEMO_BATCHES_PER_DAY = 12
+DEMO_SOURCE = "mindtrails"  # the source in the template workbench.toml  # per sensor: what the study expects and the simulated phones send
 
 
 def serve_command(
@@ -91,6 +92,7 @@ def run_demo(
         catalog.dispose()
     url = f"http://127.0.0.1:{port}"
     server = subprocess.Popen(serve_command(home, port=port), start_new_session=True)
+    questionnaires = None
     try:
         wait_for_server(url, process=server)
         print(f"upload server running at {url} (health: {url}/health, API: {url}/openapi.yaml)")
@@ -123,6 +125,7 @@ def run_demo(
             f"{len(open_alerts)} open alerts: workbench --home {home} alerts {DEMO_STUDY}; "
             f"status CSV: {status_csv_path(DataPool(config.pool), DEMO_STUDY)}"
         )
+        questionnaires = _export_questionnaires(config)
         print(f"data pool: {config.pool}")
         if keep_serving:
             print(f"\nupload server: {url}   (Ctrl-C to stop)")
@@ -130,9 +133,62 @@ def run_demo(
     except KeyboardInterrupt:
         print("\nstopping")
     finally:
-        if server.poll() is None:
-            os.killpg(server.pid, signal.SIGTERM)
-            try:
-                server.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(server.pid, signal.SIGKILL)
+        for process in (server, questionnaires):
+            if process is not None and process.poll() is None:
+                os.killpg(process.pid, signal.SIGTERM)
+                try:
+                    process.wait(timeout=20)
+                except subprocess.TimeoutExpired:
+                    os.killpg(process.pid, signal.SIGKILL)
+
+
+def _export_questionnaires(config) -> subprocess.Popen | None:
+    """Start the local study server of the template's source and export it once; return the
+    server's process (it keeps serving with the upload server)."""
+    from workbench.export import export_sources
+    from workbench.logs import setup_logging
+
+    source = next((s for s in config.sources if s.name == DEMO_SOURCE), None)
+    if source is None:
+        return None
+    # The local study server accepts these logins; a real source's come from the environment.
+    for variable in (source.user_env, source.password_env):
+        os.environ.setdefault(variable, "demo")
+    port = httpx.URL(source.url).port or 80
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "workbench.cli",
+            "--home",
+            str(config.home),
+            "simulate-questionnaires",
+            "--port",
+            str(port),
+        ],
+        start_new_session=True,
+        env={
+            **os.environ,
+            "MT_USER": os.environ[source.user_env],
+            "MT_PASSWORD": os.environ[source.password_env],
+        },
+    )
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            httpx.get(f"{source.url}/export/", timeout=1)
+            break
+        except httpx.TransportError:
+            if process.poll() is not None:
+                raise WorkbenchError(
+                    "the local study server did not start; see its output above"
+                ) from None
+            time.sleep(0.2)
+    setup_logging(config)
+    for report in export_sources(config, DEMO_SOURCE):
+        print(f"questionnaires exported: {report.summary()}")
+    print(
+        f"decoded tables: {config.pool / 'questionnaires' / DEMO_SOURCE / 'decoded'}; "
+        f"study server: {source.url}/export/"
+    )
+    return process
