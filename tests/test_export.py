@@ -13,6 +13,7 @@ from sqlalchemy import select
 from tests.conftest import configure
 from workbench import export as export_module
 from workbench.catalog import export_deletions, export_raw
+from workbench.config import load_config
 from workbench.errors import ConfigError, SourceUnavailable
 from workbench.export import (
     combine_table,
@@ -308,3 +309,51 @@ def test_cli_export_decode_combine_recover(home, keys, monkeypatch, server, tmp_
             lambda f: pl.read_csv(f.write_csv().encode())
         )
     )
+
+
+def test_oaep_and_a_key_with_a_passphrase(home, monkeypatch, tmp_path, catalog):
+    folder = tmp_path / "locked"
+    generate_keypair(folder, bits=1024, passphrase=b"open sesame")
+    tables, deleteable = demo_tables(
+        folder / "public_key.pem", participants=4, days=3, padding="oaep"
+    )
+    server = StudyServer(tables, deleteable=deleteable, user="mt", password="secret")
+    config = configure(home, folder, monkeypatch, padding='"oaep"', passphrase_env='"MT_KEY"')
+    monkeypatch.delenv("MT_KEY", raising=False)
+    with pytest.raises(ConfigError, match="MT_KEY, which is not set"):
+        run(config, server, catalog=catalog)
+    monkeypatch.setenv("MT_KEY", "wrong")
+    with pytest.raises(ConfigError, match="wrong passphrase"):
+        run(config, server, catalog=catalog)
+    monkeypatch.setenv("MT_KEY", "open sesame")
+    assert run(config, server, catalog=catalog).ok
+    gad7 = combine_table(config, "mindtrails", "GAD7")
+    assert gad7["participant"].str.starts_with("P").all()
+
+
+@pytest.mark.parametrize(
+    ("entry", "message"),
+    [
+        ('name = "a b"\nurl = "http://x"', "needs a name"),
+        ('name = "s"\nurl = "ftp://x"', "needs an http"),
+        ('name = "s"\nurl = "http://x"\npadding = "raw"', "padding must be"),
+        ('name = "s"\nurl = "http://x"\nuser = "me"', "unknown keys in source 's': user"),
+        ('name = "s"\nurl = "http://x"\nretries = -1', "retries and backoff not negative"),
+    ],
+)
+def test_bad_sources_are_clear_errors(tmp_path, entry, message):
+    (tmp_path / "workbench.toml").write_text(f"[[sources]]\n{entry}\n")
+    with pytest.raises(ConfigError, match=message):
+        load_config(tmp_path)
+
+
+def test_source_settings_are_read(tmp_path):
+    (tmp_path / "workbench.toml").write_text(
+        '[[sources]]\nname = "mt"\nurl = "https://mt.example"\nprivate_key = "k/p.pem"\n'
+        'include = ["PHQ9", "GAD7"]\nexclude = ["GAD7"]\ndelete_mode = true\n'
+    )
+    source = load_config(tmp_path).source("mt")
+    assert source.private_key == tmp_path / "k" / "p.pem" and source.delete_mode
+    assert [t for t in ("PHQ9", "GAD7", "Other") if source.wants(t)] == ["PHQ9"]
+    with pytest.raises(ConfigError, match="no source 'nope'"):
+        load_config(tmp_path).source("nope")
