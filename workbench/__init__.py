@@ -14,6 +14,8 @@ The public API, for notebooks and scripts::
     report = workbench.sanity_check(config)
     workbench.export_sources(config)                    # questionnaires, decrypted
     phq9 = workbench.combine_table(config, "mindtrails", "PHQ9")
+    scored = workbench.score(phq9, "phq9")              # phq9_total, phq9_band, ...
+    retention = workbench.attrition(config, "sleep").retention
 """
 
 from workbench.alerts import ack_alert, list_alerts
@@ -23,7 +25,9 @@ from workbench.enrollment import enroll
 from workbench.errors import WorkbenchError
 from workbench.export import combine_table, export_sources, rebuild_decoded
 from workbench.ingest import recover_incoming
+from workbench.instruments import instrument, score
 from workbench.ledger import ledger_counts, verify
+from workbench.reports import attrition, participant_report, questionnaire_report
 from workbench.sanity import sanity_check
 from workbench.simulator import simulate
 from workbench.status import refresh_status, status_history_table, study_status
@@ -40,6 +44,7 @@ __all__ = [
     "Config",
     "WorkbenchError",
     "ack_alert",
+    "attrition",
     "combine_table",
     "archive_study",
     "create_study",
@@ -48,15 +53,19 @@ __all__ = [
     "export_sources",
     "get_study",
     "init_home",
+    "instrument",
     "ledger_counts",
     "list_alerts",
     "list_studies",
     "load_config",
     "open_catalog",
+    "participant_report",
+    "questionnaire_report",
     "rebuild_decoded",
     "recover_incoming",
     "refresh_status",
     "sanity_check",
+    "score",
     "simulate",
     "status_history_table",
     "study_status",

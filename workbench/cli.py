@@ -695,10 +695,7 @@ def combine(ctx, table, source, fmt, out) -> None:
     from workbench.export import combine_table
 
     config = _config(ctx)
-    if source is None:
-        if len(config.sources) != 1:
-            raise click.UsageError("name the --source (workbench.toml has several or none)")
-        source = config.sources[0].name
+    source = _only_source(config, source)
     if fmt == "parquet" and not out:
         raise click.UsageError("--format parquet needs --out FILE")
     frame = combine_table(config, source, table)
@@ -707,6 +704,179 @@ def combine(ctx, table, source, fmt, out) -> None:
         click.echo(f"wrote {frame.height} rows to {out}", err=True)
         return
     _emit(frame.write_csv().encode(), out)
+
+
+@cli.command()
+@click.argument("table")
+@click.option(
+    "--instrument",
+    "name",
+    required=True,
+    help="Instrument id, e.g. phq9 (see data_templates/instruments/).",
+)
+@click.option("--source", help="Source of the table (default: the only one configured).")
+@click.option(
+    "--last-per-session", is_flag=True, help="Keep only each participant's last answer per session."
+)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["table", "csv", "parquet"]),
+    default="table",
+    show_default=True,
+)
+@click.option("--out", type=click.Path(dir_okay=False), help="Write to FILE (parquet needs it).")
+@click.pass_context
+def score(ctx, table, name, source, last_per_session, fmt, out) -> None:
+    """Score a decoded questionnaire table with an instrument: adds <id>_total, one column per
+    subscale, <id>_band, <id>_missing and <id>_valid.
+
+    \b
+    Example:
+        workbench score PHQ9 --instrument phq9
+        workbench score GAD7 --instrument gad7 --last-per-session --format csv --out gad7.csv
+    """
+    import polars as pl
+
+    from workbench.export import combine_table
+    from workbench.instruments import instrument
+    from workbench.instruments import last_per_session as last
+    from workbench.instruments import score as score_table
+    from workbench.status import render
+
+    config = _config(ctx)
+    source = _only_source(config, source)
+    frame = combine_table(config, source, table)
+    if last_per_session:
+        frame = last(frame)
+    inst = instrument(name)
+    scored = score_table(frame, inst)
+    if fmt == "parquet":
+        if not out:
+            raise click.UsageError("--format parquet needs --out FILE")
+        scored.write_parquet(out)
+        click.echo(f"wrote {scored.height} rows to {out}", err=True)
+        return
+    if fmt == "table":
+        keep = [c for c in ("participant", "session", "date") if c in scored.columns]
+        keep += [c for c in scored.columns if c.startswith(f"{inst.id}_")]
+        _emit(render(scored.select(keep), "table"), out)
+        return
+    _emit(render(scored.select(pl.all()), "csv"), out)
+
+
+def _only_source(config, source):
+    if source is None:
+        if len(config.sources) != 1:
+            raise click.UsageError("name the --source (workbench.toml has several or none)")
+        return config.sources[0].name
+    return source
+
+
+@cli.group()
+def report() -> None:
+    """Data-quality and attrition reports, as CSV, Parquet and an HTML page in the pool's
+    reports/ folder.
+
+    \b
+    Example:
+        workbench report questionnaire
+        workbench report participant mindtrails
+        workbench report attrition demo
+    """
+
+
+@report.command("questionnaire")
+@click.argument("source", metavar="[SOURCE]", required=False)
+@click.pass_context
+def report_questionnaire(ctx, source) -> None:
+    """Per questionnaire and column: % blank, special codes, out-of-range answers and invalid
+    choices (checked against the instrument whose items the table holds).
+
+    \b
+    Example:
+        workbench report questionnaire mindtrails
+    """
+    from workbench.reports import questionnaire_report, write_report
+
+    config = _config(ctx)
+    table = questionnaire_report(config, source)
+    paths = write_report(
+        config.pool / "reports" / "questionnaires",
+        f"quality_{source or 'all'}",
+        {"columns": table},
+        title=f"Questionnaire data quality: {source or 'all sources'}",
+    )
+    flagged = table.filter(
+        (table["pct_blank"] > 0)
+        | (table["special_codes"].fill_null(0) > 0)
+        | (table["out_of_range"].fill_null(0) > 0)
+        | (table["invalid_choices"].fill_null(0) > 0)
+    )
+    click.echo(
+        f"{table.height} columns checked, {flagged.height} with blanks, codes or invalid answers"
+    )
+    click.echo(f"report: {paths[-1]}")
+
+
+@report.command("participant")
+@click.argument("source", metavar="[SOURCE]", required=False)
+@click.pass_context
+def report_participant(ctx, source) -> None:
+    """Per participant: the questionnaires and sessions missing against the study schedule.
+
+    \b
+    Example:
+        workbench report participant mindtrails
+    """
+    from workbench.reports import participant_report, write_report
+
+    config = _config(ctx)
+    table = participant_report(config, source)
+    paths = write_report(
+        config.pool / "reports" / "questionnaires",
+        f"participants_{source or 'all'}",
+        {"participants": table},
+        title=f"Missing questionnaires per participant: {source or 'all sources'}",
+    )
+    incomplete = table.filter(table["missing"] > 0).height
+    click.echo(f"{table.height} participants, {incomplete} with missing questionnaires or sessions")
+    click.echo(f"report: {paths[-1]}")
+
+
+@report.command("attrition")
+@click.argument("name", metavar="STUDY")
+@click.pass_context
+def report_attrition(ctx, name) -> None:
+    """Dispositions, CONSORT counts, Kaplan-Meier retention with 95 % bands, dropout by study
+    week, usage half-life and EMA compliance, for a sensing study or a questionnaire source.
+
+    \b
+    Example:
+        workbench report attrition demo
+        workbench report attrition mindtrails
+    """
+    from workbench.reports import attrition, write_report
+    from workbench.status import render
+
+    config = _config(ctx)
+    result = attrition(config, name)
+    half = "not reached" if result.half_life_days is None else f"{result.half_life_days:.1f} days"
+    notes = [f"{result.kind} study; usage half-life (median retention): {half}"]
+    if not result.compliance.is_empty():
+        below = int(result.compliance["below_80_pct"].sum())
+        notes.append(f"EMA compliance below 80 %: {below} of {result.compliance.height} subjects")
+    paths = write_report(
+        config.pool / "reports" / "attrition",
+        name,
+        result.tables(),
+        title=f"Attrition: {name}",
+        notes=notes,
+    )
+    click.echo(render(result.consort, "table").decode(), nl=False)
+    for line in notes:
+        click.echo(line)
+    click.echo(f"report: {paths[-1]}")
 
 
 @cli.command("simulate-questionnaires")

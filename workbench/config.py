@@ -67,6 +67,8 @@ class SourceConfig:
     timeout: float = 60.0  # seconds per request
     retries: int = 4  # further attempts after a failed request
     backoff: float = 1.0  # seconds before the first retry, doubled each time
+    # The sessions each table is expected to hold per participant: {"PHQ9": ["PRE", "POST"]}.
+    schedule: dict = field(default_factory=dict)
 
     def credentials(self) -> tuple[str, str]:
         """(user, password) from the environment, or :class:`ConfigError`."""
@@ -189,6 +191,11 @@ def _sources(raw: object, home: Path) -> tuple[SourceConfig, ...]:
         if entry.get("padding", "pkcs1v15") not in ("pkcs1v15", "oaep"):
             raise ConfigError(f"source {name!r}: padding must be 'pkcs1v15' or 'oaep'")
         values = dict(entry)
+        schedule = values.get("schedule", {})
+        if not isinstance(schedule, dict) or not all(
+            isinstance(v, list) and all(isinstance(x, str) for x in v) for v in schedule.values()
+        ):
+            raise ConfigError(f"source {name!r}: schedule maps tables to lists of sessions")
         for key in ("include", "exclude"):
             values[key] = tuple(values.get(key, ()))
         if values.get("private_key"):

@@ -24,7 +24,8 @@ upload server into an HTTP status and a JSON body (``status`` and ``code`` attri
     ├── UnknownAlert               no alert of that id (exit 4)
     ├── MailError                  the SMTP server refused or could not be reached (exit 6)
     ├── SourceUnavailable          a study server cannot be reached or keeps failing (exit 7)
-    └── ExportFailed               an export stored what it could but some tables failed (exit 8)
+    ├── ExportFailed               an export stored what it could but some tables failed (exit 8)
+    └── UnknownInstrument          no instrument definition of that name (exit 4)
 """
 
 from __future__ import annotations
@@ -149,3 +150,8 @@ class SourceUnavailable(WorkbenchError):
 class ExportFailed(WorkbenchError):
     exit_code = 8
     code = "export_failed"
+
+
+class UnknownInstrument(WorkbenchError):
+    exit_code = 4
+    code = "unknown_instrument"

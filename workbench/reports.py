@@ -1,0 +1,546 @@
+"""Data-quality reports and attrition.
+
+- :func:`questionnaire_report`: per decoded questionnaire table and column, the share of blank
+  answers, special codes, out-of-range answers and invalid choices (against the instrument
+  whose items the table holds).
+- :func:`participant_report`: per participant, the questionnaires and sessions missing against
+  the study schedule (``schedule`` of the source, else every session seen in each table).
+- :func:`attrition`: one disposition per participant (enrolled, started, active, completed,
+  withdrawn, lost to follow-up) from a sensing study's status or a questionnaire source's
+  session completion, CONSORT counts, Kaplan-Meier retention with 95 % confidence bands,
+  dropout by study week, the usage half-life and, for studies with EMA, compliance per subject.
+
+Every report is a polars DataFrame (or several) and :func:`write_report` writes CSV, Parquet and
+a readable HTML page into the pool's ``reports/`` folder.
+
+Example::
+
+    result = attrition(load_config("demo-home"), "demo")
+    result.consort, result.retention, result.half_life_days
+"""
+
+from __future__ import annotations
+
+import html
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import polars as pl
+
+from workbench.catalog import now_ms, open_catalog
+from workbench.config import Config
+from workbench.errors import WorkbenchError
+from workbench.instruments import Instrument, instrument, list_instruments
+from workbench.pool import write_file_atomically
+
+DAY_MS = 86_400_000
+Z95 = 1.959963984540054  # the normal quantile of a two-sided 95 % interval
+COMPLIANCE_TARGET = 80.0  # % of expected EMA prompts answered, the usual threshold
+LOST_AFTER_DAYS = 14  # a questionnaire participant silent this long is lost to follow-up
+DISPOSITIONS = ["active", "completed", "withdrawn", "lost to follow-up", "not started"]
+
+
+# ---------------------------------------------------------------------------- questionnaires
+
+
+def _tables(config: Config, source: str | None) -> dict[tuple[str, str], pl.DataFrame]:
+    from workbench.export import combine_table, source_folder
+
+    chosen = [config.source(source)] if source else list(config.sources)
+    found = {}
+    for src in chosen:
+        folder = source_folder(config, src.name) / "decoded"
+        if not folder.is_dir():
+            continue
+        for table in sorted(p.name for p in folder.iterdir() if p.is_dir()):
+            found[(src.name, table)] = combine_table(config, src.name, table)
+    if not found:
+        raise WorkbenchError("no decoded questionnaire tables; run `workbench export` first")
+    return found
+
+
+def instrument_for(table: pl.DataFrame) -> Instrument | None:
+    """The instrument whose item columns the table holds (the largest such, e.g. PHQ-9 over
+    PHQ-8), or None."""
+    best = None
+    for name in list_instruments():
+        inst = instrument(name)
+        if set(inst.items) <= set(table.columns) and (
+            best is None or len(inst.items) > len(best.items)
+        ):
+            best = inst
+    return best
+
+
+def questionnaire_report(config: Config, source: str | None = None) -> pl.DataFrame:
+    """Per table and column: rows, % blank, special codes, out of range, invalid choices.
+
+    Example: ``questionnaire_report(config, "mindtrails").filter(pl.col("pct_blank") > 5)``.
+    """
+    rows = []
+    for (src, table), frame in _tables(config, source).items():
+        inst = instrument_for(frame)
+        items = set(inst.items) if inst else set()
+        for column in frame.columns:
+            values = frame[column]
+            blank = values.is_null() | (values.cast(pl.String) == "")
+            entry = {
+                "source": src,
+                "table": table,
+                "instrument": inst.id if inst and column in items else None,
+                "column": column,
+                "rows": frame.height,
+                "pct_blank": round(100 * blank.sum() / max(frame.height, 1), 2),
+                "special_codes": None,
+                "out_of_range": None,
+                "invalid_choices": None,
+            }
+            if inst and column in items:
+                number = values.cast(pl.Float64, strict=False)
+                special = number.is_in(inst.missing_codes)
+                known = ~blank & ~special
+                entry["special_codes"] = int(special.sum())
+                entry["invalid_choices"] = int(
+                    (known & (number.is_null() | (number != number.floor()))).sum()
+                )
+                entry["out_of_range"] = int(
+                    (
+                        known
+                        & number.is_not_null()
+                        & (number == number.floor())
+                        & ~number.is_between(inst.minimum, inst.maximum)
+                    ).sum()
+                )
+            rows.append(entry)
+    return pl.DataFrame(rows, infer_schema_length=None)
+
+
+def participant_report(
+    config: Config,
+    source: str | None = None,
+    *,
+    participant: str = "participant",
+    session: str = "session",
+) -> pl.DataFrame:
+    """Per participant: the (table, session) pairs the schedule expects that are missing.
+
+    The schedule is the source's ``schedule`` in workbench.toml (``{table = [sessions]}``); a
+    table it does not name expects every session seen in that table.
+
+    Example: ``participant_report(config).filter(pl.col("missing") > 0)``.
+    """
+    tables = _tables(config, source)
+    people: set[str] = set()
+    seen: dict[tuple[str, str], set[tuple[str, str]]] = {}
+    expected: dict[tuple[str, str], list[str]] = {}
+    for (src, table), frame in tables.items():
+        if participant not in frame.columns:
+            continue
+        people.update(p for p in frame[participant].drop_nulls().to_list())
+        if session not in frame.columns:
+            continue
+        schedule = config.source(src).schedule.get(table) if config.source(src).schedule else None
+        sessions = schedule or sorted(frame[session].drop_nulls().unique().to_list())
+        expected[(src, table)] = list(sessions)
+        seen[(src, table)] = set(frame.select(participant, session).drop_nulls().iter_rows())
+    rows = []
+    for person in sorted(people):
+        missing = [
+            f"{table}:{s}"
+            for (src, table), sessions in expected.items()
+            for s in sessions
+            if (person, s) not in seen[(src, table)]
+        ]
+        total = sum(len(s) for s in expected.values())
+        rows.append(
+            {
+                "participant": person,
+                "expected": total,
+                "missing": len(missing),
+                "pct_complete": round(100 * (total - len(missing)) / total, 1) if total else None,
+                "missing_items": ", ".join(missing),
+            }
+        )
+    return pl.DataFrame(
+        rows,
+        schema={
+            "participant": pl.String,
+            "expected": pl.Int64,
+            "missing": pl.Int64,
+            "pct_complete": pl.Float64,
+            "missing_items": pl.String,
+        },
+    )
+
+
+# ---------------------------------------------------------------------------- survival
+
+
+def kaplan_meier(durations: list[float], events: list[bool]) -> pl.DataFrame:
+    """Kaplan-Meier estimate with 95 % exponential-Greenwood (log-log) confidence bands, at 0
+    and at every distinct duration: columns time, at_risk, events, censored, survival, lower,
+    upper.
+
+    Example: ``kaplan_meier([3, 5, 5, 8], [True, False, True, True])``.
+    """
+    frame = pl.DataFrame(
+        {"time": [float(d) for d in durations], "event": [bool(e) for e in events]}
+    )
+    table = (
+        frame.group_by("time")
+        .agg(pl.col("event").sum().alias("events"), pl.len().alias("removed"))
+        .sort("time")
+    )
+    n = len(durations)
+    times, at_risk, deaths, censored, survival, lower, upper = (
+        [0.0],
+        [n],
+        [0],
+        [0],
+        [1.0],
+        [1.0],
+        [1.0],
+    )
+    s, greenwood, remaining = 1.0, 0.0, n
+    for t, d, removed in table.iter_rows():
+        if t == 0:
+            (
+                times.pop(),
+                at_risk.pop(),
+                deaths.pop(),
+                censored.pop(),
+                survival.pop(),
+                lower.pop(),
+                upper.pop(),
+            )
+        if d:
+            s *= 1 - d / remaining
+            if remaining > d:
+                greenwood += d / (remaining * (remaining - d))
+        times.append(t)
+        at_risk.append(remaining)
+        deaths.append(d)
+        censored.append(removed - d)
+        survival.append(s)
+        low, high = _log_log_band(s, greenwood)
+        lower.append(low)
+        upper.append(high)
+        remaining -= removed
+    return pl.DataFrame(
+        {
+            "time": times,
+            "at_risk": at_risk,
+            "events": deaths,
+            "censored": censored,
+            "survival": survival,
+            "lower": lower,
+            "upper": upper,
+        }
+    )
+
+
+def _log_log_band(s: float, greenwood: float) -> tuple[float, float]:
+    if s >= 1.0 or greenwood == 0:
+        return (1.0, 1.0) if s >= 1.0 else (s, s)
+    if s <= 0.0:
+        return 0.0, 0.0
+    v = math.log(s)
+    spread = Z95 * math.sqrt(greenwood) / v
+    return math.exp(-math.exp(math.log(-v) - spread)), math.exp(-math.exp(math.log(-v) + spread))
+
+
+def median_survival(curve: pl.DataFrame) -> float | None:
+    """The first time the survival falls to one half or below (None if it never does)."""
+    below = curve.filter(pl.col("survival") <= 0.5)
+    return None if below.is_empty() else float(below["time"][0])
+
+
+# ---------------------------------------------------------------------------- attrition
+
+
+@dataclass
+class Attrition:
+    """The attrition of one study or questionnaire source."""
+
+    name: str
+    kind: str  # "sensing" or "questionnaire"
+    dispositions: pl.DataFrame  # one row per participant
+    consort: pl.DataFrame  # stage, n
+    retention: pl.DataFrame  # Kaplan-Meier curve
+    dropout_by_week: pl.DataFrame  # week, at_risk, dropped
+    half_life_days: float | None
+    compliance: pl.DataFrame = field(default_factory=pl.DataFrame)  # EMA, per subject
+
+    def tables(self) -> dict[str, pl.DataFrame]:
+        out = {
+            "dispositions": self.dispositions,
+            "consort": self.consort,
+            "retention": self.retention,
+            "dropout_by_week": self.dropout_by_week,
+        }
+        if not self.compliance.is_empty():
+            out["ema_compliance"] = self.compliance
+        return out
+
+
+def attrition(config: Config, name: str, *, now: int | None = None) -> Attrition:
+    """Attrition of a sensing study (by its id) or a questionnaire source (by its name).
+
+    Example: ``attrition(config, "demo").consort``.
+    """
+    now = now_ms() if now is None else now
+    if any(s.name == name for s in config.sources):
+        return _questionnaire_attrition(config, name, now=now)
+    from workbench.status import study_status
+    from workbench.studies import get_study
+
+    catalog = open_catalog(config)
+    try:
+        study = get_study(catalog, name)
+        status = study_status(catalog, name, now=now)
+    finally:
+        catalog.dispose()
+    return _sensing_attrition(study, status, now=now)
+
+
+def _sensing_attrition(study, status: pl.DataFrame, *, now: int) -> Attrition:
+    duration_days = study.definition["duration_days"]
+    t = status.with_columns(
+        pl.col("date_registered", "date_left_study", "last_data").cast(pl.Int64)
+    )
+    per = t.group_by("subject_name").agg(
+        pl.col("date_registered").min().alias("start"),
+        pl.col("last_data").max().alias("last_data"),
+        pl.col("date_left_study").max().alias("left"),
+        pl.col("activity_code").alias("codes"),
+    )
+    disposition = (
+        pl.when(pl.col("last_data").is_null())
+        .then(pl.lit("not started"))
+        .when(pl.col("codes").list.contains(3) | pl.col("codes").list.contains(2))
+        .then(pl.lit("completed"))
+        .when(
+            pl.col("codes").list.contains(1)
+            & ~pl.col("codes").list.contains(5)
+            & ~pl.col("codes").list.contains(4)
+        )
+        .then(pl.lit("withdrawn"))
+        .when(pl.col("codes").list.contains(5) | pl.col("codes").list.contains(4))
+        .then(pl.lit("active"))
+        .otherwise(pl.lit("lost to follow-up"))
+    )
+    end = (
+        pl.when(pl.col("disposition") == "withdrawn")
+        .then(pl.col("left"))
+        .when(pl.col("disposition") == "lost to follow-up")
+        .then(pl.col("last_data"))
+        .when(pl.col("disposition") == "completed")
+        .then(pl.min_horizontal(pl.col("start") + duration_days * DAY_MS, pl.lit(now)))
+        .otherwise(pl.lit(now))
+    )
+    people = (
+        per.with_columns(disposition.alias("disposition"))
+        .with_columns(((end - pl.col("start")) / DAY_MS).clip(lower_bound=0).alias("days"))
+        .with_columns(
+            pl.col("disposition").is_in(["withdrawn", "lost to follow-up"]).alias("dropped")
+        )
+        .select(pl.col("subject_name").alias("participant"), "disposition", "days", "dropped")
+        .sort("participant")
+    )
+    compliance = pl.DataFrame()
+    if "ema_completeness" in status.columns:
+        compliance = (
+            status.filter(pl.col("date_registered").is_not_null())
+            .group_by("subject_name")
+            .agg(pl.col("ema_completeness").max().alias("compliance_pct"))
+            .with_columns((pl.col("compliance_pct") < COMPLIANCE_TARGET).alias("below_80_pct"))
+            .rename({"subject_name": "participant"})
+            .sort("participant")
+        )
+    return _summarise(study.id, "sensing", people, compliance)
+
+
+def _questionnaire_attrition(config: Config, source: str, *, now: int) -> Attrition:
+    tables = _tables(config, source)
+    rows = []
+    for (_src, _table), frame in tables.items():
+        if {"participant", "date"} <= set(frame.columns):
+            columns = [
+                pl.col("participant"),
+                pl.col("date").cast(pl.String).str.slice(0, 19).alias("date"),
+            ]
+            columns.append(
+                pl.col("session").cast(pl.String)
+                if "session" in frame.columns
+                else pl.lit(None, dtype=pl.String).alias("session")
+            )
+            rows.append(frame.select(columns))
+    if not rows:
+        raise WorkbenchError(f"source {source!r} has no tables with participant and date")
+    visits = (
+        pl.concat(rows)
+        .drop_nulls("participant")
+        .with_columns(
+            pl.col("date")
+            .str.to_datetime("%Y-%m-%dT%H:%M:%S", strict=False, time_zone="UTC")
+            .dt.epoch("ms")
+            .alias("at")
+        )
+    )
+    sessions = [s for s in visits["session"].drop_nulls().unique().to_list()]
+    final = "POST" if "POST" in sessions else None
+    per = visits.group_by("participant").agg(
+        pl.col("at").min().alias("start"),
+        pl.col("at").max().alias("last"),
+        pl.col("session").alias("sessions"),
+    )
+    lost_before = now - LOST_AFTER_DAYS * DAY_MS
+    disposition = (
+        pl.when(pl.col("sessions").list.contains(final) if final else pl.lit(False))
+        .then(pl.lit("completed"))
+        .when(pl.col("last") < lost_before)
+        .then(pl.lit("lost to follow-up"))
+        .otherwise(pl.lit("active"))
+    )
+    people = (
+        per.with_columns(disposition.alias("disposition"))
+        .with_columns(
+            (
+                (
+                    pl.when(pl.col("disposition") == "active")
+                    .then(pl.lit(now))
+                    .otherwise(pl.col("last"))
+                    - pl.col("start")
+                )
+                / DAY_MS
+            ).alias("days"),
+            (pl.col("disposition") == "lost to follow-up").alias("dropped"),
+        )
+        .select("participant", "disposition", "days", "dropped")
+        .sort("participant")
+    )
+    return _summarise(source, "questionnaire", people, pl.DataFrame())
+
+
+def _summarise(name: str, kind: str, people: pl.DataFrame, compliance: pl.DataFrame) -> Attrition:
+    counts = dict(people.group_by("disposition").len().iter_rows())
+    enrolled = people.height
+    started = enrolled - counts.get("not started", 0)
+    consort = pl.DataFrame(
+        {
+            "stage": [
+                "enrolled",
+                "started",
+                "active",
+                "completed",
+                "withdrawn",
+                "lost to follow-up",
+                "not started",
+            ],
+            "n": [enrolled, started]
+            + [
+                counts.get(d, 0)
+                for d in ["active", "completed", "withdrawn", "lost to follow-up", "not started"]
+            ],
+        }
+    )
+    began = people.filter(pl.col("disposition") != "not started")
+    curve = kaplan_meier(began["days"].to_list(), began["dropped"].to_list())
+    weeks = (
+        began.with_columns((pl.col("days") // 7).cast(pl.Int64).alias("week"))
+        .group_by("week")
+        .agg(pl.col("dropped").sum().alias("dropped"), pl.len().alias("ended"))
+        .sort("week")
+    )
+    at_risk, rows = began.height, []
+    for week, dropped, ended in weeks.iter_rows():
+        rows.append({"week": week, "at_risk": at_risk, "dropped": dropped})
+        at_risk -= ended
+    dropout = pl.DataFrame(
+        rows, schema={"week": pl.Int64, "at_risk": pl.Int64, "dropped": pl.Int64}
+    )
+    return Attrition(
+        name=name,
+        kind=kind,
+        dispositions=people,
+        consort=consort,
+        retention=curve,
+        dropout_by_week=dropout,
+        half_life_days=median_survival(curve),
+        compliance=compliance,
+    )
+
+
+# ---------------------------------------------------------------------------- output
+
+
+def write_report(
+    folder: Path, name: str, tables: dict[str, pl.DataFrame], *, title: str, notes: list[str] = ()
+) -> list[Path]:
+    """Write each table as ``<name>_<table>.csv`` and ``.parquet`` and all of them on one HTML
+    page ``<name>.html`` in ``folder``; return the paths."""
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for key, table in tables.items():
+        stem = f"{name}_{key}" if len(tables) > 1 else name
+        written.append(write_file_atomically(folder / f"{stem}.csv", table.write_csv().encode()))
+        temporary = folder / f".{stem}.parquet.tmp"
+        table.write_parquet(temporary)
+        temporary.replace(folder / f"{stem}.parquet")
+        written.append(folder / f"{stem}.parquet")
+    page = [
+        "<!doctype html><html><head><meta charset='utf-8'>",
+        f"<title>{html.escape(title)}</title>",
+        "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
+        "td,th{border:1px solid #ccc;padding:2px 6px;text-align:right}th{background:#eee}</style>",
+        f"</head><body><h1>{html.escape(title)}</h1>",
+    ]
+    page += [f"<p>{html.escape(n)}</p>" for n in notes]
+    for key, table in tables.items():
+        page.append(f"<h2>{html.escape(key.replace('_', ' '))}</h2>")
+        if key == "retention" and table.height > 1:
+            page.append(retention_svg(table))
+        page.append(_html_table(table))
+    page.append("</body></html>")
+    written.append(write_file_atomically(folder / f"{name}.html", "\n".join(page).encode()))
+    return written
+
+
+def _html_table(table: pl.DataFrame, limit: int = 2000) -> str:
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in table.columns)
+    body = []
+    for row in table.head(limit).iter_rows():
+        cells = "".join(
+            f"<td>{'' if v is None else html.escape(f'{v:.3g}' if isinstance(v, float) else str(v))}</td>"
+            for v in row
+        )
+        body.append(f"<tr>{cells}</tr>")
+    more = f"<p>{table.height - limit} more rows in the CSV</p>" if table.height > limit else ""
+    return f"<table><tr>{head}</tr>{''.join(body)}</table>{more}"
+
+
+def retention_svg(curve: pl.DataFrame, width: int = 480, height: int = 240) -> str:
+    """The Kaplan-Meier curve and its band as an inline SVG step plot."""
+    end = max(curve["time"].max() or 1.0, 1.0)
+
+    def point(t: float, s: float) -> str:
+        return f"{40 + t / end * (width - 50):.1f},{10 + (1 - s) * (height - 40):.1f}"
+
+    def steps(column: str) -> str:
+        out, previous = [], None
+        for t, s in curve.select("time", column).iter_rows():
+            if previous is not None:
+                out.append(point(t, previous))
+            out.append(point(t, s))
+            previous = s
+        return " ".join(out)
+
+    return (
+        f"<svg width='{width}' height='{height}' role='img' aria-label='retention'>"
+        f"<polyline fill='none' stroke='#9ecae1' points='{steps('upper')}'/>"
+        f"<polyline fill='none' stroke='#9ecae1' points='{steps('lower')}'/>"
+        f"<polyline fill='none' stroke='#08519c' stroke-width='2' points='{steps('survival')}'/>"
+        f"<text x='40' y='{height - 8}' font-size='11'>days in study (0 to {end:.0f}); "
+        "survival with 95 % band</text></svg>"
+    )
