@@ -63,3 +63,15 @@ def test_demo_then_status_alerts_sanity_and_questionnaires(tmp_path):
     header, *rows = combined.stdout.splitlines()
     assert "participant" in header.split(",") and len(rows) > 10
     assert "RSA" not in header
+
+    # scoring and every report on the demo pool (sensing and questionnaire data)
+    scored = workbench(home, "score", "PHQ9", "--instrument", "phq9", "--format", "csv")
+    assert scored.returncode == 0 and "phq9_total" in scored.stdout.splitlines()[0]
+    for args in (
+        ("report", "questionnaire"),
+        ("report", "participant"),
+        ("report", "attrition", "demo"),
+        ("report", "attrition", "mindtrails"),
+    ):
+        done = workbench(home, *args)
+        assert done.returncode == 0 and "report: " in done.stdout, (args, done.stderr)
