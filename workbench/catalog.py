@@ -38,7 +38,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from workbench.errors import CatalogError
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 # A migration upgrades the catalog from version N-1 to N; it is keyed by N.
 MIGRATIONS: dict[int, Callable[[Connection], None]] = {}
@@ -263,6 +263,94 @@ def _add_export_tables(conn: Connection) -> None:
 
 
 MIGRATIONS[3] = _add_export_tables
+
+
+# --- version 4: pipeline runs and job tracking ------------------------------------------
+
+# One row per run of a pipeline (a notebook executed by papermill).
+pipeline_runs = Table(
+    "pipeline_runs",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("pipeline", String(64), nullable=False),
+    Column("trigger", String(16), nullable=False),  # schedule | manual
+    Column("parameters", Text, nullable=False),  # JSON
+    Column("params_hash", String(16), nullable=False),
+    Column("notebook", String(1024)),  # pool-relative path of the executed notebook
+    Column("status", String(16), nullable=False),  # running | succeeded | failed | timeout
+    Column("attempt", Integer, nullable=False, default=1),
+    Column("started_at", BigInteger, nullable=False),
+    Column("finished_at", BigInteger),
+    Column("duration_ms", BigInteger),
+    Column("failing_cell", Integer),
+    Column("error", Text),
+    Column("code_version", String(64)),
+    Column("papermill_version", String(32)),
+    Column("kernel", String(64)),
+    Column("provider_job_id", String(128)),
+    Index("ix_pipeline_runs_pipeline", "pipeline", "id"),
+)
+
+# Job tracking (the trackerapi model): configurations, jobs, their events, API keys.
+job_configurations = Table(
+    "job_configurations",
+    metadata,
+    Column("tag", String(128), primary_key=True),
+    Column("name", String(256), nullable=False),
+    Column("steps", Text, nullable=False),  # JSON list of {name, tag, points}
+    Column("total_points", Integer, nullable=False),
+    Column("updated_at", BigInteger, nullable=False),
+)
+
+jobs = Table(
+    "jobs",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("provider_job_id", String(128), nullable=False, unique=True),
+    Column("customer_id", String(128)),
+    Column("tag", String(128), nullable=False),
+    Column("status", String(16), nullable=False),  # running | complete | error
+    Column("points_done", Integer, nullable=False, default=0),
+    Column("points_total", Integer, nullable=False),
+    Column("created_at", BigInteger, nullable=False),
+    Column("updated_at", BigInteger, nullable=False),
+)
+
+job_events = Table(
+    "job_events",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("provider_job_id", String(128), nullable=False),
+    Column("event_id", String(128), nullable=False),  # the client's id: a resent event is ignored
+    Column("kind", String(16), nullable=False),  # step | complete | error
+    Column("tag", String(128)),
+    Column("metadata", Text),  # JSON
+    Column("points", Integer, nullable=False, default=0),
+    Column("created_at", BigInteger, nullable=False),
+    UniqueConstraint("provider_job_id", "event_id", name="uq_job_event"),
+    Index("ix_job_events_job", "provider_job_id", "id"),
+)
+
+api_keys = Table(
+    "api_keys",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column(
+        "key_hash", String(64), nullable=False, unique=True
+    ),  # sha256 hex; the key is shown once
+    Column("customer_id", String(128)),
+    Column("created_at", BigInteger, nullable=False),
+    Column("revoked_at", BigInteger),
+)
+
+
+def _add_pipeline_and_job_tables(conn: Connection) -> None:
+    metadata.create_all(
+        conn, tables=[pipeline_runs, job_configurations, jobs, job_events, api_keys]
+    )
+
+
+MIGRATIONS[4] = _add_pipeline_and_job_tables
 
 
 def dialect_insert(engine: Engine, table: Table):
