@@ -879,6 +879,123 @@ def report_attrition(ctx, name) -> None:
     click.echo(f"report: {paths[-1]}")
 
 
+@cli.command("run")
+@click.argument("name")
+@click.option(
+    "-p",
+    "--parameter",
+    "parameters",
+    nargs=2,
+    multiple=True,
+    metavar="KEY VALUE",
+    help="Set a notebook parameter (values are read as JSON when they parse, else as text).",
+)
+@click.pass_context
+def run_command(ctx, name, parameters) -> None:
+    """Run a pipeline now and print where its executed notebook is.
+
+    \b
+    Example:
+        workbench run status
+        workbench run attrition -p study demo
+    """
+    from workbench.pipelines import run_pipeline
+
+    values = {}
+    for key, value in parameters:
+        try:
+            values[key] = json.loads(value)
+        except ValueError:
+            values[key] = value
+    config = _config(ctx)
+    record = run_pipeline(config, name, parameters=values)
+    where = config.pool / record.notebook if record.notebook else "no notebook was written"
+    click.echo(f"run {record.id} of {name}: {record.status} in {record.duration_ms / 1000:.1f} s")
+    click.echo(f"notebook: {where}")
+    if record.status != "succeeded":
+        cell = "" if record.failing_cell is None else f" in cell {record.failing_cell}"
+        raise click.ClickException(f"the run {record.status}{cell}: {record.error}")
+
+
+@cli.command()
+@click.option(
+    "--workers", type=click.IntRange(1, 32), help="Consumer workers (default from workbench.toml)."
+)
+@click.pass_context
+def scheduler(ctx, workers) -> None:
+    """Run the scheduler in the foreground: every enabled pipeline on its cron schedule (UTC),
+    queued in SQLite in the pool (or Redis when configured), until Ctrl-C.
+
+    \b
+    Example:
+        workbench scheduler
+        WORKBENCH_REDIS_URL=redis://127.0.0.1:6379/0 workbench scheduler --workers 4
+    """
+    import logging
+
+    from workbench.logs import setup_logging
+    from workbench.pipelines import load_pipelines, run_scheduler
+
+    config = _config(ctx)
+    setup_logging(config)
+    logging.getLogger("huey").addHandler(logging.StreamHandler())
+    for pipeline in load_pipelines(config).values():
+        state = "" if pipeline.enabled else " (disabled)"
+        click.echo(
+            f"{pipeline.name:<12} {pipeline.cron:<16} {pipeline.notebook.name}{state}", err=True
+        )
+    run_scheduler(config, workers=workers)
+
+
+@cli.command()
+@click.argument("name", required=False)
+@click.option("--limit", type=click.IntRange(1, 10000), default=20, show_default=True)
+@click.pass_context
+def runs(ctx, name, limit) -> None:
+    """Show the run history of every pipeline (or one), newest first.
+
+    \b
+    Example:
+        workbench runs
+        workbench runs status --limit 5
+    """
+    import datetime
+
+    from workbench.pipelines import list_runs
+
+    catalog = _catalog(ctx)
+    try:
+        rows = list_runs(catalog, name, limit=limit)
+    finally:
+        catalog.dispose()
+    if not rows:
+        click.echo("no runs yet")
+        return
+    for row in rows:
+        when = datetime.datetime.fromtimestamp(row["started_at"] / 1000, datetime.UTC)
+        took = "" if row["duration_ms"] is None else f"{row['duration_ms'] / 1000:6.1f} s"
+        line = f"{row['id']:>5} {when:%Y-%m-%d %H:%M:%S} {row['pipeline']:<12} {row['status']:<9} {took:>8}  {row['notebook']}"
+        if row["error"]:
+            cell = "" if row["failing_cell"] is None else f"cell {row['failing_cell']}: "
+            line += f"\n      {cell}{row['error']}"
+        click.echo(line)
+
+
+@cli.command()
+@click.pass_context
+def crontab(ctx) -> None:
+    """Print crontab lines that run every enabled pipeline (for teams who prefer cron).
+
+    \b
+    Example:
+        workbench crontab | crontab -
+    """
+    from workbench.pipelines import crontab_lines
+
+    for line in crontab_lines(_config(ctx)):
+        click.echo(line)
+
+
 @cli.command("simulate-questionnaires")
 @click.option("--port", type=int, default=9000, show_default=True)
 @click.option("--participants", type=click.IntRange(1, 100000), default=20, show_default=True)

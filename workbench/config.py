@@ -12,6 +12,7 @@ from workbench.errors import ConfigError
 from workbench.templates import template_path
 
 CONFIG_NAME = "workbench.toml"
+REPO_PIPELINES = Path(__file__).resolve().parent.parent / "pipelines"
 HOME_ENV = "WORKBENCH_HOME"
 
 
@@ -100,6 +101,21 @@ class SourceConfig:
 
 
 @dataclass(frozen=True)
+class PipelinesConfig:
+    """Where pipeline definitions are, how the scheduler queues runs and how long runs stay."""
+
+    folder: Path = REPO_PIPELINES
+    redis_url_env: str = "WORKBENCH_REDIS_URL"  # RedisHuey when set, else SqliteHuey in the pool
+    workers: int = 2
+    keep_runs: int = 100  # executed notebooks and records kept per pipeline
+    keep_days: int = 30  # and none older than this
+
+    @property
+    def redis_url(self) -> str | None:
+        return os.environ.get(self.redis_url_env) or None
+
+
+@dataclass(frozen=True)
 class Config:
     """One workbench home: where the pool is and how to reach the catalog."""
 
@@ -109,6 +125,7 @@ class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     smtp: SmtpConfig | None = None  # None: mail is off
     sources: tuple[SourceConfig, ...] = ()
+    pipelines: PipelinesConfig = field(default_factory=PipelinesConfig)
 
     def source(self, name: str) -> SourceConfig:
         """The source called ``name``, or :class:`ConfigError`."""
@@ -171,7 +188,27 @@ def config_from_dict(raw: dict, *, home: Path) -> Config:
         server=server_cfg,
         smtp=_smtp(_section(raw, "smtp")),
         sources=_sources(raw.get("sources", []), home),
+        pipelines=_pipelines(_section(raw, "pipelines"), home),
     )
+
+
+def _pipelines(section: dict, home: Path) -> PipelinesConfig:
+    unknown = set(section) - set(PipelinesConfig.__dataclass_fields__)
+    if unknown:
+        raise ConfigError(f"unknown keys in [pipelines]: {', '.join(sorted(unknown))}")
+    values = dict(section)
+    if values.get("folder"):
+        values["folder"] = (home / str(values["folder"])).resolve()
+    else:
+        values.pop("folder", None)
+    try:
+        pipelines = PipelinesConfig(**values)
+    except TypeError as exc:
+        raise ConfigError(f"bad [pipelines] section: {exc}") from exc
+    for name in ("workers", "keep_runs", "keep_days"):
+        if not isinstance(getattr(pipelines, name), int) or getattr(pipelines, name) < 1:
+            raise ConfigError(f"[pipelines] {name} must be a positive integer")
+    return pipelines
 
 
 def _sources(raw: object, home: Path) -> tuple[SourceConfig, ...]:

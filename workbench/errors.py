@@ -25,7 +25,8 @@ upload server into an HTTP status and a JSON body (``status`` and ``code`` attri
     ├── MailError                  the SMTP server refused or could not be reached (exit 6)
     ├── SourceUnavailable          a study server cannot be reached or keeps failing (exit 7)
     ├── ExportFailed               an export stored what it could but some tables failed (exit 8)
-    └── UnknownInstrument          no instrument definition of that name (exit 4)
+    ├── UnknownInstrument          no instrument definition of that name (exit 4)
+    └── PipelineBusy               a run of that pipeline is in progress (exit 9)
 """
 
 from __future__ import annotations
@@ -155,3 +156,8 @@ class ExportFailed(WorkbenchError):
 class UnknownInstrument(WorkbenchError):
     exit_code = 4
     code = "unknown_instrument"
+
+
+class PipelineBusy(WorkbenchError):
+    exit_code = 9
+    code = "pipeline_busy"

@@ -1,0 +1,188 @@
+"""Pipelines: papermill runs with timeouts, run records, one run at a time, the scheduler."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import nbformat
+import pytest
+from click.testing import CliRunner
+from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+
+from workbench.cli import cli
+from workbench.config import load_config
+from workbench.errors import ConfigError, PipelineBusy
+from workbench.pipelines import (
+    crontab_lines,
+    list_runs,
+    load_pipelines,
+    make_huey,
+    notebook_sections,
+    run_pipeline,
+)
+
+pytestmark = pytest.mark.slow
+
+META = {
+    "kernelspec": {"display_name": "Python 3", "language": "python", "name": "python3"},
+    "language_info": {"name": "python"},
+}
+
+
+def notebook(path, *cells):
+    parts = [new_code_cell("home = None\nvalue = 1", metadata={"tags": ["parameters"]})]
+    for cell in cells:
+        parts.append(new_markdown_cell(cell[3:]) if cell.startswith("md:") else new_code_cell(cell))
+    nbformat.write(new_notebook(cells=parts, metadata=META), path)
+
+
+@pytest.fixture
+def lab(home, tmp_path):
+    """A home whose pipelines folder holds small notebooks: ok, fails, hangs, slow."""
+    folder = tmp_path / "pipes"
+    folder.mkdir()
+    notebook(folder / "ok.ipynb", "md:## First", "x = value * 2", "md:## Second", "print(x)")
+    notebook(folder / "fails.ipynb", "md:## Good", "a = 1", "md:## Bad", "1 / 0")
+    notebook(folder / "hangs.ipynb", "import time", "time.sleep(120)")
+    notebook(folder / "slow.ipynb", "import time", "time.sleep(3)")
+    for name, extra in {
+        "ok": "",
+        "fails": "retries = 1\n",
+        "hangs": "timeout = 60\ncell_timeout = 2\n",
+        "slow": "",
+    }.items():
+        (folder / f"{name}.toml").write_text(
+            f'name = "{name}"\nnotebook = "pipes/{name}.ipynb"\ncron = "*/5 * * * *"\n{extra}'
+        )
+    path = home.home / "workbench.toml"
+    path.write_text(path.read_text().replace('folder = ""', f'folder = "{folder}"'))
+    return load_config(home.home)
+
+
+def test_a_run_leaves_its_notebook_and_record(lab, catalog):
+    record = run_pipeline(lab, "ok", parameters={"value": 21}, catalog=catalog)
+    assert record.status == "succeeded" and record.attempts == 1
+    executed = nbformat.read(lab.pool / record.notebook, as_version=4)
+    outputs = [o.get("text", "") for c in executed.cells for o in c.get("outputs", [])]
+    assert "42\n" in outputs
+    assert record.notebook.startswith("runs/ok/") and record.notebook.endswith(".ipynb")
+    row = list_runs(catalog, "ok")[0]
+    assert row["status"] == "succeeded" and '"value": 21' in row["parameters"]
+    assert row["papermill_version"] and row["code_version"] and "ipykernel" in row["kernel"]
+    assert row["duration_ms"] > 0
+
+
+def test_a_failing_cell_is_recorded_with_its_error_and_retried(lab, catalog):
+    record = run_pipeline(lab, "fails", catalog=catalog)
+    assert record.status == "failed" and record.attempts == 2
+    assert record.failing_cell == 4 and "ZeroDivisionError" in record.error
+    rows = list_runs(catalog, "fails")
+    assert [r["attempt"] for r in rows] == [2, 1]
+    assert all(r["status"] == "failed" and r["failing_cell"] == 4 for r in rows)
+
+
+def test_a_hanging_cell_is_stopped_by_the_cell_timeout(lab, catalog):
+    started = time.monotonic()
+    record = run_pipeline(lab, "hangs", catalog=catalog)
+    assert time.monotonic() - started < 30
+    assert record.status == "failed" and record.failing_cell == 2
+    assert record.error == "CellTimeoutError: the cell ran longer than 2 seconds"
+
+
+def test_a_hanging_run_is_killed_at_the_wall_clock_timeout(lab, catalog):
+    path = lab.pipelines.folder / "hangs.toml"
+    path.write_text(
+        path.read_text().replace(
+            "timeout = 60\ncell_timeout = 2", "timeout = 4\ncell_timeout = 600"
+        )
+    )
+    started = time.monotonic()
+    record = run_pipeline(lab, "hangs", catalog=catalog)
+    assert time.monotonic() - started < 30
+    assert record.status == "timeout" and record.failing_cell == 2
+    assert "timeout of 4 s" in record.error
+
+
+def test_never_two_runs_of_one_pipeline_at_once(lab):
+    outcomes = []
+
+    def go():
+        try:
+            outcomes.append(run_pipeline(lab, "slow").status)
+        except PipelineBusy as exc:
+            outcomes.append(exc.message)
+
+    threads = [threading.Thread(target=go) for _ in range(2)]
+    for t in threads:
+        t.start()
+        time.sleep(0.5)
+    for t in threads:
+        t.join()
+    assert sorted(outcomes, key=len) == [
+        "succeeded",
+        "pipeline 'slow' is running already; this run is skipped",
+    ]
+
+
+def test_old_runs_are_pruned(lab, catalog):
+    path = lab.home / "workbench.toml"
+    path.write_text(path.read_text().replace("keep_runs = 100", "keep_runs = 2"))
+    config = load_config(lab.home)
+    records = [run_pipeline(config, "ok", catalog=catalog) for _ in range(3)]
+    kept = list_runs(catalog, "ok")
+    assert [r["id"] for r in kept] == [records[2].id, records[1].id]
+    assert not (config.pool / records[0].notebook).exists()
+
+
+def test_runs_are_tracked_jobs_with_a_step_per_section(lab, catalog):
+    jobs = pytest.importorskip("workbench.jobs")
+    sections = notebook_sections(lab.pipelines.folder / "ok.ipynb")
+    assert sections == [("setup", 1), ("First", 1), ("Second", 1)]
+    run_pipeline(lab, "ok", catalog=catalog)
+    job = jobs.get_job(catalog, list_runs(catalog, "ok")[0]["provider_job_id"])
+    assert job["progress"] == 1.0 and job["status"] == "complete"
+    run_pipeline(lab, "fails", catalog=catalog)
+    failed = jobs.get_job(catalog, list_runs(catalog, "fails")[0]["provider_job_id"])
+    assert failed["status"] == "error" and 0 < failed["progress"] < 1
+
+
+def test_definitions_are_validated(lab):
+    (lab.pipelines.folder / "bad.toml").write_text(
+        'name = "bad"\nnotebook = "pipes/ok.ipynb"\ncron = "every day"\n'
+    )
+    with pytest.raises(ConfigError, match="five fields"):
+        load_pipelines(lab)
+    (lab.pipelines.folder / "bad.toml").write_text(
+        'name = "bad"\nnotebook = "pipes/ok.ipynb"\ncron = "* * * * *"\nspeed = 3\n'
+    )
+    with pytest.raises(ConfigError, match="Additional properties"):
+        load_pipelines(lab)
+
+
+def test_the_shipped_definitions_schedule_every_notebook(home):
+    pipelines = load_pipelines(home)
+    assert set(pipelines) == {"status", "sanity", "export", "reports", "attrition"}
+    assert all(p.notebook.is_file() and p.enabled for p in pipelines.values())
+
+
+def test_scheduler_tasks_and_crontab(lab):
+    huey = make_huey(lab, immediate=True)
+    periodic = {t.__name__ for t in huey._registry._periodic_tasks}
+    assert periodic == {"pipeline.ok", "pipeline.fails", "pipeline.hangs", "pipeline.slow"}
+    assert huey.run_task("ok").get()["status"] == "succeeded"
+    lines = crontab_lines(lab)
+    assert len(lines) == 5 and all(" -m workbench.cli --home " in line for line in lines[1:])
+    assert lines[1].startswith("*/5 * * * * /")
+
+
+def test_cli_run_runs_and_crontab(lab):
+    runner = CliRunner()
+    done = runner.invoke(cli, ["--home", str(lab.home), "run", "ok", "-p", "value", "5"])
+    assert done.exit_code == 0, done.output
+    assert "succeeded" in done.output and "notebook: " in done.output
+    failed = runner.invoke(cli, ["--home", str(lab.home), "run", "fails"])
+    assert failed.exit_code == 1 and "ZeroDivisionError" in failed.output
+    history = runner.invoke(cli, ["--home", str(lab.home), "runs"])
+    assert "ok" in history.output and "cell 4: ZeroDivisionError" in history.output
+    assert "workbench.cli" in runner.invoke(cli, ["--home", str(lab.home), "crontab"]).output
