@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 PORT   ?= 8080
 HOME_DIR ?= demo-home
 
-.PHONY: run test lint format bench clean
+.PHONY: run test lint format bench hooks clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -m venv $(VENV) 2>/dev/null || { \
@@ -35,6 +35,10 @@ format: $(STAMP)
 ## bench: upload throughput against the parse-and-fsync floor
 bench: $(STAMP)
 	$(BIN)/python bench/upload.py
+
+## hooks: strip notebook outputs on commit (nbstripout as a git filter)
+hooks: $(STAMP)
+	$(BIN)/nbstripout --install --attributes .gitattributes
 
 clean:
 	rm -rf $(VENV) $(HOME_DIR) .pytest_cache .ruff_cache

@@ -91,8 +91,10 @@ def run_demo(
     finally:
         catalog.dispose()
     url = f"http://127.0.0.1:{port}"
+    # SIGTERM (e.g. from a process manager) stops the demo like Ctrl-C: the children go too.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     server = subprocess.Popen(serve_command(home, port=port), start_new_session=True)
-    questionnaires = None
+    questionnaires = scheduler = None
     try:
         wait_for_server(url, process=server)
         print(f"upload server running at {url} (health: {url}/health, API: {url}/openapi.yaml)")
@@ -128,18 +130,38 @@ def run_demo(
         questionnaires = _export_questionnaires(config)
         print(f"data pool: {config.pool}")
         if keep_serving:
+            scheduler = _start_scheduler(config)
             print(f"\nupload server: {url}   (Ctrl-C to stop)")
             server.wait()
     except KeyboardInterrupt:
         print("\nstopping")
     finally:
-        for process in (server, questionnaires):
+        for process in (server, questionnaires, scheduler):
             if process is not None and process.poll() is None:
                 os.killpg(process.pid, signal.SIGTERM)
                 try:
                     process.wait(timeout=20)
                 except subprocess.TimeoutExpired:
                     os.killpg(process.pid, signal.SIGKILL)
+
+
+def _start_scheduler(config) -> subprocess.Popen:
+    """Start ``workbench scheduler`` with the demo pipelines and queue one run of each, so
+    `workbench runs` shows them at once rather than at their first scheduled time."""
+    from workbench.pipelines import load_pipelines, make_huey
+
+    process = subprocess.Popen(
+        [sys.executable, "-m", "workbench.cli", "--home", str(config.home), "scheduler"],
+        start_new_session=True,
+    )
+    huey = make_huey(config)
+    for name in load_pipelines(config):
+        huey.run_task(name, trigger="demo")
+    print(
+        f"scheduler running the pipelines of {config.pipelines.folder}; one run of each is "
+        f"queued: watch `workbench --home {config.home} runs`"
+    )
+    return process
 
 
 def _export_questionnaires(config) -> subprocess.Popen | None:

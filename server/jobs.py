@@ -1,0 +1,150 @@
+"""The job tracking API (trackerapi-compatible) on the upload server's Bottle app.
+
+``POST /job_configurations`` saves configurations (the trackerapi file format),
+``POST /jobs`` creates a job, ``POST /events`` records a ``step``, ``complete`` or ``error``,
+``GET /jobs/<provider_job_id>`` answers the job with its progress and events. Every request
+carries an API key (``workbench jobs apikey create``) in ``x-api_key``, as trackerapi sends it,
+or as ``Authorization: Bearer <key>``: gunicorn drops header names containing ``_`` unless
+told otherwise, so ``workbench.tracker`` sends both. Answers are JSON; refusals have the shape
+``{"ok": false, "error": <code>, "message": <sentence>}``. The logic is in :mod:`workbench.jobs`.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import orjson
+from bottle import Bottle, HTTPResponse, request
+
+from workbench import jobs
+from workbench.catalog import Catalog
+from workbench.errors import BodyTooLarge, WorkbenchError
+
+MAX_BODY = 1024 * 1024  # configurations and events are small
+CHUNK = 64 * 1024
+
+
+def install_job_routes(app: Bottle, catalog: Catalog) -> None:
+    """Add the tracking API to ``app``, keeping its state in ``catalog``.
+
+    Example: ``install_job_routes(app, ingest.catalog)`` inside ``create_app``.
+    """
+
+    def route(handler):
+        """Check the API key, run ``handler(customer, **url_args)`` and answer its
+        ``(status, body)`` as JSON; a workbench error is answered with its status and JSON."""
+
+        @functools.wraps(handler)
+        def answer(**url_args):
+            try:
+                customer = _authorize(catalog)
+                status, body = handler(customer, **url_args)
+            except WorkbenchError as exc:
+                return _json(exc.status, exc.to_json())
+            return _json(status, {"ok": True, **body})
+
+        return answer
+
+    @app.post("/job_configurations")
+    @route
+    def post_job_configurations(customer):
+        if customer:
+            raise jobs.NotAllowed(
+                "job configurations are shared by all customers: change them with a key "
+                "that belongs to no customer"
+            )
+        manager = jobs.JobConfigManager(_json_body(), source="the request body")
+        return 200, {"saved": jobs.save_job_configs(catalog, manager)}
+
+    @app.post("/jobs")
+    @route
+    def post_job(customer):
+        body = _json_body()
+        job = jobs.create_job(
+            catalog,
+            provider_job_id=body.get("provider_job_id"),
+            customer_id=body.get("customer_id"),
+            tag=body.get("tag"),
+            as_customer=customer,
+        )
+        return 200, {"job": job}
+
+    @app.post("/events")
+    @route
+    def post_event(customer):
+        body = _json_body()
+        job_id, kind, tag = body.get("provider_job_id"), body.get("kind"), body.get("tag")
+        event_id = body.get("event_id")
+        event = jobs.record_event(
+            catalog,
+            provider_job_id=job_id,
+            kind=kind,
+            tag=tag,
+            metadata=body.get("event_metadata"),
+            event_id=jobs.derived_event_id(job_id, kind, tag) if event_id is None else event_id,
+            as_customer=customer,
+        )
+        job = jobs.get_job(catalog, job_id, events=False, as_customer=customer)
+        return 200, {"event": event, "job": job}
+
+    @app.get("/jobs/<provider_job_id>")
+    @route
+    def get_job(customer, provider_job_id):
+        return 200, {"job": jobs.get_job(catalog, provider_job_id, as_customer=customer)}
+
+
+def _json(status: int, body: dict) -> HTTPResponse:
+    return HTTPResponse(
+        orjson.dumps(body), status=status, headers={"Content-Type": "application/json"}
+    )
+
+
+def _authorize(catalog: Catalog) -> str:
+    """The customer of the request's API key ("" for a key of no customer), or
+    :class:`~workbench.jobs.InvalidApiKey`."""
+    header = request.environ.get("HTTP_X_API_KEY", "")
+    scheme, _, bearer = request.environ.get("HTTP_AUTHORIZATION", "").partition(" ")
+    bearer = bearer.strip() if scheme.lower() == "bearer" else ""
+    if header and bearer and header != bearer:
+        raise jobs.InvalidApiKey("x-api_key and Authorization name different API keys")
+    key = header or bearer
+    if not key:
+        raise jobs.InvalidApiKey(
+            "missing API key: send it as Authorization: Bearer <key>, in x-api-key or in "
+            "x-api_key (which gunicorn drops); make one with `workbench jobs apikey create`"
+        )
+    customer = jobs.check_api_key(catalog, key)
+    if customer is None:
+        raise jobs.InvalidApiKey("wrong or revoked API key")
+    return customer
+
+
+def _json_body() -> dict:
+    """The request body as a JSON object, read no further than :data:`MAX_BODY`."""
+    stream = request.environ["wsgi.input"]
+    length = request.environ.get("CONTENT_LENGTH", "")
+    if length:
+        try:
+            size = int(length)
+        except ValueError:
+            raise jobs.InvalidJobRequest("Content-Length is not a number") from None
+        if size > MAX_BODY:
+            raise BodyTooLarge(f"body of {size} bytes is over the tracker's limit of {MAX_BODY}")
+        raw = stream.read(size) if size > 0 else b""
+    elif "chunked" not in request.environ.get("HTTP_TRANSFER_ENCODING", "").lower():
+        raw = b""  # no Content-Length and not chunked: no body (never wait for the socket)
+    else:
+        parts, size = [], 0
+        while chunk := stream.read(CHUNK):
+            size += len(chunk)
+            if size > MAX_BODY:
+                raise BodyTooLarge(f"body is over the tracker's limit of {MAX_BODY} bytes")
+            parts.append(chunk)
+        raw = b"".join(parts)
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise jobs.InvalidJobRequest(f"the body is not JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise jobs.InvalidJobRequest("the body must be a JSON object")
+    return body
