@@ -43,6 +43,27 @@ from workbench.errors import ConfigError, PipelineBusy
 from workbench.templates import load_schema
 
 log = logging.getLogger("workbench.pipelines")
+
+# What the run's subprocess executes: papermill alone, without importing the workbench (which
+# would add most of a second to every run). Arguments: notebook, output, parameters as JSON,
+# the cell timeout in seconds.
+PAPERMILL_RUNNER = """
+import json, sys
+import papermill
+notebook, output, values, cell_timeout = sys.argv[1:5]
+try:
+    papermill.execute_notebook(
+        notebook, output, parameters=json.loads(values), kernel_name="python3",
+        execution_timeout=int(cell_timeout), progress_bar=False, log_output=False,
+        request_save_on_cell_execute=True,
+    )
+except papermill.PapermillExecutionError as exc:
+    print(f"{exc.ename}: {exc.evalue} (cell {exc.cell_index})")
+    sys.exit(1)
+except Exception as exc:
+    print(f"{type(exc).__name__}: {exc}")
+    sys.exit(1)
+"""
 REPO = Path(__file__).resolve().parent.parent
 KERNEL = "python3"
 
@@ -279,8 +300,8 @@ def _execute(pipeline: Pipeline, output: Path, values: dict) -> tuple[str, int |
     output.parent.mkdir(parents=True, exist_ok=True)
     command = [
         sys.executable,
-        "-m",
-        "workbench.pipelines",
+        "-c",
+        PAPERMILL_RUNNER,
         str(pipeline.notebook),
         str(output),
         json.dumps(values, default=str),
@@ -342,29 +363,6 @@ def _duration(output: Path, index: int) -> float:
         if not added & set(c.get("metadata", {}).get("tags", []))
     ]
     return float(cells[index].get("metadata", {}).get("papermill", {}).get("duration") or 0)
-
-
-def _execute_in_subprocess(notebook: str, output: str, values: str, cell_timeout: str) -> int:
-    import papermill
-
-    try:
-        papermill.execute_notebook(
-            notebook,
-            output,
-            parameters=json.loads(values),
-            kernel_name=KERNEL,
-            execution_timeout=int(cell_timeout),
-            progress_bar=False,
-            log_output=False,
-            request_save_on_cell_execute=True,
-        )
-    except papermill.PapermillExecutionError as exc:
-        print(f"{exc.ename}: {exc.evalue} (cell {exc.cell_index})")
-        return 1
-    except Exception as exc:  # a cell timeout or a dead kernel: the parent records it
-        print(f"{type(exc).__name__}: {exc}")
-        return 1
-    return 0
 
 
 def _versions() -> dict:
@@ -592,7 +590,3 @@ def run_scheduler(config: Config, *, workers: int | None = None) -> None:
         check_worker_health=True,
     )
     consumer.run()
-
-
-if __name__ == "__main__":  # the papermill subprocess of _execute
-    sys.exit(_execute_in_subprocess(*sys.argv[1:5]))
