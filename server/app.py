@@ -157,6 +157,10 @@ def create_app(config: Config) -> Bottle:
 
     for code in (400, 404, 405, 500):
         app.error_handler[code] = json_error
+
+    from server.jobs import install_job_routes
+
+    install_job_routes(app, ingest.catalog)  # the job-tracking API
     return app
 
 

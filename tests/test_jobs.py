@@ -721,6 +721,7 @@ def test_an_unresponsive_tracker_costs_a_timeout_not_the_job(tmp_path, caplog):
 
 
 def test_a_flush_leaves_other_trackers_requests_alone(home, catalog, key, tmp_path):
+    """...and drops lines it cannot read."""
     save_job_configs(catalog, JobConfigManager(README))
     spool = tmp_path / "spool.jsonl"
     elsewhere = TrackerApi(
@@ -728,6 +729,8 @@ def test_a_flush_leaves_other_trackers_requests_alone(home, catalog, key, tmp_pa
     )
     elsewhere.create_job(provider_job_id="x", customer_id=1, tag="my_job")
     kept = spool.read_text()
+    with spool.open("a") as file:
+        file.write('{"url": "half a line\n')  # as a crash mid-write could leave it
     with _tracker(tracker_app(home), key, spool) as tracker:
         tracker.create_job(provider_job_id="j", customer_id=1, tag="my_job")
         assert tracker.flush() == 0
@@ -794,3 +797,13 @@ def test_every_jobs_command_has_an_example(path):
     assert result.exit_code == 0
     assert "Example:" in result.output
     assert f"workbench jobs {' '.join(path)}".strip() in result.output
+
+
+def test_the_default_spool_is_in_the_users_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    tracker = TrackerApi("k", "http://127.0.0.1:9", timeout=0.5, retries=0)
+    tracker.create_job(provider_job_id="j", customer_id=None, tag="my_job")
+    tracker.close()
+    spool = tmp_path / ".cache" / "workbench" / "tracker-spool.jsonl"
+    assert json.loads(spool.read_text())["body"]["provider_job_id"] == "j"
+    assert spool.stat().st_mode & 0o777 == 0o600

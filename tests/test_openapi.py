@@ -116,6 +116,10 @@ BUDGET = {
     ("GET", "/resources/{study}"): (25, 10),
     ("GET", "/health"): (3, 0),
     ("GET", "/openapi.yaml"): (2, 0),
+    ("POST", "/job_configurations"): (10, 5),
+    ("POST", "/jobs"): (10, 5),
+    ("POST", "/events"): (10, 5),
+    ("GET", "/jobs/{provider_job_id}"): (10, 5),
 }
 CHECKS = [
     not_a_server_error,

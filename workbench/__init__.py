@@ -16,6 +16,7 @@ The public API, for notebooks and scripts::
     phq9 = workbench.combine_table(config, "mindtrails", "PHQ9")
     scored = workbench.score(phq9, "phq9")              # phq9_total, phq9_band, ...
     retention = workbench.attrition(config, "sleep").retention
+    record = workbench.run_pipeline(config, "status")   # a notebook run, tracked as a job
 """
 
 from workbench.alerts import ack_alert, list_alerts
@@ -26,7 +27,9 @@ from workbench.errors import WorkbenchError
 from workbench.export import combine_table, export_sources, rebuild_decoded
 from workbench.ingest import recover_incoming
 from workbench.instruments import instrument, score
+from workbench.jobs import JobConfigManager, get_job
 from workbench.ledger import ledger_counts, verify
+from workbench.pipelines import list_runs, run_pipeline
 from workbench.reports import attrition, participant_report, questionnaire_report
 from workbench.sanity import sanity_check
 from workbench.simulator import simulate
@@ -42,6 +45,7 @@ from workbench.studies import (
 __all__ = [
     "Catalog",
     "Config",
+    "JobConfigManager",
     "WorkbenchError",
     "ack_alert",
     "attrition",
@@ -51,11 +55,13 @@ __all__ = [
     "definition_from_options",
     "enroll",
     "export_sources",
+    "get_job",
     "get_study",
     "init_home",
     "instrument",
     "ledger_counts",
     "list_alerts",
+    "list_runs",
     "list_studies",
     "load_config",
     "open_catalog",
@@ -63,6 +69,7 @@ __all__ = [
     "questionnaire_report",
     "rebuild_decoded",
     "recover_incoming",
+    "run_pipeline",
     "refresh_status",
     "sanity_check",
     "score",

@@ -298,6 +298,10 @@ def serve(ctx, host, port, workers, threads, access_log) -> None:
         "--graceful-timeout",
         "20",
         "--no-control-socket",
+        # trackerapi clients send their key as `x-api_key`; gunicorn drops headers with
+        # underscores unless told to map them (no header of ours is trusted from a proxy)
+        "--header-map",
+        "dangerous",
     ]
     if access_log:
         args += ["--access-logfile", "-"]
@@ -1152,6 +1156,11 @@ def demo(ctx, port, subjects, days, exit_after) -> None:
     from workbench.demo import run_demo
 
     run_demo(ctx.obj["home"], port=port, subjects=subjects, days=days, keep_serving=not exit_after)
+
+
+from workbench.cli_jobs import jobs  # noqa: E402  (the job-tracking commands)
+
+cli.add_command(jobs)
 
 
 def main() -> None:

@@ -424,7 +424,7 @@ def derived_event_id(provider_job_id: object, kind: object, tag: object) -> str:
     """An event id for a sender that gives none: the same for the same kind, tag and job, so
     that a resent step counts once (a second ``error`` of one job is then dropped too).
 
-    Example: ``derived_event_id("42", "step", "say_hello")`` → ``"derived-5c1f…"``.
+    Example: ``derived_event_id("42", "step", "say_hello")`` → ``"derived-a6310b16…"``.
     """
     digest = hashlib.sha256(json.dumps([provider_job_id, kind, tag]).encode()).hexdigest()
     return f"derived-{digest[:40]}"

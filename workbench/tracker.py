@@ -2,6 +2,8 @@
 
 Example::
 
+    import uuid
+
     from workbench.jobs import JobConfigManager
     from workbench.tracker import TrackerApi
 
@@ -168,7 +170,8 @@ class TrackerApi:
 
     def flush(self) -> int:
         """Resend what this tracker spooled, in order, until one fails; return how many of its
-        requests are still spooled (0 when all went through or were refused).
+        requests are still spooled (0 when all went through or were refused; -1 when the spool
+        cannot be read).
 
         Example: ``tracker.flush()`` → ``0``.
         """
@@ -293,6 +296,11 @@ class TrackerApi:
                     continue
                 if not isinstance(entry, dict) or not self._mine(entry):
                     kept.append(line)
+                    continue
+                if not isinstance(entry.get("path"), str) or not isinstance(
+                    entry.get("body"), dict
+                ):
+                    log.warning("dropping a malformed entry of the tracker spool %s", self.spool)
                     continue
                 if remaining:  # keep the order: nothing goes out after a failure
                     kept.append(line)
