@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 PORT   ?= 8080
 HOME_DIR ?= demo-home
 
-.PHONY: run test lint format bench hooks clean
+.PHONY: run test lint format bench hooks clean system-deps
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -m venv $(VENV) 2>/dev/null || { \
@@ -16,12 +16,19 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	@touch $(STAMP)
 
+## system-deps: Debian packages the tests use (a Redis server for the Redis queue)
+system-deps:
+	@command -v redis-server >/dev/null 2>&1 || { \
+	  echo "installing redis-server"; \
+	  (apt-get install -y -qq redis-server || \
+	   (apt-get update -qq && apt-get install -y -qq redis-server)) >/dev/null; }
+
 ## run: demo study, upload server on $(PORT), simulated phones; serves until Ctrl-C
 run: $(STAMP)
 	$(BIN)/workbench --home $(HOME_DIR) demo --port $(PORT)
 
 ## test: the whole suite (pytest exits non-zero when no test is collected)
-test: $(STAMP)
+test: $(STAMP) system-deps
 	$(BIN)/python -m pytest
 
 lint: $(STAMP)

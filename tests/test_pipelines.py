@@ -186,3 +186,85 @@ def test_cli_run_runs_and_crontab(lab):
     history = runner.invoke(cli, ["--home", str(lab.home), "runs"])
     assert "ok" in history.output and "cell 4: ZeroDivisionError" in history.output
     assert "workbench.cli" in runner.invoke(cli, ["--home", str(lab.home), "crontab"]).output
+
+
+@pytest.fixture
+def redis_url(tmp_path):
+    """A real Redis server on a free loopback port (make test installs redis-server)."""
+    import shutil
+    import socket
+    import subprocess
+
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.skip("redis-server is not installed; `make test` installs it")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    process = subprocess.Popen(
+        [
+            binary,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(tmp_path),
+        ],
+        stdout=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            time.sleep(0.05)
+    yield f"redis://127.0.0.1:{port}/0"
+    process.terminate()
+    process.wait(timeout=10)
+
+
+def test_the_queue_can_be_redis(lab, redis_url, monkeypatch, catalog):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    monkeypatch.setenv("WORKBENCH_REDIS_URL", redis_url)
+    config = load_config(lab.home)
+    huey = make_huey(config)
+    assert type(huey).__name__ == "RedisHuey"
+    huey.run_task("ok", trigger="queue")
+    assert huey.pending_count() == 1
+    consumer = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "workbench.cli",
+            "--home",
+            str(lab.home),
+            "scheduler",
+            "--workers",
+            "1",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            runs = [r for r in list_runs(catalog, "ok") if r["status"] != "running"]
+            if runs:
+                break
+            time.sleep(0.2)
+    finally:
+        os.killpg(consumer.pid, signal.SIGTERM)
+        consumer.wait(timeout=30)
+    assert runs and runs[0]["status"] == "succeeded" and runs[0]["trigger"] == "queue"
+    assert huey.pending_count() == 0
