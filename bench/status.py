@@ -36,20 +36,9 @@ from workbench.enrollment import enroll  # noqa: E402
 from workbench.sanity import sanity_check  # noqa: E402
 from workbench.simulator import make_batch  # noqa: E402
 from workbench.status import rebuild_aggregates, refresh_status, study_status  # noqa: E402
-from workbench.studies import create_study, definition_from_options  # noqa: E402
+from workbench.studies import JTRACK_SENSORS, create_study, definition_from_options  # noqa: E402
 
-SENSORS = [
-    "accelerometer",
-    "activity",
-    "application_usage",
-    "barometer",
-    "gravity_sensor",
-    "gyroscope",
-    "location",
-    "magnetic_sensor",
-    "rotation_vector",
-    "linear_acceleration",
-]
+SENSORS = list(JTRACK_SENSORS[:10])  # the ten sensors of the issue: the JTrack list up to EMA
 DAY = 86_400_000
 REFRESHES = 15
 INSERT = (
