@@ -26,7 +26,14 @@ upload server into an HTTP status and a JSON body (``status`` and ``code`` attri
     ├── SourceUnavailable          a study server cannot be reached or keeps failing (exit 7)
     ├── ExportFailed               an export stored what it could but some tables failed (exit 8)
     ├── UnknownInstrument          no instrument definition of that name (exit 4)
-    └── PipelineBusy               a run of that pipeline is in progress (exit 9)
+    ├── PipelineBusy               a run of that pipeline is in progress (exit 9)
+    ├── InvalidJobRequest          a malformed job-tracking request (HTTP 400, exit 2)
+    │   └── InvalidJobConfig       job configurations that fail their schema (HTTP 400, exit 2)
+    ├── UnknownJobConfig           no job configuration of that tag (HTTP 400, exit 4)
+    ├── UnknownJob                 no tracked job of that id (HTTP 404, exit 4)
+    ├── JobConflict                a job id already used with another tag (HTTP 409, exit 4)
+    ├── InvalidApiKey              missing or wrong tracking API key (HTTP 401, exit 2)
+    └── NotAllowed                 the API key's customer may not do this (HTTP 403, exit 2)
 """
 
 from __future__ import annotations
@@ -161,3 +168,43 @@ class UnknownInstrument(WorkbenchError):
 class PipelineBusy(WorkbenchError):
     exit_code = 9
     code = "pipeline_busy"
+
+
+class InvalidJobRequest(WorkbenchError):
+    status = 400
+    exit_code = 2
+    code = "invalid_request"
+
+
+class InvalidJobConfig(InvalidJobRequest):
+    code = "invalid_job_config"
+
+
+class UnknownJobConfig(WorkbenchError):
+    status = 400
+    exit_code = 4
+    code = "unknown_job_config"
+
+
+class UnknownJob(WorkbenchError):
+    status = 404
+    exit_code = 4
+    code = "unknown_job"
+
+
+class JobConflict(WorkbenchError):
+    status = 409
+    exit_code = 4
+    code = "job_conflict"
+
+
+class InvalidApiKey(WorkbenchError):
+    status = 401
+    exit_code = 2
+    code = "unauthorized"
+
+
+class NotAllowed(WorkbenchError):
+    status = 403
+    exit_code = 2
+    code = "forbidden"

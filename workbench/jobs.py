@@ -45,51 +45,20 @@ from workbench.catalog import (
     now_ms,
 )
 from workbench.enrollment import hash_token
-from workbench.errors import WorkbenchError
+from workbench.errors import (  # noqa: F401  (re-exported: the job-tracking errors)
+    InvalidApiKey,
+    InvalidJobConfig,
+    InvalidJobRequest,
+    JobConflict,
+    NotAllowed,
+    UnknownJob,
+    UnknownJobConfig,
+    WorkbenchError,
+)
 from workbench.templates import load_schema
 
 KINDS = ("step", "complete", "error")
 MAX_ID = 128  # characters of provider_job_id, customer_id, tags and event_id (catalog columns)
-
-
-class InvalidJobRequest(WorkbenchError):
-    status = 400
-    exit_code = 2
-    code = "invalid_request"
-
-
-class InvalidJobConfig(InvalidJobRequest):
-    code = "invalid_job_config"
-
-
-class UnknownJobConfig(WorkbenchError):
-    status = 400
-    exit_code = 4
-    code = "unknown_job_config"
-
-
-class UnknownJob(WorkbenchError):
-    status = 404
-    exit_code = 4
-    code = "unknown_job"
-
-
-class JobConflict(WorkbenchError):
-    status = 409
-    exit_code = 4
-    code = "job_conflict"
-
-
-class InvalidApiKey(WorkbenchError):
-    status = 401
-    exit_code = 2
-    code = "unauthorized"
-
-
-class NotAllowed(WorkbenchError):
-    status = 403
-    exit_code = 2
-    code = "forbidden"
 
 
 # --- configurations ----------------------------------------------------------------------
