@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
+from pathlib import Path
 
 import nbformat
 import pytest
@@ -102,6 +104,8 @@ def test_a_hanging_run_is_killed_at_the_wall_clock_timeout(lab, catalog):
     assert time.monotonic() - started < 30
     assert record.status == "timeout" and record.failing_cell == 2
     assert "timeout of 4 s" in record.error
+    # the kernel runs in a session of its own: it must have been killed with the run
+    assert not kernels_in(lab.pipelines.folder)
 
 
 def test_never_two_runs_of_one_pipeline_at_once(lab):
@@ -268,3 +272,19 @@ def test_the_queue_can_be_redis(lab, redis_url, monkeypatch, catalog):
         consumer.wait(timeout=30)
     assert runs and runs[0]["status"] == "succeeded" and runs[0]["trigger"] == "queue"
     assert huey.pending_count() == 0
+
+
+def kernels_in(folder):
+    """Kernel processes working in ``folder`` (the runs of this test's pipelines)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            command = Path(f"/proc/{entry}/cmdline").read_bytes()
+            cwd = os.readlink(f"/proc/{entry}/cwd")
+        except OSError:
+            continue
+        if b"ipykernel_launcher" in command and cwd.startswith(str(folder)):
+            found.append(int(entry))
+    return found
