@@ -357,3 +357,22 @@ def test_source_settings_are_read(tmp_path):
     assert [t for t in ("PHQ9", "GAD7", "Other") if source.wants(t)] == ["PHQ9"]
     with pytest.raises(ConfigError, match="no source 'nope'"):
         load_config(tmp_path).source("nope")
+
+
+def test_a_rebuild_that_cannot_load_the_key_deletes_nothing(config, server, catalog):
+    run(config, server, catalog=catalog)
+    folder = source_folder(config, "mindtrails") / "decoded"
+    before = sorted(p.name for p in folder.rglob("*.parquet"))
+    (config.home / "keys" / "private_key.pem").unlink()
+    with pytest.raises(ConfigError, match="cannot read"):
+        rebuild_decoded(config, catalog=catalog)
+    assert sorted(p.name for p in folder.rglob("*.parquet")) == before
+
+
+def test_a_source_that_is_down_does_not_stop_the_others(config, server, monkeypatch):
+    from workbench.export import export_sources
+
+    server.faults.error_rate = 1.0
+    reports = export_sources(config, transport=httpx.WSGITransport(app=server.app()))
+    assert len(reports) == 1 and not reports[0].ok
+    assert "not exported: " in reports[0].summary() and "HTTP 500" in reports[0].summary()

@@ -167,7 +167,7 @@ def update_alerts(
     (opened, closed)."""
     wanted = alert_conditions(study, table, now=now)
     c = alerts.c
-    with catalog.writing(durable=False) as conn:
+    with catalog.writing(durable=False, serialize=f"alerts.{study.id}") as conn:
         open_now = {
             (r.subject_id, r.device_id, r.kind): r.id
             for r in conn.execute(

@@ -13,6 +13,7 @@ import fcntl
 import os
 import threading
 import time
+import zlib
 from collections import namedtuple
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -32,6 +33,7 @@ from sqlalchemy import (
     create_engine,
     event,
     select,
+    text,
 )
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
@@ -484,14 +486,21 @@ class Catalog:
             raise CatalogError(f"cannot open or upgrade the catalog: {exc}") from exc
 
     @contextlib.contextmanager
-    def writing(self, *, durable: bool = True) -> Iterator[Connection]:
+    def writing(
+        self, *, durable: bool = True, serialize: str | None = None
+    ) -> Iterator[Connection]:
         """A write transaction, made durable against power loss on exit unless ``durable``
         is False (the caller then calls :meth:`sync` itself).
 
         On SQLite, writers queue on a file lock rather than on SQLite's busy handler, which
-        sleeps and retries and so stalls under load.
+        sleeps and retries and so stalls under load: every write transaction runs alone. On
+        PostgreSQL, transactions naming the same ``serialize`` key run one after the other
+        (an advisory lock held until the transaction ends), for read-then-write work.
         """
         with self._write_lock(), self.engine.begin() as conn:
+            if serialize and not self.is_sqlite:
+                key = zlib.crc32(serialize.encode())
+                conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": key})
             yield conn
         if durable:
             self.sync()

@@ -33,6 +33,7 @@ from __future__ import annotations
 import base64
 import binascii
 import datetime
+import fcntl
 import hashlib
 import logging
 import multiprocessing
@@ -110,12 +111,15 @@ class ExportReport:
     tables: list[TableExport] = field(default_factory=list)
     resumed: int = 0  # raw snapshots an earlier, interrupted run left to decode
     seconds: float = 0.0
+    error: str | None = None  # the source could not be exported at all
 
     @property
     def ok(self) -> bool:
-        return not any(t.error for t in self.tables)
+        return self.error is None and not any(t.error for t in self.tables)
 
     def summary(self) -> str:
+        if self.error:
+            return f"{self.source}: not exported: {self.error}"
         rows = sum(t.new_rows for t in self.tables)
         parts = [f"{self.source}: {rows} new rows from {len(self.tables)} tables"]
         if self.resumed:
@@ -481,16 +485,21 @@ def export_sources(
     chosen = [config.source(source)] if source else list(config.sources)
     if not chosen:
         raise ConfigError("no [[sources]] in workbench.toml to export")
-    return [
-        export_source(
-            config,
-            s.name,
-            tables=[table] if table else None,
-            progress=progress,
-            transport=transport,
-        )
-        for s in chosen
-    ]
+    reports = []
+    for s in chosen:
+        try:
+            reports.append(
+                export_source(
+                    config,
+                    s.name,
+                    tables=[table] if table else None,
+                    progress=progress,
+                    transport=transport,
+                )
+            )
+        except SourceUnavailable as exc:  # logged as critical; the other sources go on
+            reports.append(ExportReport(source=s.name, error=exc.message))
+    return reports
 
 
 def export_source(
@@ -512,9 +521,12 @@ def export_source(
     report = ExportReport(source=name)
     own = catalog is None
     catalog = catalog or open_catalog(config)
-    client = ExportClient(source, transport=transport)
+    client: ExportClient | None = None
     decrypter: Decrypter | None = None
+    lock: int | None = None
     try:
+        lock = _source_lock(config, name)  # one export or rebuild of a source at a time
+        client = ExportClient(source, transport=transport)
         decrypter = Decrypter(source)
         report.resumed = _finish_interrupted(config, catalog, source, decrypter)
         listing = {t["name"]: t for t in client.tables()}
@@ -539,9 +551,12 @@ def export_source(
         log.critical("source %s is down: %s", name, exc.message)
         raise
     finally:
-        client.close()
+        if client is not None:
+            client.close()
         if decrypter is not None:
             decrypter.close()
+        if lock is not None:
+            os.close(lock)
         if own:
             catalog.dispose()
     report.seconds = time.perf_counter() - started
@@ -588,6 +603,16 @@ def _export_table(config, catalog, client, source, decrypter, listed, result, pr
             )
 
 
+def _source_lock(config: Config, source: str) -> int:
+    """Take the source's lock (an exclusive flock, waiting for a running export or rebuild);
+    return its descriptor, to be closed when done."""
+    folder = source_folder(config, source)
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder / ".lock", os.O_RDWR | os.O_CREAT, 0o640)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    return fd
+
+
 def high_water(catalog: Catalog, source: str, table: str) -> int:
     """The largest row id of ``table`` already stored and decoded (0 if none)."""
     m = export_marks.c
@@ -607,6 +632,7 @@ def _advance(catalog: Catalog, source: str, table: str, top: int) -> None:
             .on_conflict_do_update(
                 index_elements=["source", "table_name"],
                 set_={"high_water": top, "updated_at": now},
+                where=export_marks.c.high_water < top,  # a mark only ever rises
             )
         )
 
@@ -755,17 +781,20 @@ def _delete_verified(config, catalog, client, source, table) -> int:
     for snapshot in pending:
         ids = [row["id"] for row in read_raw(config, snapshot)]
         complete = True
+        withheld = [row_id for row_id in ids if row_id not in decoded]
+        if withheld:
+            complete = False
+            log.critical(
+                "%s/%s: %d rows of raw snapshot %s are not in the decoded files and are not "
+                "deleted on the server (ids %s)",
+                source.name,
+                table,
+                len(withheld),
+                snapshot.path,
+                ", ".join(map(str, withheld[:20])) + (" ..." if len(withheld) > 20 else ""),
+            )
         for row_id in ids:
             if row_id not in decoded:
-                log.critical(
-                    "%s/%s: row %s is in raw snapshot %s but not in the decoded files; not "
-                    "deleted on the server",
-                    source.name,
-                    table,
-                    row_id,
-                    snapshot.path,
-                )
-                complete = False
                 continue
             if not client.delete(table, row_id):
                 log.critical(
@@ -822,17 +851,16 @@ def rebuild_decoded(
             query = select(export_raw).where(r.source == src.name).order_by(r.id)
             if table:
                 query = query.where(r.table_name == table)
-            with catalog.engine.connect() as conn:
-                snapshots = conn.execute(query).all()
-            tables = sorted({s.table_name for s in snapshots} | ({table} if table else set()))
-            for name in tables:
-                folder = source_folder(config, src.name) / "decoded" / name
-                if folder.exists():
-                    shutil.rmtree(folder)
-            if not snapshots:
-                continue
-            decrypter = Decrypter(src)
+            decrypter = Decrypter(src)  # the key first: nothing is deleted if it cannot load
+            lock = _source_lock(config, src.name)
             try:
+                with catalog.engine.connect() as conn:
+                    snapshots = conn.execute(query).all()
+                tables = sorted({s.table_name for s in snapshots} | ({table} if table else set()))
+                for name in tables:
+                    folder = source_folder(config, src.name) / "decoded" / name
+                    if folder.exists():
+                        shutil.rmtree(folder)
                 for snapshot in tqdm(
                     snapshots, unit="snapshot", desc=f"decode {src.name}", disable=not progress
                 ):
@@ -848,6 +876,7 @@ def rebuild_decoded(
                     key = f"{src.name}/{snapshot.table_name}"
                     done[key] = done.get(key, 0) + len(rows)
             finally:
+                os.close(lock)
                 decrypter.close()
     finally:
         if own:

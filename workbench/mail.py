@@ -20,9 +20,14 @@ def send_mail(smtp: SmtpConfig, subject: str, body: str) -> None:
     message["To"] = ", ".join(smtp.recipients)
     message["Subject"] = subject
     message.set_content(body)
-    connect = smtplib.SMTP_SSL if smtp.ssl else smtplib.SMTP
     try:
-        with connect(smtp.host, smtp.port, timeout=smtp.timeout) as server:
+        if smtp.ssl:  # a verified TLS connection from the start
+            server = smtplib.SMTP_SSL(
+                smtp.host, smtp.port, timeout=smtp.timeout, context=ssl.create_default_context()
+            )
+        else:
+            server = smtplib.SMTP(smtp.host, smtp.port, timeout=smtp.timeout)
+        with server:
             if smtp.starttls and not smtp.ssl:
                 server.starttls(context=ssl.create_default_context())
             if smtp.username:

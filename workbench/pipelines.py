@@ -227,6 +227,7 @@ def run_pipeline(
     folder = config.pool / "runs" / pipeline.name
     try:
         with _exclusive(folder, pipeline.name):
+            _close_stale_runs(catalog, pipeline.name)
             record = None
             for attempt in range(1, pipeline.retries + 2):
                 record = _run_once(config, catalog, pipeline, values, trigger, attempt)
@@ -271,20 +272,12 @@ def _run_once(
             .returning(pipeline_runs.c.id)
         ).scalar_one()
     tracking = _start_tracking(catalog, pipeline, f"run-{pipeline.name}-{stamp}")
-    status, failing, error = _execute(pipeline, output, values)
-    finished = now_ms()
-    with catalog.writing() as conn:
-        conn.execute(
-            update(pipeline_runs)
-            .where(pipeline_runs.c.id == run_id)
-            .values(
-                status=status,
-                finished_at=finished,
-                duration_ms=finished - started,
-                failing_cell=failing,
-                error=error,
-            )
-        )
+    try:
+        status, failing, error = _execute(pipeline, output, values)
+    except BaseException:
+        _finish_record(catalog, run_id, started, "interrupted", None, "the runner was stopped")
+        raise
+    finished = _finish_record(catalog, run_id, started, status, failing, error)
     _finish_tracking(catalog, tracking, output, status, error)
     log.info(
         "pipeline %s run %d %s in %.1f s: %s",
@@ -303,6 +296,34 @@ def _run_once(
         failing_cell=failing,
         error=error,
     )
+
+
+def _finish_record(catalog, run_id, started, status, failing, error) -> int:
+    finished = now_ms()
+    with catalog.writing() as conn:
+        conn.execute(
+            update(pipeline_runs)
+            .where(pipeline_runs.c.id == run_id)
+            .values(
+                status=status,
+                finished_at=finished,
+                duration_ms=finished - started,
+                failing_cell=failing,
+                error=error,
+            )
+        )
+    return finished
+
+
+def _close_stale_runs(catalog, pipeline: str) -> None:
+    """Runs still marked running while we hold the pipeline's lock died with their runner."""
+    r = pipeline_runs.c
+    with catalog.writing() as conn:
+        conn.execute(
+            update(pipeline_runs)
+            .where(r.pipeline == pipeline, r.status == "running")
+            .values(status="interrupted", error="its runner stopped before the run ended")
+        )
 
 
 def _execute(pipeline: Pipeline, output: Path, values: dict) -> tuple[str, int | None, str | None]:
@@ -333,6 +354,11 @@ def _execute(pipeline: Pipeline, output: Path, values: dict) -> tuple[str, int |
         _kill_kernel(output.with_suffix(".kernel-pid"))
         cell, _ = _failure(output)
         return "timeout", cell, f"killed after the run's timeout of {pipeline.timeout} s"
+    except BaseException:  # Ctrl-C or SIGTERM of the runner: the run goes with it
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        _kill_kernel(output.with_suffix(".kernel-pid"))
+        raise
     finally:
         output.with_suffix(".kernel-pid").unlink(missing_ok=True)
     if process.returncode == 0:

@@ -22,6 +22,7 @@ Example::
 from __future__ import annotations
 
 import html
+import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +39,8 @@ DAY_MS = 86_400_000
 Z95 = 1.959963984540054  # the normal quantile of a two-sided 95 % interval
 COMPLIANCE_TARGET = 80.0  # % of expected EMA prompts answered, the usual threshold
 LOST_AFTER_DAYS = 14  # a questionnaire participant silent this long is lost to follow-up
+DATE_FORMATS = ("%Y-%m-%d %H:%M:%S%.f", "%Y-%m-%d %H:%M:%S", "%Y-%m-%d %H:%M", "%Y-%m-%d")
+log = logging.getLogger("workbench.reports")
 DISPOSITIONS = ["active", "completed", "withdrawn", "lost to follow-up", "not started"]
 
 
@@ -368,7 +371,7 @@ def _questionnaire_attrition(config: Config, source: str, *, now: int) -> Attrit
         if {"participant", "date"} <= set(frame.columns):
             columns = [
                 pl.col("participant"),
-                pl.col("date").cast(pl.String).str.slice(0, 19).alias("date"),
+                pl.col("date").cast(pl.String).alias("date"),
             ]
             columns.append(
                 pl.col("session").cast(pl.String)
@@ -378,16 +381,15 @@ def _questionnaire_attrition(config: Config, source: str, *, now: int) -> Attrit
             rows.append(frame.select(columns))
     if not rows:
         raise WorkbenchError(f"source {source!r} has no tables with participant and date")
-    visits = (
-        pl.concat(rows)
-        .drop_nulls("participant")
-        .with_columns(
-            pl.col("date")
-            .str.to_datetime("%Y-%m-%dT%H:%M:%S", strict=False, time_zone="UTC")
-            .dt.epoch("ms")
-            .alias("at")
-        )
-    )
+    text = pl.col("date").str.replace("T", " ").str.replace("Z", "")
+    at = pl.coalesce(
+        [text.str.to_datetime(f, strict=False, time_zone="UTC") for f in DATE_FORMATS]
+    ).dt.epoch("ms")
+    visits = pl.concat(rows).drop_nulls("participant").with_columns(at.alias("at"))
+    undated = visits.filter(pl.col("at").is_null()).height
+    if undated:
+        log.warning("%s: %d answers without a readable date are left out", source, undated)
+    visits = visits.drop_nulls("at")
     sessions = [s for s in visits["session"].drop_nulls().unique().to_list()]
     final = "POST" if "POST" in sessions else None
     per = visits.group_by("participant").agg(

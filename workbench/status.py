@@ -126,7 +126,7 @@ class _Fold:
 
 
 def _fold_now(catalog: Catalog) -> _Fold:
-    with catalog.writing(durable=False) as conn:
+    with catalog.writing(durable=False, serialize="status") as conn:
         return _fold(conn, catalog)
 
 
@@ -634,7 +634,7 @@ def record_changes(catalog: Catalog, study_id: str, table: pl.DataFrame, *, now:
         pl.col("activity_since").cast(pl.Int64).fill_null(now).alias("at"),
     )
     c = status_current.c
-    with catalog.writing(durable=False) as conn:
+    with catalog.writing(durable=False, serialize=f"status.{study_id}") as conn:
         before = _frame(
             fetch_tuples(
                 conn,
