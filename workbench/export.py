@@ -64,7 +64,7 @@ from workbench.catalog import (
 )
 from workbench.config import Config, SourceConfig
 from workbench.errors import ConfigError, SourceUnavailable, WorkbenchError
-from workbench.pool import fsync_dir, write_file_atomically
+from workbench.pool import fsync_dir, make_dirs_durably, write_file_atomically
 
 log = logging.getLogger("workbench.export")
 
@@ -655,7 +655,7 @@ def write_raw(
     sha = hashlib.sha256(body).hexdigest()
     stamp = datetime.datetime.fromtimestamp(fetched / 1000, datetime.UTC).strftime("%Y%m%dT%H%M%S")
     folder = source_folder(config, source) / "raw" / table
-    folder.mkdir(parents=True, exist_ok=True)
+    make_dirs_durably(folder)  # the snapshot's folder must outlive a power cut too
     temporary = folder / f".{sha}.{os.getpid()}.tmp"
     with open(temporary, "wb") as handle:
         handle.write(body)

@@ -27,6 +27,7 @@ import hashlib
 import json
 import logging
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -37,7 +38,7 @@ from pathlib import Path
 import jsonschema
 from sqlalchemy import delete, select, update
 
-from workbench.catalog import Catalog, now_ms, open_catalog, pipeline_runs
+from workbench.catalog import Catalog, job_events, jobs, now_ms, open_catalog, pipeline_runs
 from workbench.config import Config
 from workbench.errors import ConfigError, PipelineBusy
 from workbench.templates import load_schema
@@ -567,20 +568,31 @@ def prune_runs(config: Config, catalog: Catalog, pipeline: str) -> int:
         if row.notebook:
             (config.pool / row.notebook).unlink(missing_ok=True)
     if doomed:
+        ids = [row.id for row in doomed]
         with catalog.writing() as conn:
-            conn.execute(delete(pipeline_runs).where(r.id.in_([row.id for row in doomed])))
+            jobs_of = [
+                j
+                for (j,) in conn.execute(
+                    select(r.provider_job_id).where(r.id.in_(ids), r.provider_job_id.is_not(None))
+                )
+            ]
+            conn.execute(delete(pipeline_runs).where(r.id.in_(ids)))
+            if jobs_of:  # their tracked jobs and events go with them
+                conn.execute(delete(job_events).where(job_events.c.provider_job_id.in_(jobs_of)))
+                conn.execute(delete(jobs).where(jobs.c.provider_job_id.in_(jobs_of)))
     return len(doomed)
 
 
 def crontab_lines(config: Config) -> list[str]:
     """crontab lines that run every enabled pipeline with this installation's Python."""
-    python = Path(sys.executable).absolute()
-    logs = config.pool / "logs" / "cron.log"
+    python = shlex.quote(str(Path(sys.executable).absolute()))
+    home = shlex.quote(str(config.home))
+    logs = shlex.quote(str(config.pool / "logs" / "cron.log"))
     lines = [f"# workbench pipelines of {config.home} (times are UTC; set CRON_TZ=UTC if need be)"]
     for pipeline in load_pipelines(config).values():
         if pipeline.enabled:
             lines.append(
-                f"{pipeline.cron} {python} -m workbench.cli --home {config.home} run "
+                f"{pipeline.cron} {python} -m workbench.cli --home {home} run "
                 f"{pipeline.name} >> {logs} 2>&1"
             )
     return lines

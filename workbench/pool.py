@@ -86,7 +86,7 @@ class DataPool:
         try:
             os.link(incoming, final)
         except FileNotFoundError:
-            _make_dirs_durably(final.parent)
+            make_dirs_durably(final.parent)
             os.link(incoming, final)
         return final
 
@@ -214,7 +214,7 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def _make_dirs_durably(folder: Path) -> None:
+def make_dirs_durably(folder: Path) -> None:
     """Create ``folder`` and its missing parents, fsyncing each parent that gained an entry."""
     missing = []
     current = folder
