@@ -64,7 +64,12 @@ from workbench.catalog import (
 )
 from workbench.config import Config, SourceConfig
 from workbench.errors import ConfigError, SourceUnavailable, WorkbenchError
-from workbench.pool import fsync_dir, make_dirs_durably, write_file_atomically
+from workbench.pool import (
+    fsync_dir,
+    make_dirs_durably,
+    write_file_atomically,
+    write_parquet_atomically,
+)
 
 log = logging.getLogger("workbench.export")
 
@@ -451,11 +456,7 @@ def merge_decoded(folder: Path, table: str, frame: pl.DataFrame) -> list[str]:
         if target.exists():
             part = pl.concat([pl.read_parquet(target), part], how="diagonal_relaxed")
         part = part.unique(subset="id", keep="last", maintain_order=True).sort("id")
-        temporary = folder / f".{target.name}.{os.getpid()}.tmp"
-        part.write_parquet(temporary)
-        with open(temporary, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(temporary, target)
+        write_parquet_atomically(part, target)
         write_file_atomically(folder / f"{table}_{day}.csv", _csv(part))
         _fault_point("during-decode")
     fsync_dir(folder)
@@ -902,13 +903,3 @@ def combine_table(config: Config, source: str, table: str) -> pl.DataFrame:
         )
     frames = [pl.read_parquet(p) for p in files]
     return pl.concat(frames, how="diagonal_relaxed").sort("id")
-
-
-def raw_counts(catalog: Catalog, source: str) -> dict[str, int]:
-    """Rows stored raw per table (for reports and tests)."""
-    r = export_raw.c
-    counts: dict[str, int] = {}
-    with catalog.engine.connect() as conn:
-        for name, n in conn.execute(select(r.table_name, r.n_rows).where(r.source == source)):
-            counts[name] = counts.get(name, 0) + n
-    return counts

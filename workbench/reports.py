@@ -33,7 +33,7 @@ from workbench.catalog import now_ms, open_catalog
 from workbench.config import Config
 from workbench.errors import WorkbenchError
 from workbench.instruments import Instrument, instrument, list_instruments
-from workbench.pool import write_file_atomically
+from workbench.pool import write_file_atomically, write_parquet_atomically
 
 DAY_MS = 86_400_000
 Z95 = 1.959963984540054  # the normal quantile of a two-sided 95 % interval
@@ -487,10 +487,7 @@ def write_report(
     for key, table in tables.items():
         stem = f"{name}_{key}" if len(tables) > 1 else name
         written.append(write_file_atomically(folder / f"{stem}.csv", table.write_csv().encode()))
-        temporary = folder / f".{stem}.parquet.tmp"
-        table.write_parquet(temporary)
-        temporary.replace(folder / f"{stem}.parquet")
-        written.append(folder / f"{stem}.parquet")
+        written.append(write_parquet_atomically(table, folder / f"{stem}.parquet", durable=False))
     page = [
         "<!doctype html><html><head><meta charset='utf-8'>",
         f"<title>{html.escape(title)}</title>",

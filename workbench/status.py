@@ -44,7 +44,7 @@ from workbench.catalog import (
 )
 from workbench.config import Config
 from workbench.errors import MailError
-from workbench.pool import DataPool, write_file_atomically
+from workbench.pool import DataPool, write_file_atomically, write_parquet_atomically
 from workbench.studies import Study, get_study, list_studies
 
 HOUR_MS = 3_600_000
@@ -395,10 +395,7 @@ def _sums_from_cache(catalog: Catalog, study_id: str, folded: _Fold, cache: Path
         keys = ["subject_name", "device_id", "sensor"]
         sums = pl.concat([sums.join(fresh.select(keys), on=keys, how="anti"), fresh])
     if after != before or not after.exists():
-        cache.mkdir(parents=True, exist_ok=True)
-        temporary = cache / f".{after.name}.{os.getpid()}.tmp"
-        sums.write_parquet(temporary, compression="uncompressed")
-        os.replace(temporary, after)
+        write_parquet_atomically(sums, after, durable=False, compression="uncompressed")
     for old in cache.glob(f"{study_id}@*.parquet"):
         if old != after:
             old.unlink(missing_ok=True)
