@@ -30,7 +30,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated
 
-import jsonschema
 import msgspec
 import orjson
 from sqlalchemy import and_, bindparam, func, select
@@ -65,7 +64,7 @@ from workbench.errors import (
 from workbench.identifiers import check_identifier, is_identifier
 from workbench.ledger import LedgerWriter, insert_ignore
 from workbench.pool import DataPool, incoming_tag, sync_folders
-from workbench.templates import load_schema
+from workbench.templates import load_schema, schema_validator
 
 log = logging.getLogger("workbench.ingest")
 
@@ -127,7 +126,7 @@ class Ingest:
         self._incoming_lock = self.pool.hold_incoming()  # recovery waits while we write
         self.ledger = LedgerWriter(self.catalog)
         self._user_schema = load_schema("user")
-        self._check_user = jsonschema.Draft202012Validator(self._user_schema).is_valid
+        self._check_user = schema_validator(self._user_schema).is_valid
         self._definitions: dict[str, tuple[int, dict, frozenset]] = {}
         self._zips: dict[str, tuple[tuple, str, bytes]] = {}
         self._lookup = (
@@ -781,9 +780,9 @@ def _parse_json(body: bytes, check, schema: dict, expected: str, fallback: str |
     except orjson.JSONDecodeError as exc:
         raise BadRequest(f"the body is not valid JSON: {exc}") from None
     if check is None or not check(data):
-        error = jsonschema.exceptions.best_match(
-            jsonschema.Draft202012Validator(schema).iter_errors(data)
-        )
+        from jsonschema.exceptions import best_match
+
+        error = best_match(schema_validator(schema).iter_errors(data))
         if error is not None:
             where = "/".join(map(str, error.absolute_path))
             message = f"{where + ': ' if where else ''}{error.message[:300]}"

@@ -23,11 +23,10 @@ import json
 import math
 from dataclasses import dataclass
 
-import jsonschema
 import polars as pl
 
 from workbench.errors import InvalidDefinition, UnknownInstrument, WorkbenchError
-from workbench.templates import TEMPLATES_DIR, load_schema
+from workbench.templates import TEMPLATES_DIR, load_schema, schema_validator
 
 INSTRUMENTS_DIR = TEMPLATES_DIR / "instruments"
 
@@ -101,9 +100,7 @@ def instrument(name: str) -> Instrument:
             f"no instrument {name!r}; known: {', '.join(list_instruments()) or 'none'}"
         )
     definition = json.loads(path.read_text(encoding="utf-8"))
-    errors = list(
-        jsonschema.Draft202012Validator(load_schema("instrument")).iter_errors(definition)
-    )
+    errors = list(schema_validator(load_schema("instrument")).iter_errors(definition))
     if errors:
         raise InvalidDefinition(f"{path.name}: {errors[0].message}")
     if definition["id"] != name:

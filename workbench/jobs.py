@@ -31,7 +31,6 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-import jsonschema
 from sqlalchemy import Connection, select, update
 from sqlalchemy.exc import IntegrityError
 
@@ -55,7 +54,7 @@ from workbench.errors import (  # noqa: F401  (re-exported: the job-tracking err
     UnknownJobConfig,
     WorkbenchError,
 )
-from workbench.templates import load_schema
+from workbench.templates import load_schema, schema_validator
 
 KINDS = ("step", "complete", "error")
 MAX_ID = 128  # characters of provider_job_id, customer_id, tags and event_id (catalog columns)
@@ -137,8 +136,8 @@ def generate_schema(location: Path = Path("."), name: str = "job-configurations-
 
 
 @functools.cache
-def _validator() -> jsonschema.Draft202012Validator:
-    return jsonschema.Draft202012Validator(load_schema("job-configurations"))
+def _validator():
+    return schema_validator(load_schema("job-configurations"))
 
 
 def parse_job_configs(

@@ -35,13 +35,12 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import jsonschema
 from sqlalchemy import delete, select, update
 
 from workbench.catalog import Catalog, job_events, jobs, now_ms, open_catalog, pipeline_runs
 from workbench.config import Config
 from workbench.errors import ConfigError, PipelineBusy
-from workbench.templates import load_schema
+from workbench.templates import load_schema, schema_validator
 
 log = logging.getLogger("workbench.pipelines")
 
@@ -125,7 +124,7 @@ def load_pipelines(config: Config) -> dict[str, Pipeline]:
             raw = tomllib.loads(path.read_text(encoding="utf-8"))
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path}: {exc}") from exc
-        errors = list(jsonschema.Draft202012Validator(schema).iter_errors(raw))
+        errors = list(schema_validator(schema).iter_errors(raw))
         if errors:
             where = "/".join(map(str, errors[0].absolute_path)) or "(top)"
             raise ConfigError(f"{path}: {where}: {errors[0].message}")

@@ -7,14 +7,13 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import jsonschema
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
 from workbench.catalog import Catalog, now_ms, studies
 from workbench.errors import InvalidDefinition, StudyArchived, StudyExists, UnknownStudy
 from workbench.identifiers import check_identifier
-from workbench.templates import load_schema
+from workbench.templates import load_schema, schema_validator
 
 # The sensors the JTrack app knows, used when a study names none.
 JTRACK_SENSORS = (
@@ -62,7 +61,7 @@ def validate_definition(definition: dict) -> dict:
     Example: ``validate_definition({"id": "demo", "duration_days": 28, "sensors": {"accelerometer": {}}})``.
     """
     schema = load_schema("study")
-    validator = jsonschema.Draft202012Validator(schema)
+    validator = schema_validator(schema)
     errors = sorted(validator.iter_errors(definition), key=lambda e: list(e.absolute_path))
     if errors:
         lines = [f"{'/'.join(map(str, e.absolute_path)) or '(top)'}: {e.message}" for e in errors]
