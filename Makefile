@@ -4,6 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PORT   ?= 8080
+DASHBOARDS_PORT ?= 8866
 HOME_DIR ?= demo-home
 
 .PHONY: run test lint format bench hooks clean system-deps
@@ -16,16 +17,22 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	@touch $(STAMP)
 
-## system-deps: Debian packages the tests use (a Redis server for the Redis queue)
+## system-deps: Debian packages the tests use (a Redis server for the Redis queue, Chromium
+## for the dashboards' browser tests, driven by Playwright)
 system-deps:
 	@command -v redis-server >/dev/null 2>&1 || { \
 	  echo "installing redis-server"; \
 	  (apt-get install -y -qq redis-server || \
 	   (apt-get update -qq && apt-get install -y -qq redis-server)) >/dev/null; }
+	@command -v chromium >/dev/null 2>&1 || { \
+	  echo "installing chromium"; \
+	  (apt-get install -y -qq chromium || \
+	   (apt-get update -qq && apt-get install -y -qq chromium)) >/dev/null; }
 
-## run: demo study, upload server on $(PORT), simulated phones; serves until Ctrl-C
+## run: demo study, upload server on $(PORT), simulated phones, the scheduler and the
+## dashboards on $(DASHBOARDS_PORT); serves until Ctrl-C
 run: $(STAMP)
-	$(BIN)/workbench --home $(HOME_DIR) demo --port $(PORT)
+	$(BIN)/workbench --home $(HOME_DIR) demo --port $(PORT) --dashboards-port $(DASHBOARDS_PORT)
 
 ## test: the whole suite (pytest exits non-zero when no test is collected)
 test: $(STAMP) system-deps

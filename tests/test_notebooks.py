@@ -14,7 +14,9 @@ import pytest
 from tests.conftest import REPO
 from workbench.study_server import StudyServer, demo_tables, start_in_thread
 
-NOTEBOOKS = sorted((REPO / "notebooks").glob("*.ipynb"))
+NOTEBOOKS = sorted((REPO / "notebooks").glob("*.ipynb")) + sorted(
+    (REPO / "notebooks" / "dashboards").glob("*.ipynb")
+)
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)

@@ -952,6 +952,49 @@ def scheduler(ctx, workers) -> None:
 
 
 @cli.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", type=click.IntRange(1, 65535), default=8866, show_default=True)
+@click.option(
+    "--cold",
+    is_flag=True,
+    help="Start a kernel when a page is opened instead of keeping one ready per dashboard.",
+)
+@click.pass_context
+def dashboards(ctx, host, port, cold) -> None:
+    """Serve the coordinators' dashboards with Voila until Ctrl-C: study status (who needs
+    attention today) and attrition (how retention is going). The landing page lists them;
+    each is at /voila/render/<name>.ipynb. Notebook sources are hidden.
+
+    One kernel per dashboard is kept ready with the page already computed, so a page opens
+    in about the time of an empty one; the page refreshes itself (every 5 minutes by default)
+    and has a Refresh button.
+
+    \b
+    Example:
+        workbench dashboards --port 8866
+        # then open http://127.0.0.1:8866/voila/render/study_status.ipynb
+    """
+    from workbench.dashboards import (
+        dashboard_urls,
+        serve_dashboards,
+        stop_process,
+        wait_for_dashboards,
+    )
+
+    config = _config(ctx)
+    process = serve_dashboards(config, port=port, host=host, preheat=not cold)
+    try:
+        wait_for_dashboards(f"http://{host}:{port}", process=process)
+        for name, url in dashboard_urls(f"http://{host}:{port}").items():
+            click.echo(f"{name:<13} {url}")
+        process.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        stop_process(process)
+
+
+@cli.command()
 @click.argument("name", required=False)
 @click.option("--limit", type=click.IntRange(1, 10000), default=20, show_default=True)
 @click.pass_context
@@ -1141,12 +1184,20 @@ def simulate(ctx, study_id, subjects, days, url, batches_per_day, records, clien
     is_flag=True,
     help="Stop the server once the simulation is done instead of serving until Ctrl-C.",
 )
+@click.option(
+    "--dashboards-port",
+    type=click.IntRange(0, 65535),
+    default=8866,
+    show_default=True,
+    help="Port for the Voila dashboards while serving (0: no dashboards).",
+)
 @click.pass_context
-def demo(ctx, port, subjects, days, exit_after) -> None:
+def demo(ctx, port, subjects, days, exit_after, dashboards_port) -> None:
     """Set up a demo home, start the upload server and feed it simulated phones.
 
     Creates workbench.toml and the pool if missing, a "demo" study, starts the server,
-    runs the simulator against it, checks the pool with verify and keeps serving until Ctrl-C.
+    runs the simulator against it, checks the pool with verify, then keeps serving until
+    Ctrl-C with the scheduler and the Voila dashboards (their addresses are printed).
 
     \b
     Example:
@@ -1155,12 +1206,21 @@ def demo(ctx, port, subjects, days, exit_after) -> None:
     """
     from workbench.demo import run_demo
 
-    run_demo(ctx.obj["home"], port=port, subjects=subjects, days=days, keep_serving=not exit_after)
+    run_demo(
+        ctx.obj["home"],
+        port=port,
+        subjects=subjects,
+        days=days,
+        keep_serving=not exit_after,
+        dashboards_port=dashboards_port,
+    )
 
 
 from workbench.cli_jobs import jobs  # noqa: E402  (the job-tracking commands)
 
 cli.add_command(jobs)
+
+
 
 
 def main() -> None:

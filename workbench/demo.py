@@ -73,7 +73,13 @@ def wait_for_server(
 
 
 def run_demo(
-    home: Path, *, port: int = 8080, subjects: int = 12, days: int = 3, keep_serving: bool = True
+    home: Path,
+    *,
+    port: int = 8080,
+    subjects: int = 12,
+    days: int = 3,
+    keep_serving: bool = True,
+    dashboards_port: int | None = 8866,
 ) -> None:
     """Initialise ``home`` if needed, create the demo study, serve, simulate and verify."""
     if not (home / CONFIG_NAME).exists():
@@ -94,7 +100,7 @@ def run_demo(
     # SIGTERM (e.g. from a process manager) stops the demo like Ctrl-C: the children go too.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     server = subprocess.Popen(serve_command(home, port=port), start_new_session=True)
-    questionnaires = scheduler = None
+    questionnaires = scheduler = dashboards = None
     try:
         wait_for_server(url, process=server)
         print(f"upload server running at {url} (health: {url}/health, API: {url}/openapi.yaml)")
@@ -131,12 +137,14 @@ def run_demo(
         print(f"data pool: {config.pool}")
         if keep_serving:
             scheduler = _start_scheduler(config)
+            if dashboards_port:
+                dashboards = _start_dashboards(config, dashboards_port)
             print(f"\nupload server: {url}   (Ctrl-C to stop)")
             server.wait()
     except KeyboardInterrupt:
         print("\nstopping")
     finally:
-        for process in (server, questionnaires, scheduler):
+        for process in (server, questionnaires, scheduler, dashboards):
             if process is not None and process.poll() is None:
                 os.killpg(process.pid, signal.SIGTERM)
                 try:
@@ -161,6 +169,18 @@ def _start_scheduler(config) -> subprocess.Popen:
         f"scheduler running the pipelines of {config.pipelines.folder}; one run of each is "
         f"queued: watch `workbench --home {config.home} runs`"
     )
+    return process
+
+
+def _start_dashboards(config, port: int) -> subprocess.Popen:
+    """Serve the status and attrition dashboards with Voila and print their addresses."""
+    from workbench.dashboards import dashboard_urls, serve_dashboards, wait_for_dashboards
+
+    url = f"http://127.0.0.1:{port}"
+    process = serve_dashboards(config, port=port)
+    wait_for_dashboards(url, process=process)
+    for name, address in dashboard_urls(url).items():
+        print(f"dashboards, {name}: {address}")
     return process
 
 

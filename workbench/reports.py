@@ -348,7 +348,9 @@ def _sensing_attrition(study, status: pl.DataFrame, *, now: int) -> Attrition:
         .with_columns(
             pl.col("disposition").is_in(["withdrawn", "lost to follow-up"]).alias("dropped")
         )
-        .select(pl.col("subject_name").alias("participant"), "disposition", "days", "dropped")
+        .select(
+            pl.col("subject_name").alias("participant"), "disposition", "days", "dropped", "start"
+        )
         .sort("participant")
     )
     compliance = pl.DataFrame()
@@ -419,10 +421,77 @@ def _questionnaire_attrition(config: Config, source: str, *, now: int) -> Attrit
             ).alias("days"),
             (pl.col("disposition") == "lost to follow-up").alias("dropped"),
         )
-        .select("participant", "disposition", "days", "dropped")
+        .select("participant", "disposition", "days", "dropped", "start")
         .sort("participant")
     )
     return _summarise(source, "questionnaire", people, pl.DataFrame())
+
+
+def cohort_of(start: pl.Expr) -> pl.Expr:
+    """The cohort of a participant: the calendar month (UTC) they started, e.g. "2026-11"."""
+    return pl.from_epoch(start, time_unit="ms").dt.strftime("%Y-%m")
+
+
+def subset_attrition(
+    result: Attrition,
+    *,
+    cohort: str | None = None,
+    since: int | None = None,
+    until: int | None = None,
+) -> Attrition:
+    """The attrition of the participants of ``result`` who started in ``cohort`` (a month,
+    see :func:`cohort_of`) and between ``since`` and ``until`` (ms, inclusive).
+
+    Example: ``subset_attrition(attrition(config, "demo"), cohort="2026-11")``.
+    """
+    people = result.dispositions
+    keep = pl.lit(True)
+    if cohort:
+        keep &= cohort_of(pl.col("start")) == cohort
+    if since is not None:
+        keep &= pl.col("start") >= since
+    if until is not None:
+        keep &= pl.col("start") <= until
+    people = people.filter(keep)
+    compliance = result.compliance
+    if not compliance.is_empty():
+        compliance = compliance.join(people.select("participant"), on="participant", how="semi")
+    return _summarise(result.name, result.kind, people, compliance)
+
+
+def completion_by_session(config: Config, source: str) -> pl.DataFrame:
+    """Per session and questionnaire of a source: how many participants answered it and what
+    share of the source's participants that is.
+
+    Example: ``completion_by_session(config, "mindtrails").filter(pl.col("session") == "PRE")``.
+    """
+    frames = []
+    for (_src, table), frame in _tables(config, source).items():
+        if {"participant", "session"} <= set(frame.columns):
+            frames.append(
+                frame.select(
+                    pl.col("participant").cast(pl.String),
+                    pl.col("session").cast(pl.String),
+                    pl.lit(table).alias("questionnaire"),
+                ).drop_nulls()
+            )
+    schema = {
+        "session": pl.String,
+        "questionnaire": pl.String,
+        "participants": pl.UInt32,
+        "pct": pl.Float64,
+    }
+    if not frames:
+        return pl.DataFrame(schema=schema)
+    answers = pl.concat(frames)
+    everyone = answers["participant"].n_unique()
+    return (
+        answers.group_by("session", "questionnaire")
+        .agg(pl.col("participant").n_unique().alias("participants"))
+        .with_columns((100 * pl.col("participants") / everyone).round(1).alias("pct"))
+        .sort("session", "questionnaire")
+        .cast(schema)
+    )
 
 
 def _summarise(name: str, kind: str, people: pl.DataFrame, compliance: pl.DataFrame) -> Attrition:

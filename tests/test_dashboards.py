@@ -1,0 +1,358 @@
+"""The coordinators' dashboards: what they compute, and the pages in headless Chromium.
+
+The browser tests serve the dashboards with ``workbench.dashboards.serve_dashboards`` (Voila,
+as ``workbench dashboards`` does) over a pool of two synthetic studies and drive the Debian
+``chromium`` with Playwright. Screenshots go to ``test-output/dashboards/`` (or
+``$WORKBENCH_TEST_OUTPUT/dashboards/``).
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import io
+import os
+import shutil
+
+import polars as pl
+import pytest
+
+from bench.synthetic import synthetic_study
+from tests.conftest import LAG, NOW, REPO, free_port
+from workbench.alerts import list_alerts
+from workbench.catalog import open_catalog
+from workbench.config import init_home
+from workbench.dashboards import (
+    attrition_view,
+    daily_completeness,
+    dashboard_urls,
+    headline_counts,
+    serve_dashboards,
+    status_view,
+    stop_process,
+    subject_states,
+    wait_for_dashboards,
+)
+from workbench.status import study_status
+
+OUTPUT = os.environ.get("WORKBENCH_TEST_OUTPUT") or str(REPO / "test-output")
+
+
+# ---------------------------------------------------------------------------- the numbers
+
+
+def test_subject_states_one_per_subject(catalog, scenario, people):
+    table = study_status(catalog, "demo", now=NOW)
+    states = dict(
+        subject_states(table, staleness_hours=48).select("subject_name", "state").iter_rows()
+    )
+    a, b, c, d, e, f, g = (p.subject for p in people)
+    assert states == {
+        a: "active",  # sent an hour ago
+        b: "stale",  # silent for seven days
+        c: "left",  # left early
+        d: "completed",
+        e: "active",
+        f: "active",  # two phones, but one sent an hour ago
+        g: "never started",  # no phone
+    }
+    counts = headline_counts(subject_states(table, staleness_hours=48))
+    assert counts == {
+        "enrolled": 7,
+        "active": 3,
+        "stale": 1,
+        "never started": 1,
+        "left": 1,
+        "completed": 1,
+    }
+
+
+def test_status_view_counts_and_alerts(home, catalog, scenario):
+    view = status_view(home, "demo", catalog=catalog, now=NOW)
+    assert sum(v for k, v in view.counts.items() if k != "enrolled") == view.counts["enrolled"]
+    assert view.table.height == study_status(catalog, "demo", now=NOW).height
+    assert {"state", "subject_name"} <= set(view.table.columns)
+    assert view.freshness.columns == ["accelerometer", "location"]
+    # the stale subject's accelerometer: its newest sample is seven days old
+    b_row = view.table.with_row_index().filter(pl.col("state") == "stale")["index"][0]
+    assert 7 * 24 - 1 < view.freshness["accelerometer"][b_row] < 7 * 24 + 1
+
+
+def test_daily_completeness_counts_batches_by_day_of_their_data(catalog, scenario, people, study):
+    a = people[0].subject
+    days = daily_completeness(catalog, study, [a, "nobody"], days=3, now=NOW)
+    assert days.height == 6  # two subjects x three days, with zeros where nothing came
+    per_day = sum(s["batches_per_day"] for s in study.sensors.values())
+    today = days.filter(pl.col("subject_name") == a).sort("day")
+    # a sends location every hour and accelerometer every two hours, until an hour before NOW
+    table = pl.DataFrame(
+        {
+            "t": [NOW - 2 * 3_600_000 - i * 3_600_000 for i in range(240)]
+            + [NOW - 3_600_000 - i * 2 * 3_600_000 for i in range(120)]
+        }
+    )
+    day_of = ((table["t"] - LAG) // 86_400_000).value_counts().sort("t")
+    expected = dict(day_of.iter_rows())
+    for row in today.iter_rows(named=True):
+        key = (dt.datetime(row["day"].year, row["day"].month, row["day"].day, tzinfo=dt.UTC)
+               .timestamp() * 1000) // 86_400_000  # fmt: skip
+        assert row["batches"] == expected.get(int(key), 0)
+        assert row["completeness"] == round(100 * row["batches"] / per_day, 1)
+    assert days.filter(pl.col("subject_name") == "nobody")["batches"].to_list() == [0, 0, 0]
+
+
+@pytest.fixture(scope="module")
+def pool(tmp_path_factory):
+    """Two synthetic studies: alpha (40 subjects) and beta (12)."""
+    config = init_home(tmp_path_factory.mktemp("dashboards") / "home")
+    alpha = synthetic_study(config, "alpha", subjects=40, seed=1)
+    beta = synthetic_study(config, "beta", subjects=12, seed=2)
+    return config, alpha, beta
+
+
+def test_synthetic_groups_are_the_dashboard_states(pool):
+    config, alpha, _beta = pool
+    view = status_view(config, "alpha")
+    by_state = dict(view.subjects.select("subject_name", "state").iter_rows())
+    for group, subjects in alpha.groups.items():
+        assert {by_state[s] for s in subjects} == {group}
+
+
+def test_attrition_filters_by_cohort_and_start_date(pool):
+    config, _alpha, _beta = pool
+    whole = attrition_view(config, "alpha")
+    assert whole.counts["enrolled"] == 40
+    assert len(whole.cohorts) >= 2  # the synthetic starts span more than a month
+    starts = whole.result.dispositions.drop_nulls("start")
+    first = whole.cohorts[0]
+    in_first = starts.filter(
+        pl.from_epoch("start", time_unit="ms").dt.strftime("%Y-%m") == first
+    ).height
+    assert attrition_view(config, "alpha", cohort=first).counts["enrolled"] == in_first
+    middle = dt.datetime.fromtimestamp(
+        starts["start"].sort()[starts.height // 2] / 1000, dt.UTC
+    ).date()
+    later = attrition_view(config, "alpha", since=middle)
+    earlier = attrition_view(config, "alpha", until=middle - dt.timedelta(days=1))
+    assert later.counts["enrolled"] + earlier.counts["enrolled"] == starts.height
+    assert 0 < later.counts["enrolled"] < starts.height
+
+
+# ---------------------------------------------------------------------------- in the browser
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    chromium = shutil.which("chromium")
+    assert chromium, "the browser tests need Debian's chromium: `make test` installs it"
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=chromium, headless=True, args=["--no-sandbox"]
+        )
+        yield browser
+        browser.close()
+
+
+@pytest.fixture(scope="module")
+def dashboards(pool):
+    config = pool[0]
+    url = f"http://127.0.0.1:{free_port()}"
+    process = serve_dashboards(config, port=int(url.rsplit(":", 1)[1]))
+    try:
+        wait_for_dashboards(url, process=process)
+        yield url
+    finally:
+        stop_process(process)
+
+
+class Page:
+    """A dashboard opened in a fresh page, with what went wrong on the way."""
+
+    def __init__(self, browser, url: str):
+        self.page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        self.problems: list[str] = []
+        self.blocked: list[str] = []
+
+        def external(route):  # the tests never reach the internet
+            self.blocked.append(route.request.url)
+            route.abort()
+
+        self.page.route(lambda u: not u.startswith("http://127.0.0.1"), external)
+        self.page.on("pageerror", lambda exc: self.problems.append(f"page error: {exc}"))
+        self.page.on("console", self._console)
+        self.page.goto(url)
+
+    def _console(self, message) -> None:
+        if message.type != "error":
+            return
+        where = (message.location or {}).get("url", "")
+        if message.text.startswith("Failed to load resource") and not where.startswith(
+            "http://127.0.0.1"
+        ):
+            return  # one of the blocked external stylesheets (Voila's optional icon CDN)
+        self.problems.append(f"console: {message.text}")
+
+    def wait_rendered(self, *selectors: str) -> None:
+        for selector in selectors:
+            self.page.wait_for_selector(selector, timeout=90_000)
+
+    def counts(self) -> dict[str, str]:
+        out = {}
+        for card in self.page.query_selector_all(".wb-card"):
+            out[card.get_attribute("data-key")] = card.query_selector(".wb-value").inner_text()
+        return out
+
+    def check_clean(self) -> None:
+        errors = self.page.query_selector_all(
+            "[data-mime-type='application/vnd.jupyter.stderr'],"
+            "[data-mime-type='application/vnd.jupyter.error'], .jp-OutputArea-output.error"
+        )
+        assert not errors, [e.inner_text()[:500] for e in errors]
+        assert all(e.inner_text() == "" for e in self.page.query_selector_all(".wb-error"))
+        assert not self.problems, self.problems
+        assert "Traceback" not in self.page.content()
+
+    def screenshot(self, name: str) -> str:
+        folder = os.path.join(OUTPUT, "dashboards")
+        os.makedirs(folder, exist_ok=True)
+        path = os.path.join(folder, f"{name}.png")
+        # Voila scrolls inside the page: make the window as tall as the dashboard instead
+        height = self.page.evaluate(
+            "() => Math.max(...Array.from(document.querySelectorAll('body, body *'))"
+            ".map(e => e.scrollHeight))"
+        )
+        size = self.page.viewport_size
+        self.page.set_viewport_size({"width": size["width"], "height": min(height, 8000)})
+        self.page.screenshot(path=path, full_page=True)
+        self.page.set_viewport_size(size)
+        assert os.path.getsize(path) > 10_000
+        return path
+
+
+STATUS_READY = (".wb-cards", "table.wb-table", ".wb-alert", ".bqplot rect.heatmapcell")
+ATTRITION_READY = (".wb-cards", ".bqplot path.line", ".bqplot rect.bar")
+
+
+def wait_for_text(page, selector: str, text: str, timeout: float = 60_000) -> None:
+    page.wait_for_function(
+        "([s, t]) => { const e = document.querySelector(s); return e && e.innerText.trim() === t; }",
+        arg=[selector, text],
+        timeout=timeout,
+    )
+
+
+@pytest.mark.slow
+def test_landing_page_lists_both_dashboards(browser, dashboards):
+    page = Page(browser, dashboards_urls(dashboards)["landing page"])
+    page.page.wait_for_selector("a[href*='study_status.ipynb']", timeout=60_000)
+    assert page.page.query_selector("a[href*='attrition.ipynb']")
+    page.check_clean()
+    page.page.close()
+
+
+def dashboards_urls(url):
+    return dashboard_urls(url)
+
+
+@pytest.mark.slow
+def test_status_dashboard_counts_study_switch_and_ack(browser, dashboards, pool):
+    config = pool[0]
+    page = Page(browser, dashboard_urls(dashboards)["study status"])
+    page.wait_rendered(*STATUS_READY)
+    page.check_clean()
+    expected = status_view(config, "alpha").counts
+    assert page.counts() == {k: str(v) for k, v in expected.items()}
+    assert page.page.query_selector_all(".wb-fresh-ok, .wb-fresh-stale, .wb-fresh-none")
+    assert len(page.page.query_selector_all("table.wb-table tbody tr")) == 25  # one page
+    path = page.screenshot("study_status")
+
+    # an alert acknowledged on the page leaves the open list, in the page and the catalog
+    catalog = open_catalog(config)
+    try:
+        before = [a for a in list_alerts(catalog, "alpha") if a.acked_at is None]
+        first = page.page.query_selector(".wb-alert").get_attribute("data-id")
+        page.page.click(f".wb-ack-{first}")
+        page.page.wait_for_selector(f".wb-alert[data-id='{first}']", state="detached")
+        wait_for_text(page.page, ".wb-alert-count", str(len(before) - 1))
+        after = {a.id: a for a in list_alerts(catalog, "alpha")}
+        assert after[int(first)].acked_at is not None
+        assert after[int(first)].closed_at is None  # still open: handled, not resolved
+    finally:
+        catalog.dispose()
+
+    # the study picker: beta's numbers replace alpha's
+    page.page.select_option("select", label="beta")
+    wait_for_text(page.page, ".wb-card[data-key='enrolled'] .wb-value", "12")
+    beta = status_view(config, "beta").counts
+    assert page.counts() == {k: str(v) for k, v in beta.items()}
+    assert "beta_00001" in page.page.inner_text("table.wb-table")
+    assert "alpha_" not in page.page.inner_text("table.wb-table")
+
+    # the CSV download is the library's status table
+    page.page.click("text=Status as CSV")
+    page.page.wait_for_selector("a.wb-download")
+    with page.page.expect_download() as download:
+        page.page.click("a.wb-download")
+    with open(download.value.path(), encoding="utf-8") as saved:
+        rows = list(csv.DictReader(io.StringIO(saved.read())))
+    catalog = open_catalog(config)
+    try:
+        library = study_status(catalog, "beta")
+    finally:
+        catalog.dispose()
+    assert len(rows) == library.height
+    assert [r["subject_name"] for r in rows] == library["subject_name"].to_list()
+    page.check_clean()
+    page.page.close()
+    print(f"screenshot: {path}")
+
+
+@pytest.mark.slow
+def test_status_dashboard_filters_and_pages(browser, dashboards, pool):
+    config, alpha, _beta = pool
+    page = Page(browser, dashboard_urls(dashboards)["study status"])
+    page.wait_rendered(*STATUS_READY)
+    page.page.select_option("select >> nth=2", label="stale")  # the "Show" filter
+    stale = sorted(alpha.groups["stale"])
+    page.page.wait_for_function(
+        "n => document.querySelectorAll('table.wb-table tbody tr').length === n",
+        arg=len(stale),
+        timeout=60_000,
+    )
+    shown = [
+        row.query_selector("td").inner_text()
+        for row in page.page.query_selector_all("table.wb-table tbody tr")
+    ]
+    assert sorted(shown) == stale
+    page.check_clean()
+    page.page.close()
+
+
+@pytest.mark.slow
+def test_attrition_dashboard(browser, dashboards, pool):
+    config = pool[0]
+    page = Page(browser, dashboard_urls(dashboards)["attrition"])
+    page.wait_rendered(*ATTRITION_READY)
+    page.check_clean()
+    view = attrition_view(config, "alpha")
+    expected = {k: str(v) for k, v in view.counts.items()}
+    shown = page.counts()
+    assert {k: shown[k] for k in expected} == expected
+    assert page.page.query_selector_all(".bqplot")  # retention, funnel, dropout, compliance
+    path = page.screenshot("attrition")
+
+    # a cohort narrows everything to the participants who started that month
+    cohort = view.cohorts[0]
+    page.page.select_option("select >> nth=1", label=cohort)
+    narrowed = attrition_view(config, "alpha", cohort=cohort).counts
+    wait_for_text(page.page, ".wb-card[data-key='enrolled'] .wb-value", str(narrowed["enrolled"]))
+    assert page.counts()["enrolled"] != expected["enrolled"]
+
+    # another study changes the content
+    page.page.select_option("select >> nth=0", label="beta")
+    wait_for_text(page.page, ".wb-card[data-key='enrolled'] .wb-value", "12")
+    page.check_clean()
+    page.page.close()
+    print(f"screenshot: {path}")

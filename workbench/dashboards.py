@@ -1,0 +1,375 @@
+"""What the coordinators' dashboards show, and the Voila server that shows it.
+
+The two dashboards in ``notebooks/dashboards/`` are one cell each: they build the widgets of
+:mod:`workbench.widgets`, which read everything through the functions here. These are plain
+functions of the catalog and the pool, so what a page shows is what the library computes:
+
+- :func:`status_view`: one study's status table with a state per subject (active, stale,
+  never started, left, completed), the headline counts, and hours since the newest sample of
+  every sensor;
+- :func:`daily_completeness`: per subject and day, the share of expected batches received;
+- :func:`attrition_view`: retention, CONSORT funnel, dropout by week, EMA compliance and
+  questionnaire completion by session, for a study or questionnaire source, a cohort and a
+  date range;
+- :func:`voila_command` / :func:`serve_dashboards`: ``workbench dashboards``.
+
+Example::
+
+    from workbench.dashboards import status_view
+    view = status_view(config, "demo")
+    view.counts        # {"enrolled": 12, "active": 9, "stale": 2, ...}
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import polars as pl
+from sqlalchemy import func, literal, select
+
+from workbench.alerts import Alert, list_alerts
+from workbench.catalog import Catalog, fetch_tuples, now_ms, open_catalog, uploads
+from workbench.config import HOME_ENV, Config
+from workbench.errors import WorkbenchError
+from workbench.reports import (
+    Attrition,
+    attrition,
+    cohort_of,
+    completion_by_session,
+    subset_attrition,
+)
+from workbench.status import (
+    COMPLETED,
+    DAY_MS,
+    HOUR_MS,
+    LEFT_EARLY,
+    study_status,
+)
+from workbench.studies import Study, get_study, list_studies
+
+DASHBOARDS = Path(__file__).resolve().parent.parent / "notebooks" / "dashboards"
+
+# A subject's state on the status dashboard, in the order "who needs attention" sorts them.
+STATES = ("stale", "never started", "active", "left", "completed")
+COUNTS = ("enrolled", "active", "stale", "never started", "left", "completed")
+
+
+@dataclass
+class StatusView:
+    """One study's status as the status dashboard shows it."""
+
+    study: Study
+    now: int
+    table: pl.DataFrame  # the status table, one row per subject x app x device, plus "state"
+    subjects: pl.DataFrame  # one row per subject: subject_name, state, hours_since_last_data
+    counts: dict[str, int]
+    freshness: pl.DataFrame  # per status row: <sensor> = hours since its newest sample
+    alerts: list[Alert] = field(default_factory=list)
+
+    @property
+    def sensors(self) -> list[str]:
+        return list(self.study.sensors)
+
+
+def subject_states(status: pl.DataFrame, *, staleness_hours: float) -> pl.DataFrame:
+    """One row per subject of a status table with its state.
+
+    A subject has completed when any of its devices completed the study; has left when a
+    device left early and none is still in the study; has never started when no data arrived
+    from any device; is stale when the newest data is ``staleness_hours`` old or older; and is
+    active otherwise.
+    """
+    codes = pl.col("codes")
+    in_study = codes.list.eval(pl.element().is_in([LEFT_EARLY, COMPLETED]).not_()).list.any()
+    per = status.group_by("subject_name").agg(
+        pl.col("activity_code").alias("codes"),
+        pl.col("last_data").max(),
+        pl.col("hours_since_last_data").min(),
+    )
+    state = (
+        pl.when(codes.list.contains(COMPLETED))
+        .then(pl.lit("completed"))
+        .when(codes.list.contains(LEFT_EARLY) & ~in_study)
+        .then(pl.lit("left"))
+        .when(pl.col("last_data").is_null())
+        .then(pl.lit("never started"))
+        .when(pl.col("hours_since_last_data") >= staleness_hours)
+        .then(pl.lit("stale"))
+        .otherwise(pl.lit("active"))
+    )
+    return (
+        per.with_columns(state.alias("state"))
+        .select("subject_name", "state", "last_data", "hours_since_last_data")
+        .sort("subject_name")
+    )
+
+
+def headline_counts(subjects: pl.DataFrame) -> dict[str, int]:
+    """Enrolled subjects and how many are in each state; the states add up to enrolled."""
+    by_state = dict(subjects.group_by("state").len().iter_rows())
+    return {"enrolled": subjects.height} | {s: int(by_state.get(s, 0)) for s in COUNTS[1:]}
+
+
+def status_view(
+    config: Config,
+    study_id: str,
+    *,
+    catalog: Catalog | None = None,
+    now: int | None = None,
+) -> StatusView:
+    """Everything the status dashboard shows of one study (new uploads are folded in first).
+
+    Example: ``status_view(config, "demo").counts["stale"]``.
+    """
+    own = catalog is None
+    catalog = catalog or open_catalog(config)
+    try:
+        now = now_ms() if now is None else now
+        study = get_study(catalog, study_id)
+        table = study_status(catalog, study_id, now=now)
+        items = [a for a in list_alerts(catalog, study_id) if a.acked_at is None]
+    finally:
+        if own:
+            catalog.dispose()
+    staleness = float(study.definition["staleness_hours"])
+    subjects = subject_states(table, staleness_hours=staleness)
+    table = table.join(subjects.select("subject_name", "state"), on="subject_name", how="left")
+    freshness = table.select(
+        *(
+            ((now - pl.col(f"{s}_last_sample").cast(pl.Int64)) / HOUR_MS).round(1).alias(s)
+            for s in study.sensors
+        )
+    )
+    return StatusView(
+        study=study,
+        now=now,
+        table=table,
+        subjects=subjects,
+        counts=headline_counts(subjects),
+        freshness=freshness,
+        alerts=items,
+    )
+
+
+def study_choices(config: Config, *, catalog: Catalog | None = None) -> list[str]:
+    """The active studies, by id."""
+    own = catalog is None
+    catalog = catalog or open_catalog(config)
+    try:
+        return [s.id for s in list_studies(catalog) if s.active]
+    finally:
+        if own:
+            catalog.dispose()
+
+
+def daily_completeness(
+    catalog: Catalog,
+    study: Study,
+    subjects: list[str],
+    *,
+    days: int = 28,
+    now: int | None = None,
+) -> pl.DataFrame:
+    """Per subject of ``subjects`` and UTC day of the last ``days``: the percentage of the
+    study's expected batches (all sensors together) whose newest sample is from that day.
+
+    Columns subject_name, day (a date), batches, completeness (0 when nothing came).
+    """
+    now = now_ms() if now is None else now
+    today = now // DAY_MS
+    first = today - days + 1
+    expected = sum(s["batches_per_day"] for s in study.sensors.values())
+    c = uploads.c
+    day = c.last_ts.op("/")(literal(DAY_MS))  # integer division in SQLite and PostgreSQL
+    rows = []
+    if subjects:
+        with catalog.engine.connect() as conn:
+            rows = fetch_tuples(
+                conn,
+                select(c.subject_id, day, func.count())
+                .where(
+                    c.study_id == study.id,
+                    c.subject_id.in_(subjects),
+                    c.sensor.in_(list(study.sensors)),
+                    c.last_ts >= first * DAY_MS,
+                )
+                .group_by(c.subject_id, day),
+            )
+    counts = pl.DataFrame(
+        rows, schema={"subject_name": pl.String, "day": pl.Int64, "batches": pl.Int64}, orient="row"
+    )
+    grid = pl.DataFrame({"subject_name": subjects}, schema={"subject_name": pl.String}).join(
+        pl.DataFrame({"day": list(range(first, today + 1))}, schema={"day": pl.Int64}),
+        how="cross",
+    )
+    return (
+        grid.join(counts, on=["subject_name", "day"], how="left")
+        .with_columns(pl.col("batches").fill_null(0))
+        .with_columns(
+            (100 * pl.col("batches") / max(expected, 1)).round(1).alias("completeness"),
+            pl.from_epoch(pl.col("day") * DAY_MS, time_unit="ms").dt.date().alias("day"),
+        )
+    )
+
+
+# ---------------------------------------------------------------------------- attrition
+
+
+@dataclass
+class AttritionView:
+    """Everything the attrition dashboard shows for one choice of study, cohort and dates."""
+
+    name: str
+    kind: str  # sensing | questionnaire
+    cohorts: list[str]  # every cohort of the study, whatever the filter
+    result: Attrition  # of the participants the filter keeps
+    completion: pl.DataFrame  # questionnaire completion by session (questionnaire sources)
+
+    @property
+    def counts(self) -> dict[str, int]:
+        return dict(self.result.consort.iter_rows())
+
+
+def attrition_choices(config: Config) -> list[str]:
+    """What the attrition dashboard can show: the active studies, then the questionnaire
+    sources of workbench.toml."""
+    return study_choices(config) + [s.name for s in config.sources]
+
+
+def attrition_view(
+    config: Config,
+    name: str,
+    *,
+    cohort: str | None = None,
+    since: dt.date | None = None,
+    until: dt.date | None = None,
+    now: int | None = None,
+) -> AttritionView:
+    """The attrition of a study or questionnaire source, restricted to the participants who
+    started in ``cohort`` (a month "YYYY-MM") and between ``since`` and ``until`` (dates,
+    inclusive, UTC).
+
+    Example: ``attrition_view(config, "demo", cohort="2026-11").result.retention``.
+    """
+    whole = attrition(config, name, now=now)
+    starts = whole.dispositions["start"].drop_nulls()
+    cohorts = sorted(
+        pl.DataFrame({"start": starts}).select(cohort_of(pl.col("start")))["start"].unique()
+    )
+    lower = _day_ms(since)
+    upper = None if until is None else _day_ms(until) + DAY_MS - 1
+    result = (
+        subset_attrition(whole, cohort=cohort, since=lower, until=upper)
+        if cohort or since or until
+        else whole
+    )
+    completion = (
+        completion_by_session(config, name) if whole.kind == "questionnaire" else pl.DataFrame()
+    )
+    return AttritionView(
+        name=name, kind=whole.kind, cohorts=cohorts, result=result, completion=completion
+    )
+
+
+def _day_ms(day: dt.date | None) -> int | None:
+    if day is None:
+        return None
+    return int(dt.datetime(day.year, day.month, day.day, tzinfo=dt.UTC).timestamp() * 1000)
+
+
+# ---------------------------------------------------------------------------- serving
+
+NAMES = {"study status": "study_status.ipynb", "attrition": "attrition.ipynb"}
+
+
+def voila_command(
+    *, port: int, host: str = "127.0.0.1", folder: Path = DASHBOARDS, preheat: bool = True
+) -> list[str]:
+    """The command line serving the notebooks in ``folder`` with Voila: sources hidden, a
+    landing page listing them, each at ``/voila/render/<name>.ipynb``.
+
+    With ``preheat``, Voila keeps one kernel per notebook that has already run it, so a page
+    opens without waiting for a kernel to start and the notebook to run; the dashboards
+    refresh themselves, so what such a kernel computed earlier is brought up to date.
+    """
+    command = [
+        sys.executable,
+        "-m",
+        "voila",
+        str(folder),
+        "--no-browser",
+        f"--port={port}",
+        f"--Voila.ip={host}",
+        "--strip_sources=True",
+        "--show_tracebacks=False",
+        "--theme=light",
+        "--classic-tree",  # a landing page rendered by the server: plain links, no script
+    ]
+    if preheat:
+        command += ["--preheat_kernel=True", "--pool_size=1"]
+    return command
+
+
+def serve_dashboards(
+    config: Config,
+    *,
+    port: int,
+    host: str = "127.0.0.1",
+    folder: Path = DASHBOARDS,
+    preheat: bool = True,
+) -> subprocess.Popen:
+    """Start Voila on the dashboards for ``config``'s home, in its own process group; the
+    caller waits for it (:func:`wait_for_dashboards`) and stops it (:func:`stop_process`)."""
+    if not folder.is_dir():
+        raise WorkbenchError(f"no dashboards folder at {folder}")
+    env = {**os.environ, HOME_ENV: str(config.home)}
+    return subprocess.Popen(
+        voila_command(port=port, host=host, folder=folder, preheat=preheat),
+        env=env,
+        cwd=folder,
+        start_new_session=True,
+    )
+
+
+def wait_for_dashboards(url: str, *, process: subprocess.Popen, timeout: float = 120) -> None:
+    """Wait until Voila at ``url`` answers its landing page; raise if it exits or times out."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise WorkbenchError(f"the dashboard server exited with status {process.returncode}")
+        try:
+            if httpx.get(url + "/", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.25)
+    raise WorkbenchError(f"the dashboard server did not answer at {url} within {timeout:.0f} s")
+
+
+def dashboard_urls(url: str) -> dict[str, str]:
+    """The landing page and each dashboard's address under the server at ``url``."""
+    return {"landing page": url + "/"} | {
+        name: f"{url}/voila/render/{notebook}" for name, notebook in NAMES.items()
+    }
+
+
+def stop_process(process: subprocess.Popen, *, timeout: float = 20) -> None:
+    """Stop a server started in its own process group: SIGTERM, then SIGKILL."""
+    if process.poll() is not None:
+        return
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    except ProcessLookupError:
+        pass

@@ -1,0 +1,745 @@
+"""The coordinators' dashboards as ipywidgets with bqplot charts, for Voila.
+
+Each dashboard notebook in ``notebooks/dashboards/`` is one line, e.g.
+``StatusDashboard(home).show()``; everything it shows comes from :mod:`workbench.dashboards`.
+The pages work in Voila and in JupyterLab alike. Charts are bqplot marks (plain ipywidgets,
+so nothing extra to install in the browser); tables are HTML, paged, so a study of 10,000
+subjects costs what one page costs.
+
+Example (in a notebook)::
+
+    from workbench.widgets import StatusDashboard
+    StatusDashboard("demo-home", study="demo").show()
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import datetime as dt
+import getpass
+import html
+import time
+from collections.abc import Callable
+
+import bqplot as bq
+import ipywidgets as w
+import numpy as np
+import polars as pl
+from IPython.display import display
+
+from workbench.alerts import ack_alert
+from workbench.catalog import open_catalog
+from workbench.config import load_config
+from workbench.dashboards import (
+    COUNTS,
+    STATES,
+    attrition_choices,
+    attrition_view,
+    daily_completeness,
+    status_view,
+    study_choices,
+)
+from workbench.errors import WorkbenchError
+from workbench.reports import COMPLIANCE_TARGET
+from workbench.status import refresh_status, render
+
+STYLE = """<style>
+.wb-title{font-size:22px;font-weight:600;margin:4px 0 8px}
+.wb-cards{display:flex;gap:10px;flex-wrap:wrap;margin:6px 0}
+.wb-card{border:1px solid #d0d7de;border-radius:6px;padding:6px 14px;min-width:96px}
+.wb-card .wb-value{font-size:26px;font-weight:600;line-height:1.2}
+.wb-card .wb-label{color:#57606a;font-size:12px}
+.wb-card.stale .wb-value,.wb-card.never-started .wb-value{color:#b35900}
+table.wb-table{border-collapse:collapse;font-size:12.5px}
+table.wb-table th{background:#f3f4f6;text-align:left;padding:3px 8px;border-bottom:1px solid #ccc}
+table.wb-table td{padding:2px 8px;border-bottom:1px solid #eee;white-space:nowrap}
+.wb-fresh-ok{background:#d9f0d3}.wb-fresh-warn{background:#fee8c8}
+.wb-fresh-stale{background:#fcbba1}.wb-fresh-none{background:#eee;color:#888}
+.wb-empty{color:#57606a;font-style:italic;padding:6px 0}
+.wb-error{color:#b00020;padding:6px 0}
+.wb-section{font-size:16px;font-weight:600;margin:14px 0 4px}
+.wb-muted{color:#57606a;font-size:12px}
+</style>"""
+
+REFRESH_CHOICES = [
+    ("off", 0),
+    ("every minute", 60),
+    ("every 5 minutes", 300),
+    ("every 15 minutes", 900),
+]
+
+
+def _cards(counts: dict[str, int | str], labels: dict[str, str] | None = None) -> str:
+    labels = labels or {}
+    cards = "".join(
+        f"<div class='wb-card {html.escape(key.replace(' ', '-'))}' data-key='{html.escape(key)}'>"
+        f"<div class='wb-value'>{html.escape(str(value))}</div>"
+        f"<div class='wb-label'>{html.escape(labels.get(key, key))}</div></div>"
+        for key, value in counts.items()
+    )
+    return f"<div class='wb-cards'>{cards}</div>"
+
+
+def _empty(text: str) -> str:
+    return f"<div class='wb-empty'>{text}</div>"
+
+
+def _section(title: str) -> w.HTML:
+    return w.HTML(f"<div class='wb-section'>{html.escape(title)}</div>")
+
+
+def _time(ms: int | None) -> str:
+    if ms is None:
+        return ""
+    return dt.datetime.fromtimestamp(ms / 1000, dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+
+
+class _Dashboard:
+    """What both dashboards share: a home, a catalog, a place for errors."""
+
+    def __init__(self, home) -> None:
+        self.config = load_config(home)
+        self.catalog = open_catalog(self.config)
+        self.error = w.HTML()
+        self.root = w.VBox(layout=w.Layout(padding="4px 12px"))
+
+    def show(self) -> None:
+        """Display the dashboard in the notebook (or Voila page)."""
+        display(self.root)
+
+    def _guard(self, action: Callable[[], None]) -> None:
+        """Run ``action``; a workbench error becomes a message on the page, not a traceback."""
+        try:
+            action()
+            self.error.value = ""
+        except WorkbenchError as exc:
+            self.error.value = f"<div class='wb-error'>{html.escape(str(exc))}</div>"
+
+
+# ---------------------------------------------------------------------------- study status
+
+
+class StatusDashboard(_Dashboard):
+    """Who needs attention today: headline counts, subjects with per-sensor freshness, a
+    completeness heat map, open alerts with what to do, CSV download, refresh."""
+
+    PAGE = 25
+    ALERTS = 20
+    HEAT_DAYS = 28
+
+    def __init__(self, home=None, *, study: str | None = None, refresh_seconds: int = 300):
+        super().__init__(home)
+        self.view = None
+        self.page = 0
+        self.loaded_at = 0.0
+        studies = study_choices(self.config, catalog=self.catalog)
+        if not studies:
+            self.root.children = [
+                w.HTML(STYLE + "<div class='wb-title'>Study status</div>"),
+                w.HTML(
+                    _empty(
+                        "No studies yet. Create one with <code>workbench study create</code> "
+                        "and enroll subjects with <code>workbench enroll</code>."
+                    )
+                ),
+            ]
+            return
+        self.picker = w.Dropdown(
+            options=studies,
+            value=study if study in studies else studies[0],
+            description="Study",
+        )
+        self.refresh_button = w.Button(description="Refresh", icon="refresh")
+        self.interval = w.Dropdown(
+            options=REFRESH_CHOICES,
+            value=refresh_seconds if refresh_seconds in dict(REFRESH_CHOICES).values() else 300,
+            description="Auto refresh",
+            style={"description_width": "initial"},
+        )
+        self.updated = w.HTML()
+        self.cards = w.HTML()
+        self.state_filter = w.Dropdown(options=["all", *STATES], value="all", description="Show")
+        self.search = w.Text(
+            placeholder="part of a subject id", description="Find", continuous_update=False
+        )
+        self.sort = w.Dropdown(
+            options=[
+                ("needs attention", "attention"),
+                ("subject", "subject_name"),
+                ("hours since last data", "hours_since_last_data"),
+                ("completeness", "completeness"),
+            ],
+            value="attention",
+            description="Sort by",
+        )
+        self.descending = w.Checkbox(value=False, description="descending", indent=False)
+        self.previous = w.Button(description="previous", icon="arrow-left")
+        self.next = w.Button(description="next", icon="arrow-right")
+        self.page_label = w.HTML()
+        self.table = w.HTML()
+        self.heat_note = w.HTML()
+        self.heat = self._heat_figure()
+        self.heat_box = w.VBox([self.heat_note])
+        self.alert_note = w.HTML()
+        self.alert_rows = w.VBox()
+        self.download = w.Button(description="Status as CSV", icon="download")
+        self.download_link = w.HTML()
+
+        self.picker.observe(lambda _: self._guard(self.load), "value")
+        self.refresh_button.on_click(lambda _: self._guard(self.refresh))
+        for control in (self.state_filter, self.search, self.sort, self.descending):
+            control.observe(lambda _: self._guard(self._first_page), "value")
+        self.previous.on_click(lambda _: self._guard(lambda: self._turn(-1)))
+        self.next.on_click(lambda _: self._guard(lambda: self._turn(1)))
+        self.download.on_click(lambda _: self._guard(self._offer_csv))
+
+        self.root.children = [
+            w.HTML(STYLE + "<div class='wb-title'>Study status</div>"),
+            w.HBox([self.picker, self.refresh_button, self.interval]),
+            self.updated,
+            self.error,
+            self.cards,
+            _section("Subjects"),
+            w.HBox([self.state_filter, self.search, self.sort, self.descending]),
+            self.table,
+            w.HBox([self.previous, self.next, self.page_label]),
+            w.HBox([self.download, self.download_link]),
+            _section(f"Completeness by day (last {self.HEAT_DAYS} days)"),
+            self.heat_box,
+            _section("Open alerts"),
+            self.alert_note,
+            self.alert_rows,
+        ]
+        self._guard(self.load)
+        self._ticker = None
+        with contextlib.suppress(RuntimeError):  # no running loop (a script): no auto refresh
+            self._ticker = asyncio.get_running_loop().create_task(self._auto_refresh())
+
+    # -- data
+
+    def load(self) -> None:
+        """Read the chosen study again and redraw everything."""
+        self.view = status_view(self.config, self.picker.value, catalog=self.catalog)
+        self.loaded_at = time.monotonic()
+        self.download_link.value = ""
+        view = self.view
+        self.updated.value = (
+            f"<div class='wb-muted'>{html.escape(view.study.definition.get('name', view.study.id))}"
+            f" &middot; as of {_time(view.now)} &middot; stale after "
+            f"{view.study.definition['staleness_hours']} h without data</div>"
+        )
+        self.cards.value = _cards(view.counts)
+        self.page = 0
+        self._draw_table()
+        self._draw_alerts()
+
+    def refresh(self) -> None:
+        """Fold new uploads, update status history and alerts, then redraw."""
+        refresh_status(self.config, catalog=self.catalog, studies=[self.picker.value], mail=False)
+        self.load()
+
+    async def _auto_refresh(self) -> None:
+        while True:
+            await asyncio.sleep(5)
+            every = self.interval.value
+            if every and time.monotonic() - self.loaded_at >= every:
+                self._guard(self.load)
+
+    # -- subjects
+
+    def _rows(self) -> pl.DataFrame:
+        view = self.view
+        table = view.table.with_columns(
+            pl.mean_horizontal([pl.col(f"{s}_completeness") for s in view.sensors])
+            .round(1)
+            .alias("completeness"),
+            pl.col("state")
+            .replace_strict({s: i for i, s in enumerate(STATES)}, return_dtype=pl.Int8)
+            .alias("_rank"),
+        ).with_columns(view.freshness.rename({s: f"_fresh_{s}" for s in view.sensors}))
+        if self.state_filter.value != "all":
+            table = table.filter(pl.col("state") == self.state_filter.value)
+        if self.search.value.strip():
+            table = table.filter(
+                pl.col("subject_name").str.contains(self.search.value.strip(), literal=True)
+            )
+        key, descending = self.sort.value, self.descending.value
+        if key == "attention":
+            return table.sort(
+                ["_rank", "hours_since_last_data", "subject_name"],
+                descending=[descending, not descending, False],
+                nulls_last=True,
+            )
+        return table.sort([key, "subject_name"], descending=[descending, False], nulls_last=True)
+
+    def _first_page(self) -> None:
+        self.page = 0
+        self._draw_table()
+
+    def _turn(self, step: int) -> None:
+        self.page += step
+        self._draw_table()
+
+    def _draw_table(self) -> None:
+        view = self.view
+        if view.table.is_empty():
+            self.table.value = _empty(
+                "No subjects enrolled yet: <code>workbench enroll "
+                f"{html.escape(view.study.id)} N</code> makes their QR codes."
+            )
+            self.page_label.value = ""
+            self.previous.disabled = self.next.disabled = True
+            self._draw_heat([])
+            return
+        rows = self._rows()
+        pages = max(1, -(-rows.height // self.PAGE))
+        self.page = min(max(self.page, 0), pages - 1)
+        shown = rows.slice(self.page * self.PAGE, self.PAGE)
+        self.previous.disabled = self.page == 0
+        self.next.disabled = self.page >= pages - 1
+        first = self.page * self.PAGE + 1
+        self.page_label.value = (
+            f"<span class='wb-muted'>rows {first}&ndash;{first + shown.height - 1} "
+            f"of {rows.height:,}</span>"
+            if rows.height
+            else ""
+        )
+        if shown.is_empty():
+            self.table.value = _empty("No subject matches.")
+        else:
+            self.table.value = self._table_html(shown)
+        self._draw_heat(list(dict.fromkeys(shown["subject_name"].to_list())))
+
+    def _table_html(self, rows: pl.DataFrame) -> str:
+        sensors = self.view.sensors
+        stale = float(self.view.study.definition["staleness_hours"])
+        head = [
+            "subject",
+            "state",
+            "app",
+            "device",
+            "activity",
+            "hours since data",
+            "completeness %",
+        ]
+        head += [f"{s} (h)" for s in sensors]
+        out = ["<table class='wb-table'><thead><tr>"]
+        out += [f"<th>{html.escape(h)}</th>" for h in head]
+        out.append("</tr></thead><tbody>")
+        for row in rows.iter_rows(named=True):
+            cells = [
+                row["subject_name"],
+                row["state"],
+                row["app"] or "",
+                (row["device_id"] or "")[:12],
+                row["activity"],
+                "" if row["hours_since_last_data"] is None else f"{row['hours_since_last_data']:g}",
+                "" if row["completeness"] is None else f"{row['completeness']:g}",
+            ]
+            out.append("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in cells))
+            for sensor in sensors:
+                hours = row[f"_fresh_{sensor}"]
+                if hours is None:
+                    out.append("<td class='wb-fresh-none'>never</td>")
+                    continue
+                kind = "ok" if hours < stale / 2 else "warn" if hours < stale else "stale"
+                out.append(f"<td class='wb-fresh-{kind}'>{hours:g}</td>")
+            out.append("</tr>")
+        out.append("</tbody></table>")
+        return "".join(out)
+
+    # -- heat map
+
+    def _heat_figure(self) -> bq.Figure:
+        self.heat_rows = bq.OrdinalScale(reverse=True)
+        self.heat_columns = bq.OrdinalScale()
+        colors = bq.ColorScale(min=0, max=100, colors=["#fff5eb", "#fd8d3c", "#238b45"])
+        self.heat_map = bq.GridHeatMap(
+            color=np.zeros((2, 2)),  # a placeholder: 1 x 1 is squeezed to a scalar
+            row=["", " "],
+            column=["", " "],
+            scales={"row": self.heat_rows, "column": self.heat_columns, "color": colors},
+            tooltip=bq.Tooltip(fields=["row", "column", "color"], labels=["subject", "day", "%"]),
+            anchor_style={"fill": "none"},
+        )
+        return bq.Figure(
+            marks=[self.heat_map],
+            axes=[
+                bq.Axis(scale=self.heat_columns, tick_rotate=-45, num_ticks=8),
+                bq.Axis(scale=self.heat_rows, orientation="vertical"),
+            ],
+            fig_margin={"top": 10, "bottom": 70, "left": 120, "right": 20},
+            layout=w.Layout(width="100%", height="520px"),
+        )
+
+    def _draw_heat(self, subjects: list[str]) -> None:
+        days = daily_completeness(
+            self.catalog, self.view.study, subjects, days=self.HEAT_DAYS, now=self.view.now
+        )
+        if not subjects or days["batches"].sum() == 0:
+            self.heat_note.value = _empty(
+                f"No data received from these subjects in the last {self.HEAT_DAYS} days."
+                if subjects
+                else "No subjects to show."
+            )
+            self.heat_box.children = [self.heat_note]
+            return
+        self.heat_note.value = (
+            "<div class='wb-muted'>The subjects on the table's page, in its order; "
+            "colour: share of the expected batches whose data is from that day, "
+            "<span style='background:#fff5eb'>&nbsp;0 %&nbsp;</span> "
+            "<span style='background:#fd8d3c'>&nbsp;50 %&nbsp;</span> "
+            "<span style='background:#238b45;color:white'>&nbsp;100 %&nbsp;</span> "
+            "(hover a cell for its value).</div>"
+        )
+        self.heat_box.children = [self.heat_note, self.heat]
+        labels = [str(d) for d in days["day"].unique(maintain_order=True).to_list()]
+        matrix = (
+            days.select("subject_name", pl.col("day").cast(pl.String), "completeness")
+            .pivot(on="day", index="subject_name", values="completeness")
+            .select(labels)
+            .to_numpy()
+        )
+        with self.heat_map.hold_sync():
+            self.heat_map.color = matrix  # first: row and column are checked against it
+            self.heat_map.row = subjects
+            self.heat_map.column = labels
+        self.heat.layout.height = f"{max(180, 18 * len(subjects) + 90)}px"
+
+    # -- alerts
+
+    def _draw_alerts(self) -> None:
+        items = self.view.alerts
+        if not items:
+            self.alert_note.value = _empty("No open alerts.")
+            self.alert_rows.children = []
+            return
+        shown = items[: self.ALERTS]
+        more = (
+            f" (the oldest {len(shown)}; <code>workbench alerts {self.view.study.id}</code> "
+            "lists them all)"
+            if len(items) > len(shown)
+            else ""
+        )
+        self.alert_note.value = (
+            f"<div class='wb-muted'><span class='wb-alert-count'>{len(items)}</span> open "
+            f"alerts{more}</div>"
+        )
+        rows = []
+        for alert in shown:
+            text = w.HTML(
+                f"<div class='wb-alert' data-id='{alert.id}'><b>{html.escape(alert.kind)}</b> "
+                f"&middot; {html.escape(alert.subject)} &middot; since {_time(alert.since)}"
+                f"<br>{html.escape(alert.detail)}<br><i>What to do:</i> "
+                f"{html.escape(alert.action)}</div>",
+                layout=w.Layout(width="70%"),
+            )
+            button = w.Button(description="Acknowledge", tooltip=f"alert {alert.id}")
+            button.add_class(f"wb-ack-{alert.id}")
+            button.on_click(lambda _, i=alert.id: self._guard(lambda: self._ack(i)))
+            rows.append(w.HBox([text, button], layout=w.Layout(margin="4px 0")))
+        self.alert_rows.children = rows
+
+    def _ack(self, alert_id: int) -> None:
+        ack_alert(self.catalog, alert_id, by=getpass.getuser(), note="acknowledged on dashboard")
+        self.view.alerts = [a for a in self.view.alerts if a.id != alert_id]
+        self._draw_alerts()
+
+    # -- download
+
+    def _offer_csv(self) -> None:
+        table = self.view.table.drop("state")
+        data = base64.b64encode(render(table, "csv")).decode()
+        name = f"status_{self.view.study.id}_{dt.datetime.now(dt.UTC):%Y%m%dT%H%M}.csv"
+        self.download_link.value = (
+            f"<a class='wb-download' download='{name}' href='data:text/csv;base64,{data}'>"
+            f"save {name} ({table.height:,} rows)</a>"
+        )
+
+
+# ---------------------------------------------------------------------------- attrition
+
+
+class AttritionDashboard(_Dashboard):
+    """How retention is going: Kaplan-Meier retention with its band, CONSORT funnel, dropout
+    by study week, EMA compliance, questionnaire completion by session; for a study or a
+    questionnaire source, one cohort (month of start) and a range of start dates."""
+
+    def __init__(self, home=None, *, study: str | None = None):
+        super().__init__(home)
+        choices = attrition_choices(self.config)
+        if not choices:
+            self.root.children = [
+                w.HTML(STYLE + "<div class='wb-title'>Attrition</div>"),
+                w.HTML(
+                    _empty(
+                        "No studies or questionnaire sources yet: create a study with "
+                        "<code>workbench study create</code> or add a <code>[[sources]]</code> "
+                        "entry to workbench.toml."
+                    )
+                ),
+            ]
+            return
+        self.picker = w.Dropdown(
+            options=choices,
+            value=study if study in choices else choices[0],
+            description="Study",
+        )
+        self.cohort = w.Dropdown(options=[("all", "")], value="", description="Cohort")
+        self.since = w.DatePicker(description="Started from")
+        self.until = w.DatePicker(description="to")
+        self.cards = w.HTML()
+        self.notes = {
+            key: w.HTML() for key in ("retention", "funnel", "dropout", "compliance", "completion")
+        }
+        self.retention = self._retention_figure()
+        self.funnel = self._bars(horizontal=True, label="participants")
+        self.dropout = self._bars(label="% of those at risk who dropped out")
+        self.compliance = self._compliance_figure()
+        self.completion = self._bars(label="% of participants")
+
+        self.picker.observe(lambda _: self._guard(self._new_study), "value")
+        for control in (self.cohort, self.since, self.until):
+            control.observe(lambda _: self._guard(self.load), "value")
+
+        self.boxes = {key: w.VBox([note]) for key, note in self.notes.items()}
+        self.figures = {
+            "retention": self.retention,
+            "funnel": self.funnel[0],
+            "dropout": self.dropout[0],
+            "compliance": self.compliance,
+            "completion": self.completion[0],
+        }
+
+        def figure(key, _fig):
+            return self.boxes[key]
+
+        self.root.children = [
+            w.HTML(STYLE + "<div class='wb-title'>Attrition</div>"),
+            w.HBox([self.picker, self.cohort]),
+            w.HBox([self.since, self.until]),
+            self.error,
+            self.cards,
+            _section("Retention (Kaplan-Meier, 95 % band)"),
+            figure("retention", self.retention),
+            _section("CONSORT flow"),
+            figure("funnel", self.funnel[0]),
+            _section("Dropout by study week"),
+            figure("dropout", self.dropout[0]),
+            _section(f"EMA compliance (line at {COMPLIANCE_TARGET:g} %)"),
+            figure("compliance", self.compliance),
+            _section("Questionnaire completion by session"),
+            figure("completion", self.completion[0]),
+        ]
+        self._guard(self._new_study)
+
+    def _new_study(self) -> None:
+        self.view = attrition_view(self.config, self.picker.value)
+        with self.cohort.hold_trait_notifications():
+            self.cohort.options = [("all", "")] + [(c, c) for c in self.view.cohorts]
+            self.cohort.value = ""
+        self.since.value = self.until.value = None
+        self._draw()
+
+    def load(self) -> None:
+        """Recompute for the chosen study, cohort and dates and redraw."""
+        self.view = attrition_view(
+            self.config,
+            self.picker.value,
+            cohort=self.cohort.value or None,
+            since=self.since.value,
+            until=self.until.value,
+        )
+        self._draw()
+
+    def _draw(self) -> None:
+        result = self.view.result
+        counts = dict(result.consort.iter_rows())
+        half = result.half_life_days
+        self.cards.value = _cards(
+            {**counts, "median retention": "not reached" if half is None else f"{half:.0f} d"}
+        )
+        self._draw_retention()
+        self._draw_bars(
+            self.funnel,
+            "funnel",
+            result.consort["stage"].to_list(),
+            result.consort["n"].to_list(),
+            "No participants in this selection.",
+        )
+        weeks = result.dropout_by_week.filter(pl.col("at_risk") > 0)
+        self._draw_bars(
+            self.dropout,
+            "dropout",
+            [f"week {k + 1}" for k in weeks["week"].to_list()],
+            (100 * weeks["dropped"] / weeks["at_risk"]).round(1).to_list(),
+            "No one has started yet.",
+        )
+        self._draw_compliance()
+        completion = self.view.completion
+        if completion.is_empty():
+            note = (
+                "Sessions belong to questionnaire sources: choose one above."
+                if self.view.kind == "sensing"
+                else "No answers with a session yet."
+            )
+            self._draw_bars(self.completion, "completion", [], [], note)
+        else:
+            self._draw_bars(
+                self.completion,
+                "completion",
+                [f"{s} {q}" for s, q in completion.select("session", "questionnaire").iter_rows()],
+                completion["pct"].to_list(),
+                "",
+            )
+
+    # -- charts
+
+    def _retention_figure(self) -> bq.Figure:
+        x, y = bq.LinearScale(min=0), bq.LinearScale(min=0, max=1)
+        self.band = bq.Lines(
+            x=[0.0],
+            y=[[1.0], [1.0]],
+            scales={"x": x, "y": y},
+            fill="between",
+            colors=["#9ecae1", "#9ecae1"],
+            fill_colors=["#c6dbef"],
+            fill_opacities=[0.5],
+            stroke_width=0.5,
+        )
+        self.curve = bq.Lines(
+            x=[0.0],
+            y=[1.0],
+            scales={"x": x, "y": y},
+            colors=["#08519c"],
+            stroke_width=2.5,
+            tooltip=bq.Tooltip(
+                fields=["x", "y"], labels=["day", "retained"], formats=[".1f", ".3f"]
+            ),
+        )
+        return bq.Figure(
+            marks=[self.band, self.curve],
+            axes=[
+                bq.Axis(scale=x, label="days in study"),
+                bq.Axis(scale=y, orientation="vertical", label="retained", tick_format=".0%"),
+            ],
+            fig_margin={"top": 10, "bottom": 45, "left": 60, "right": 20},
+            layout=w.Layout(width="100%", height="320px"),
+        )
+
+    def _draw_retention(self) -> None:
+        curve = self.view.result.retention
+        if curve.height < 2:
+            self._show("retention", _empty("Nobody has started in this selection."), chart=False)
+            return
+        self._show("retention", "")
+        times = curve["time"].to_list()
+        xs = [times[0]]
+        for t in times[1:]:
+            xs += [t, t]
+
+        def steps(column: str) -> list[float]:
+            values = curve[column].to_list()
+            out = [values[0]]
+            for before, now in zip(values, values[1:], strict=False):
+                out += [before, now]
+            return out
+
+        with self.curve.hold_sync(), self.band.hold_sync():
+            self.curve.x, self.curve.y = xs, steps("survival")
+            self.band.x, self.band.y = xs, [steps("lower"), steps("upper")]
+
+    def _bars(self, *, horizontal: bool = False, label: str) -> tuple[bq.Figure, bq.Bars]:
+        # horizontal bars list their categories top to bottom
+        categories, values = bq.OrdinalScale(reverse=horizontal), bq.LinearScale(min=0)
+        bars = bq.Bars(
+            x=["-"],
+            y=[0],
+            scales={"x": categories, "y": values},
+            orientation="horizontal" if horizontal else "vertical",
+            colors=["#4c78a8"],
+            tooltip=bq.Tooltip(fields=["x", "y"]),
+        )
+        axes = [
+            bq.Axis(scale=categories, orientation="vertical" if horizontal else "horizontal"),
+            bq.Axis(
+                scale=values, orientation="horizontal" if horizontal else "vertical", label=label
+            ),
+        ]
+        figure = bq.Figure(
+            marks=[bars],
+            axes=axes,
+            fig_margin={"top": 10, "bottom": 45, "left": 130 if horizontal else 60, "right": 20},
+            layout=w.Layout(width="100%", height="300px"),
+        )
+        return figure, bars
+
+    def _show(self, key: str, note: str, *, chart: bool = True) -> None:
+        """Show a chart's note and, unless it is only an empty state, the chart (a chart
+        never drawn is left out of the page rather than hidden: bqplot cannot lay out a
+        hidden figure)."""
+        self.notes[key].value = note
+        self.boxes[key].children = [self.notes[key]] + ([self.figures[key]] if chart else [])
+
+    def _draw_bars(self, chart, key: str, labels: list[str], values: list, empty: str) -> None:
+        _figure, bars = chart
+        if not labels:
+            self._show(key, _empty(empty or "Nothing to show."), chart=False)
+            return
+        self._show(key, "")
+        with bars.hold_sync():
+            bars.x, bars.y = labels, values
+
+    def _compliance_figure(self) -> bq.Figure:
+        x, y = bq.LinearScale(min=0, max=100), bq.LinearScale(min=0)
+        self.compliance_bars = bq.Bars(
+            x=[5.0], y=[0], scales={"x": x, "y": y}, colors=["#72b7b2"], padding=0.05,
+            tooltip=bq.Tooltip(fields=["x", "y"], labels=["compliance % (bin)", "participants"]),
+        )  # fmt: skip
+        self.target_line = bq.Lines(
+            x=[COMPLIANCE_TARGET, COMPLIANCE_TARGET],
+            y=[0, 1],
+            scales={"x": x, "y": y},
+            colors=["#d62728"],
+            line_style="dashed",
+            stroke_width=2,
+        )
+        return bq.Figure(
+            marks=[self.compliance_bars, self.target_line],
+            axes=[
+                bq.Axis(scale=x, label="% of expected EMA prompts answered"),
+                bq.Axis(scale=y, orientation="vertical", label="participants"),
+            ],
+            fig_margin={"top": 10, "bottom": 45, "left": 60, "right": 20},
+            layout=w.Layout(width="100%", height="300px"),
+        )
+
+    def _draw_compliance(self) -> None:
+        compliance = self.view.result.compliance
+        if compliance.is_empty() or compliance["compliance_pct"].drop_nulls().is_empty():
+            note = (
+                "No EMA sensor in this selection."
+                if self.view.kind == "sensing"
+                else "EMA compliance belongs to sensing studies: choose one above."
+            )
+            self._show("compliance", _empty(note), chart=False)
+            return
+        values = compliance["compliance_pct"].drop_nulls()
+        bins = (values.clip(0, 100) // 10).clip(0, 9).cast(pl.Int64).value_counts()
+        counts = dict(bins.iter_rows())
+        heights = [counts.get(b, 0) for b in range(10)]
+        below = int((values < COMPLIANCE_TARGET).sum())
+        self._show(
+            "compliance",
+            f"<div class='wb-muted'>{below} of {values.len()} participants below "
+            f"{COMPLIANCE_TARGET:g} %</div>",
+        )
+        with self.compliance_bars.hold_sync(), self.target_line.hold_sync():
+            self.compliance_bars.x = [b * 10 + 5.0 for b in range(10)]
+            self.compliance_bars.y = heights
+            self.target_line.y = [0, max(heights)]
+
+
+__all__ = ["COUNTS", "AttritionDashboard", "StatusDashboard"]
