@@ -161,6 +161,9 @@ def create_app(config: Config) -> Bottle:
     from server.jobs import install_job_routes
 
     install_job_routes(app, ingest.catalog)  # the job-tracking API
+    from server.sync import install_sync_routes
+
+    install_sync_routes(app, config, ingest.catalog)  # the OAuth2 callback of sync links
     return app
 
 

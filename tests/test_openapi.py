@@ -120,6 +120,7 @@ BUDGET = {
     ("POST", "/jobs"): (10, 5),
     ("POST", "/events"): (10, 5),
     ("GET", "/jobs/{provider_job_id}"): (10, 5),
+    ("GET", "/sync/callback"): (10, 5),
 }
 CHECKS = [
     not_a_server_error,

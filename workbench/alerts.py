@@ -12,6 +12,10 @@ Kinds, from a study's status table (:mod:`workbench.status`):
     several_devices   more than one device of the same app is active for the subject
     low_completeness  an active device's completeness is below the study's target
 
+and from sync (:mod:`workbench.sync`), with the provider in place of the device:
+
+    sync_revoked      a provider refused an account's token (expired or revoked)
+
 Example::
 
     for alert in list_alerts(catalog, "demo"):
@@ -58,7 +62,10 @@ ACTIONS = {
     "over_not_left": "the study period is over: ask the subject to end the study in the app",
     "several_devices": "confirm which device is in use and ask the subject to leave on the others",
     "low_completeness": "check the phone's battery optimisation and sensor permissions",
+    "sync_revoked": "ask the subject to link the provider again: workbench sync link STUDY SUBJECT PROVIDER",
 }
+# The kinds a status refresh opens and closes; others (sync) are closed by their own module.
+STATUS_KINDS = ("stale", "never_sent", "over_not_left", "several_devices", "low_completeness")
 
 
 @dataclass(frozen=True)
@@ -172,7 +179,7 @@ def update_alerts(
             (r.subject_id, r.device_id, r.kind): r.id
             for r in conn.execute(
                 select(c.id, c.subject_id, c.device_id, c.kind).where(
-                    c.study_id == study.id, c.closed_at.is_(None)
+                    c.study_id == study.id, c.closed_at.is_(None), c.kind.in_(STATUS_KINDS)
                 )
             )
         }

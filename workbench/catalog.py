@@ -40,7 +40,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from workbench.errors import CatalogError
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 # A migration upgrades the catalog from version N-1 to N; it is keyed by N.
 MIGRATIONS: dict[int, Callable[[Connection], None]] = {}
@@ -353,6 +353,169 @@ def _add_pipeline_and_job_tables(conn: Connection) -> None:
 
 
 MIGRATIONS[4] = _add_pipeline_and_job_tables
+
+
+# --- version 5: sync with third-party APIs ----------------------------------------------
+
+# A subject's link to a provider (a wearable or data-donation platform).
+sync_accounts = Table(
+    "sync_accounts",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("study_id", String(64), nullable=False),
+    Column("subject_id", String(128), nullable=False),
+    Column("provider", String(64), nullable=False),
+    # pending (link started) | active | revoked | expired
+    Column("status", String(16), nullable=False),
+    Column("external_id", String(256)),  # the provider's id of the member, when it has one
+    Column("created_at", BigInteger, nullable=False),
+    Column("linked_at", BigInteger),
+    Column("last_synced_at", BigInteger),  # the last run that reached today
+    Column("last_attempt_at", BigInteger),
+    Column("error", Text),
+    UniqueConstraint("study_id", "subject_id", "provider", name="uq_sync_account"),
+)
+
+# OAuth2 tokens, encrypted (Fernet); ``generation`` grows with every stored pair.
+sync_tokens = Table(
+    "sync_tokens",
+    metadata,
+    Column("account_id", BigInteger, primary_key=True),
+    Column("access_token", Text, nullable=False),
+    Column("refresh_token", Text),
+    Column("expires_at", BigInteger),
+    Column("scope", Text),
+    Column("generation", Integer, nullable=False),
+    Column("updated_at", BigInteger, nullable=False),
+)
+
+# Authorization requests waiting for the provider's callback (the OAuth2 ``state``).
+sync_auth_states = Table(
+    "sync_auth_states",
+    metadata,
+    Column("state", String(64), primary_key=True),
+    Column("account_id", BigInteger, nullable=False),
+    Column("redirect_uri", String(1024), nullable=False),
+    Column("created_at", BigInteger, nullable=False),
+)
+
+# Per account and stream: windows before ``next_start`` (ISO date) are complete and stored.
+sync_checkpoints = Table(
+    "sync_checkpoints",
+    metadata,
+    Column("account_id", BigInteger, primary_key=True),
+    Column("stream", String(64), primary_key=True),
+    Column("next_start", String(10), nullable=False),
+    Column("updated_at", BigInteger, nullable=False),
+)
+
+# Every window fetched: the raw response as stored in the pool, hashed (the sync ledger).
+sync_raw = Table(
+    "sync_raw",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("account_id", BigInteger, nullable=False),
+    Column("provider", String(64), nullable=False),
+    Column("stream", String(64), nullable=False),
+    Column("window_start", String(10), nullable=False),
+    Column("window_end", String(10), nullable=False),
+    Column("complete", Integer, nullable=False),  # 0: the window reaches today (re-fetched)
+    Column("fetched_at", BigInteger, nullable=False),
+    Column("path", String(1024), nullable=False, unique=True),
+    Column("sha256", String(64), nullable=False),
+    Column("bytes", BigInteger, nullable=False),
+    Column("n_records", Integer, nullable=False),
+    Index("ix_sync_raw_account", "account_id", "stream", "window_start"),
+)
+
+sync_runs = Table(
+    "sync_runs",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("account_id", BigInteger, nullable=False),
+    Column("trigger", String(16), nullable=False),
+    # running | succeeded | limited | failed | skipped | revoked | interrupted
+    Column("status", String(16), nullable=False),
+    Column("started_at", BigInteger, nullable=False),
+    Column("finished_at", BigInteger),
+    Column("requests", Integer, nullable=False, default=0),
+    Column("windows", Integer, nullable=False, default=0),
+    Column("records", Integer, nullable=False, default=0),
+    Column("resume_at", BigInteger),  # limited: when the limit resets and the run is requeued
+    Column("error", Text),
+    Column("provider_job_id", String(128)),
+    Index("ix_sync_runs_account", "account_id", "id"),
+)
+
+# A limit the provider announced (429, Retry-After, rate-limit headers): no request before.
+sync_limits = Table(
+    "sync_limits",
+    metadata,
+    Column("key", String(256), primary_key=True),
+    Column("blocked_until", BigInteger, nullable=False),
+    Column("reason", String(256), nullable=False),
+    Column("updated_at", BigInteger, nullable=False),
+)
+
+# Files this workbench keeps on a destination (e.g. Open Humans), by name, for safe replace.
+sync_remote_files = Table(
+    "sync_remote_files",
+    metadata,
+    Column("account_id", BigInteger, primary_key=True),
+    Column("name", String(256), primary_key=True),
+    Column("remote_id", String(128), nullable=False),
+    Column("sha256", String(64), nullable=False),
+    Column("uploaded_at", BigInteger, nullable=False),
+)
+
+# Activities of the polling bridge: progress read from a source account is written to a
+# destination account while the activity runs.
+sync_activities = Table(
+    "sync_activities",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("name", String(128), nullable=False),
+    Column("source_account", BigInteger, nullable=False),
+    Column("destination_account", BigInteger, nullable=False),
+    Column("stream", String(64), nullable=False),
+    Column("goal", BigInteger, nullable=False),  # the value that makes 100 %
+    Column("starts_at", BigInteger, nullable=False),
+    Column("ends_at", BigInteger, nullable=False),
+    Column("created_at", BigInteger, nullable=False),
+)
+
+sync_poll_log = Table(
+    "sync_poll_log",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("activity_id", BigInteger, nullable=False),
+    Column("at", BigInteger, nullable=False),
+    Column("progress", BigInteger),  # the value read from the source
+    Column("value", String(64)),  # what was written to the destination
+    Column("status", String(16), nullable=False),  # written | failed
+    Column("detail", Text),
+    Index("ix_sync_poll_log_activity", "activity_id", "id"),
+)
+
+SYNC_TABLES = [
+    sync_accounts,
+    sync_tokens,
+    sync_auth_states,
+    sync_checkpoints,
+    sync_raw,
+    sync_runs,
+    sync_limits,
+    sync_remote_files,
+    sync_activities,
+    sync_poll_log,
+]
+
+
+def _add_sync_tables(conn: Connection) -> None:
+    metadata.create_all(conn, tables=SYNC_TABLES)
+
+
+MIGRATIONS[5] = _add_sync_tables
 
 
 def dialect_insert(engine: Engine, table: Table):

@@ -1220,7 +1220,9 @@ from workbench.cli_jobs import jobs  # noqa: E402  (the job-tracking commands)
 
 cli.add_command(jobs)
 
+from workbench.cli_sync import sync  # noqa: E402  (the sync commands)
 
+cli.add_command(sync)
 
 
 def main() -> None:

@@ -126,6 +126,8 @@ class Config:
     smtp: SmtpConfig | None = None  # None: mail is off
     sources: tuple[SourceConfig, ...] = ()
     pipelines: PipelinesConfig = field(default_factory=PipelinesConfig)
+    # The [sync] section as written; workbench.sync.settings reads and checks it.
+    sync: dict = field(default_factory=dict)
 
     def source(self, name: str) -> SourceConfig:
         """The source called ``name``, or :class:`ConfigError`."""
@@ -189,6 +191,7 @@ def config_from_dict(raw: dict, *, home: Path) -> Config:
         smtp=_smtp(_section(raw, "smtp")),
         sources=_sources(raw.get("sources", []), home),
         pipelines=_pipelines(_section(raw, "pipelines"), home),
+        sync=_section(raw, "sync"),
     )
 
 

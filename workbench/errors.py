@@ -33,7 +33,12 @@ upload server into an HTTP status and a JSON body (``status`` and ``code`` attri
     ├── UnknownJob                 no tracked job of that id (HTTP 404, exit 4)
     ├── JobConflict                a job id already used with another tag (HTTP 409, exit 4)
     ├── InvalidApiKey              missing or wrong tracking API key (HTTP 401, exit 2)
-    └── NotAllowed                 the API key's customer may not do this (HTTP 403, exit 2)
+    ├── NotAllowed                 the API key's customer may not do this (HTTP 403, exit 2)
+    ├── UnknownProvider            no sync provider of that name (exit 4)
+    ├── UnknownAccount             no linked sync account of that id (HTTP 404, exit 4)
+    ├── AuthorizationFailed        an OAuth2 callback with an unknown state or a refused code (HTTP 400, exit 10)
+    ├── TokenRevoked               the provider refused an account's token: expired or revoked (exit 10)
+    └── DestinationFailed          an upload to a destination failed; its old file is untouched (exit 12)
 """
 
 from __future__ import annotations
@@ -208,3 +213,30 @@ class NotAllowed(WorkbenchError):
     status = 403
     exit_code = 2
     code = "forbidden"
+
+
+class UnknownProvider(WorkbenchError):
+    exit_code = 4
+    code = "unknown_provider"
+
+
+class UnknownAccount(WorkbenchError):
+    status = 404
+    exit_code = 4
+    code = "unknown_account"
+
+
+class AuthorizationFailed(WorkbenchError):
+    status = 400
+    exit_code = 10
+    code = "authorization_failed"
+
+
+class TokenRevoked(WorkbenchError):
+    exit_code = 10
+    code = "token_revoked"
+
+
+class DestinationFailed(WorkbenchError):
+    exit_code = 12
+    code = "destination_failed"

@@ -601,8 +601,8 @@ def crontab_lines(config: Config) -> list[str]:
 
 
 def make_huey(config: Config, *, immediate: bool = False):
-    """A huey instance with one periodic task per enabled pipeline and a ``run_task`` to queue
-    runs: RedisHuey when a Redis URL is configured, else SqliteHuey in the pool."""
+    """A huey instance with one periodic task per enabled pipeline, a ``run_task`` to queue
+    runs and a ``sync_task`` to queue account syncs: RedisHuey when a Redis URL is configured, else SqliteHuey in the pool."""
     from huey import RedisHuey, SqliteHuey, crontab
 
     url = config.pipelines.redis_url
@@ -628,6 +628,9 @@ def make_huey(config: Config, *, immediate: bool = False):
         return {"pipeline": name, "status": record.status, "notebook": record.notebook}
 
     huey.run_task = huey.task(name="run_pipeline")(run)
+    from workbench.sync.scheduled import register_sync_tasks
+
+    register_sync_tasks(huey, home)  # huey.sync_task: one account's sync, requeued at limits
     for pipeline in load_pipelines(config).values():
         if not pipeline.enabled:
             continue
@@ -653,5 +656,9 @@ def run_scheduler(config: Config, *, workers: int | None = None) -> None:
         worker_type="thread",
         periodic=True,
         check_worker_health=True,
+        # idle workers look at the queue at least every 0.25 s (huey's default backs off to
+        # 10 s): a sync requeued for a rate limit's reset must start on time
+        initial_delay=0.05,
+        max_delay=0.25,
     )
     consumer.run()
