@@ -99,6 +99,7 @@ def run_demo(
     url = f"http://127.0.0.1:{port}"
     # SIGTERM (e.g. from a process manager) stops the demo like Ctrl-C: the children go too.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
+    _sync_environment(config)  # the server's OAuth2 callback stores encrypted tokens
     server = subprocess.Popen(serve_command(home, port=port), start_new_session=True)
     questionnaires = scheduler = dashboards = None
     try:
@@ -134,6 +135,7 @@ def run_demo(
             f"status CSV: {status_csv_path(DataPool(config.pool), DEMO_STUDY)}"
         )
         questionnaires = _export_questionnaires(config)
+        _link_sync_demo(config, url, queue=keep_serving)
         print(f"data pool: {config.pool}")
         if keep_serving:
             scheduler = _start_scheduler(config)
@@ -234,3 +236,65 @@ def _export_questionnaires(config) -> subprocess.Popen | None:
         f"study server: {source.url}/export/"
     )
     return process
+
+
+def _sync_environment(config) -> None:
+    """Give the demo (and the processes it starts) a token key and the simulator's OAuth2
+    client. The key is kept in ``keys/sync.key`` of the demo home: a real home keeps it in
+    the environment only."""
+    from workbench.sync.accounts import generate_key
+    from workbench.sync.settings import sync_settings
+
+    settings = sync_settings(config)
+    if not settings.key:
+        path = config.home / "keys" / "sync.key"
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(generate_key())
+            path.chmod(0o600)
+        os.environ[settings.key_env] = path.read_text().strip()
+    for provider in settings.providers:
+        os.environ.setdefault(provider.client_id_env, "demo-client")
+        os.environ.setdefault(provider.client_secret_env, "demo-secret")
+
+
+def _link_sync_demo(config, url: str, *, queue: bool) -> None:
+    """Serve the local Google-Health-style simulator (in a thread of the demo), link the
+    first demo subject to it through the upload server's callback, then queue its sync on the
+    scheduler (or, with --exit, sync it at once)."""
+    from workbench.sync import list_accounts, queue_sync, start_link, sync_account
+    from workbench.sync.settings import sync_settings
+    from workbench.sync.simulator import ProviderSimulator, start_simulator
+
+    settings = sync_settings(config)
+    provider = next((p for p in settings.providers if p.type == "google_health"), None)
+    if provider is None:
+        return
+    port = httpx.URL(provider.base_url).port or 80
+    try:
+        start_simulator(ProviderSimulator(rate_limit=provider.rate_limit), port=port)
+    except OSError as exc:
+        print(f"sync demo skipped: port {port} of the provider simulator is taken ({exc})")
+        return
+    catalog = open_catalog(config)
+    try:
+        account, link = start_link(
+            config, catalog, DEMO_STUDY, f"{DEMO_STUDY}_00001", provider.name
+        )
+        # the participant's browser: the provider redirects to the callback on the server
+        callback = httpx.URL(httpx.get(link, timeout=10).headers["location"])
+        answer = httpx.get(str(callback.copy_with(host="127.0.0.1", port=httpx.URL(url).port)))
+        account = next(a for a in list_accounts(catalog) if a.id == account.id)
+    finally:
+        catalog.dispose()
+    print(f"sync: account {account.id} ({account.subject} on {provider.name}) {account.status} "
+          f"after the callback ({answer.status_code})")  # fmt: skip
+    if account.status != "active":
+        return
+    if queue:
+        queue_sync(config, account.id, trigger="demo")
+        print(
+            f"sync: queued on the scheduler; watch `workbench --home {config.home} sync accounts`"
+        )
+    else:
+        print(f"sync: {sync_account(config, account.id, trigger='demo').summary()}")
