@@ -9,6 +9,7 @@ as ``workbench dashboards`` does) over a pool of two synthetic studies and drive
 from __future__ import annotations
 
 import csv
+import dataclasses
 import datetime as dt
 import io
 import os
@@ -356,3 +357,41 @@ def test_attrition_dashboard(browser, dashboards, pool):
     page.check_clean()
     page.page.close()
     print(f"screenshot: {path}")
+
+
+# ---------------------------------------------------------------------------- empty states
+
+
+def test_empty_states(tmp_path):
+    from workbench.enrollment import enroll
+    from workbench.studies import create_study, definition_from_options
+    from workbench.widgets import AttritionDashboard, StatusDashboard
+
+    config = init_home(tmp_path / "empty")
+    page = StatusDashboard(config.home)
+    assert "No studies yet" in page.root.children[1].value
+    no_sources = dataclasses.replace(config, sources=())  # the template has a source
+    assert "No studies or questionnaire" in AttritionDashboard(no_sources).root.children[1].value
+
+    catalog = open_catalog(config)
+    try:
+        create_study(catalog, definition_from_options("fresh", duration_days=14))
+        page = StatusDashboard(config.home, study="fresh")
+        assert "No subjects enrolled yet" in page.table.value
+        assert page.view.counts["enrolled"] == 0
+        enroll(catalog, "fresh", 3)
+        page.refresh()
+        assert page.view.counts == {
+            "enrolled": 3,
+            "active": 0,
+            "stale": 0,
+            "never started": 3,
+            "left": 0,
+            "completed": 0,
+        }
+        assert "No data received" in page.heat_note.value
+        assert page.heat not in page.heat_box.children  # no empty chart on the page
+        assert "No open alerts" in page.alert_note.value
+        assert page.error.value == ""
+    finally:
+        catalog.dispose()

@@ -325,18 +325,30 @@ def serve_dashboards(
     host: str = "127.0.0.1",
     folder: Path = DASHBOARDS,
     preheat: bool = True,
+    log: Path | None = None,
 ) -> subprocess.Popen:
-    """Start Voila on the dashboards for ``config``'s home, in its own process group; the
-    caller waits for it (:func:`wait_for_dashboards`) and stops it (:func:`stop_process`)."""
+    """Start Voila on the dashboards for ``config``'s home, in its own process group, its
+    output appended to ``log`` (default: this process's); the caller waits for it
+    (:func:`wait_for_dashboards`) and stops it (:func:`stop_process`)."""
     if not folder.is_dir():
         raise WorkbenchError(f"no dashboards folder at {folder}")
     env = {**os.environ, HOME_ENV: str(config.home)}
-    return subprocess.Popen(
-        voila_command(port=port, host=host, folder=folder, preheat=preheat),
-        env=env,
-        cwd=folder,
-        start_new_session=True,
-    )
+    output = None
+    if log is not None:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        output = open(log, "ab")  # noqa: SIM115  (the child keeps it; closed below)
+    try:
+        return subprocess.Popen(
+            voila_command(port=port, host=host, folder=folder, preheat=preheat),
+            env=env,
+            cwd=folder,
+            start_new_session=True,
+            stdout=output,
+            stderr=subprocess.STDOUT if output else None,
+        )
+    finally:
+        if output is not None:
+            output.close()
 
 
 def wait_for_dashboards(url: str, *, process: subprocess.Popen, timeout: float = 120) -> None:

@@ -179,10 +179,12 @@ def _start_dashboards(config, port: int) -> subprocess.Popen:
     from workbench.dashboards import dashboard_urls, serve_dashboards, wait_for_dashboards
 
     url = f"http://127.0.0.1:{port}"
-    process = serve_dashboards(config, port=port)
+    log = config.pool / "logs" / "dashboards.log"
+    process = serve_dashboards(config, port=port, log=log)
     wait_for_dashboards(url, process=process)
     for name, address in dashboard_urls(url).items():
         print(f"dashboards, {name}: {address}")
+    print(f"dashboards log: {log}")
     return process
 
 

@@ -31,7 +31,7 @@ from IPython.display import display
 
 from workbench.alerts import ack_alert
 from workbench.catalog import open_catalog
-from workbench.config import load_config
+from workbench.config import Config, load_config
 from workbench.dashboards import (
     COUNTS,
     STATES,
@@ -100,7 +100,7 @@ class _Dashboard:
     """What both dashboards share: a home, a catalog, a place for errors."""
 
     def __init__(self, home) -> None:
-        self.config = load_config(home)
+        self.config = home if isinstance(home, Config) else load_config(home)
         self.catalog = open_catalog(self.config)
         self.error = w.HTML()
         self.root = w.VBox(layout=w.Layout(padding="4px 12px"))
@@ -368,7 +368,7 @@ class StatusDashboard(_Dashboard):
             marks=[self.heat_map],
             axes=[
                 bq.Axis(scale=self.heat_columns, tick_rotate=-45, num_ticks=8),
-                bq.Axis(scale=self.heat_rows, orientation="vertical"),
+                bq.Axis(scale=self.heat_rows, side="left"),
             ],
             fig_margin={"top": 10, "bottom": 70, "left": 120, "right": 20},
             layout=w.Layout(width="100%", height="520px"),
@@ -623,7 +623,7 @@ class AttritionDashboard(_Dashboard):
             marks=[self.band, self.curve],
             axes=[
                 bq.Axis(scale=x, label="days in study"),
-                bq.Axis(scale=y, orientation="vertical", label="retained", tick_format=".0%"),
+                bq.Axis(scale=y, side="left", label="retained", tick_format=".0%"),
             ],
             fig_margin={"top": 10, "bottom": 45, "left": 60, "right": 20},
             layout=w.Layout(width="100%", height="320px"),
@@ -663,10 +663,8 @@ class AttritionDashboard(_Dashboard):
             tooltip=bq.Tooltip(fields=["x", "y"]),
         )
         axes = [
-            bq.Axis(scale=categories, orientation="vertical" if horizontal else "horizontal"),
-            bq.Axis(
-                scale=values, orientation="horizontal" if horizontal else "vertical", label=label
-            ),
+            bq.Axis(scale=categories, side="left" if horizontal else "bottom"),
+            bq.Axis(scale=values, side="bottom" if horizontal else "left", label=label),
         ]
         figure = bq.Figure(
             marks=[bars],
@@ -710,7 +708,7 @@ class AttritionDashboard(_Dashboard):
             marks=[self.compliance_bars, self.target_line],
             axes=[
                 bq.Axis(scale=x, label="% of expected EMA prompts answered"),
-                bq.Axis(scale=y, orientation="vertical", label="participants"),
+                bq.Axis(scale=y, side="left", label="participants"),
             ],
             fig_margin={"top": 10, "bottom": 45, "left": 60, "right": 20},
             layout=w.Layout(width="100%", height="300px"),
