@@ -1,0 +1,87 @@
+"""`make run` as a user sees it: `workbench demo` keeps serving the upload server, the
+scheduler and the dashboards over the demo pool, prints their addresses, and stops them all
+on SIGTERM."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+from tests.conftest import free_port
+from workbench.config import init_home
+
+pytestmark = pytest.mark.slow
+
+
+def read_until(process: subprocess.Popen, marker: str, timeout: float) -> str:
+    """The demo's output up to the line containing ``marker``."""
+    seen, deadline = [], time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = process.stdout.readline()
+        if not line:
+            if process.poll() is not None:
+                break
+            continue
+        seen.append(line)
+        if marker in line:
+            return "".join(seen)
+    raise AssertionError(f"no {marker!r} in the demo's output:\n{''.join(seen)[-3000:]}")
+
+
+def test_demo_serves_dashboards_over_the_demo_pool(tmp_path):
+    home = tmp_path / "demo-home"
+    init_home(home)
+    config = home / "workbench.toml"  # the template's local servers, on ports free here
+    config.write_text(
+        config.read_text().replace(":9000", f":{free_port()}").replace(":9100", f":{free_port()}")
+    )
+    port, dashboards_port = free_port(), free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "workbench.cli", "--home", str(home), "demo", "--port", str(port),
+         "--dashboards-port", str(dashboards_port), "--subjects", "4", "--days", "2"],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True,
+        env={**os.environ, "MT_USER": "demo", "MT_PASSWORD": "demo"},
+    )  # fmt: skip
+    try:
+        output = read_until(process, "(Ctrl-C to stop)", timeout=300)
+        urls = dict(re.findall(r"^dashboards, ([a-z ]+): (\S+)$", output, re.M))
+        assert set(urls) == {"landing page", "study status", "attrition"}, output
+        assert f"upload server: http://127.0.0.1:{port}" in output
+        assert "scheduler running" in output
+        assert httpx.get(f"http://127.0.0.1:{port}/health", timeout=10).status_code == 200
+        landing = httpx.get(urls["landing page"], timeout=30).text
+        assert "study_status.ipynb" in landing and "attrition.ipynb" in landing
+
+        from playwright.sync_api import sync_playwright
+
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(
+                executable_path=shutil.which("chromium"), headless=True, args=["--no-sandbox"]
+            )
+            page = browser.new_page()
+            page.route(lambda u: not u.startswith("http://127.0.0.1"), lambda r: r.abort())
+            page.goto(urls["study status"])
+            enrolled = page.wait_for_selector(
+                ".wb-card[data-key='enrolled'] .wb-value", timeout=120_000
+            )
+            assert enrolled.inner_text() == "4"  # the demo's four simulated subjects
+            page.goto(urls["attrition"])
+            page.wait_for_selector(".bqplot path.line", timeout=120_000)
+            browser.close()
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=60)
+    # every server the demo started stopped with it
+    time.sleep(1)
+    for url in (f"http://127.0.0.1:{port}/health", urls.get("landing page", "")):
+        if url:
+            with pytest.raises(httpx.HTTPError):
+                httpx.get(url, timeout=2)
