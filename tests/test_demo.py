@@ -58,6 +58,9 @@ def test_demo_then_status_alerts_sanity_and_questionnaires(tmp_path):
 
     # the template's questionnaire source, served by the local study server, was exported
     assert "questionnaires exported: mindtrails:" in run.stdout
+    # a demo subject linked to the provider simulator through the callback, then synced
+    assert "(demo_00001 on google_health) active after the callback (200)" in run.stdout
+    assert "sync: account 1: succeeded" in run.stdout
     combined = workbench(home, "combine", "PHQ9")
     assert combined.returncode == 0, combined.stderr
     header, *rows = combined.stdout.splitlines()

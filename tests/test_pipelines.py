@@ -172,7 +172,10 @@ def test_definitions_are_validated(lab):
 
 def test_the_shipped_definitions_schedule_every_notebook(home):
     pipelines = load_pipelines(home)
-    assert set(pipelines) == {"status", "sanity", "export", "reports", "attrition"}
+    assert set(pipelines) == {
+        *("status", "sanity", "export", "reports", "attrition"),
+        *("sync", "sync_maintenance", "poll"),
+    }
     assert all(p.notebook.is_file() and p.enabled for p in pipelines.values())
 
 
