@@ -981,7 +981,11 @@ def dashboards(ctx, host, port, cold) -> None:
         wait_for_dashboards,
     )
 
+    import signal
+
     config = _config(ctx)
+    # SIGTERM (e.g. from a process manager) stops it like Ctrl-C: Voila and its kernels too
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     process = serve_dashboards(config, port=port, host=host, preheat=not cold)
     try:
         wait_for_dashboards(f"http://{host}:{port}", process=process)
