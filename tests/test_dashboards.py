@@ -395,3 +395,30 @@ def test_empty_states(tmp_path):
         assert page.error.value == ""
     finally:
         catalog.dispose()
+
+
+def test_automatic_refresh_reloads_when_the_interval_has_passed(pool, monkeypatch):
+    import asyncio
+
+    from workbench.widgets import StatusDashboard
+
+    config = pool[0]
+    monkeypatch.setattr(StatusDashboard, "TICK", 0.05)
+
+    async def scenario():
+        page = StatusDashboard(config, study="beta", refresh_seconds=60)
+        assert page._ticker is not None  # a running loop (the kernel's): the timer runs
+        first = page.view.now
+        await asyncio.sleep(0.3)
+        assert page.view.now == first  # a minute has not passed
+        page.loaded_at -= 61
+        await asyncio.sleep(0.3)
+        assert page.view.now > first  # reloaded
+        page.interval.value = 0  # off
+        reloaded = page.view.now
+        page.loaded_at -= 10_000
+        await asyncio.sleep(0.3)
+        assert page.view.now == reloaded
+        page._ticker.cancel()
+
+    asyncio.run(scenario())

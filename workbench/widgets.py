@@ -128,6 +128,7 @@ class StatusDashboard(_Dashboard):
     PAGE = 25
     ALERTS = 20
     HEAT_DAYS = 28
+    TICK = 5.0  # seconds between two checks of the automatic refresh
 
     def __init__(self, home=None, *, study: str | None = None, refresh_seconds: int = 300):
         super().__init__(home)
@@ -242,7 +243,7 @@ class StatusDashboard(_Dashboard):
 
     async def _auto_refresh(self) -> None:
         while True:
-            await asyncio.sleep(5)
+            await asyncio.sleep(self.TICK)
             every = self.interval.value
             if every and time.monotonic() - self.loaded_at >= every:
                 self._guard(self.load)
