@@ -14,6 +14,7 @@ import datetime as dt
 import io
 import os
 import shutil
+import threading
 
 import polars as pl
 import pytest
@@ -421,4 +422,18 @@ def test_automatic_refresh_reloads_when_the_interval_has_passed(pool, monkeypatc
         assert page.view.now == reloaded
         page._ticker.cancel()
 
-    asyncio.run(scenario())
+    # in a thread of its own: Playwright's synchronous API holds this thread's event loop
+    failures = []
+
+    def run():
+        try:
+            asyncio.run(scenario())
+        except BaseException as exc:  # reported below, in the test's thread
+            failures.append(exc)
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    worker.join(timeout=60)
+    assert not worker.is_alive()
+    if failures:
+        raise failures[0]
