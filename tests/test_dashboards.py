@@ -247,15 +247,11 @@ def wait_for_text(page, selector: str, text: str, timeout: float = 60_000) -> No
 
 @pytest.mark.slow
 def test_landing_page_lists_both_dashboards(browser, dashboards):
-    page = Page(browser, dashboards_urls(dashboards)["landing page"])
+    page = Page(browser, dashboard_urls(dashboards)["landing page"])
     page.page.wait_for_selector("a[href*='study_status.ipynb']", timeout=60_000)
     assert page.page.query_selector("a[href*='attrition.ipynb']")
     page.check_clean()
     page.page.close()
-
-
-def dashboards_urls(url):
-    return dashboard_urls(url)
 
 
 @pytest.mark.slow

@@ -974,14 +974,14 @@ def dashboards(ctx, host, port, cold) -> None:
         workbench dashboards --port 8866
         # then open http://127.0.0.1:8866/voila/render/study_status.ipynb
     """
+    import signal
+
     from workbench.dashboards import (
         dashboard_urls,
         serve_dashboards,
         stop_process,
         wait_for_dashboards,
     )
-
-    import signal
 
     config = _config(ctx)
     # SIGTERM (e.g. from a process manager) stops it like Ctrl-C: Voila and its kernels too

@@ -109,6 +109,20 @@ class _Dashboard:
         """Display the dashboard in the notebook (or Voila page)."""
         display(self.root)
 
+    def _picker(self, title: str, choices: list[str], chosen: str | None, empty: str):
+        """The study picker, or None with the page saying ``empty`` when there is no choice."""
+        if not choices:
+            self.root.children = [
+                w.HTML(STYLE + f"<div class='wb-title'>{title}</div>"),
+                w.HTML(_empty(empty)),
+            ]
+            return None
+        return w.Dropdown(
+            options=choices,
+            value=chosen if chosen in choices else choices[0],
+            description="Study",
+        )
+
     def _guard(self, action: Callable[[], None]) -> None:
         """Run ``action``; a workbench error becomes a message on the page, not a traceback."""
         try:
@@ -136,22 +150,15 @@ class StatusDashboard(_Dashboard):
         self.page = 0
         self.loaded_at = 0.0
         studies = study_choices(self.config, catalog=self.catalog)
-        if not studies:
-            self.root.children = [
-                w.HTML(STYLE + "<div class='wb-title'>Study status</div>"),
-                w.HTML(
-                    _empty(
-                        "No studies yet. Create one with <code>workbench study create</code> "
-                        "and enroll subjects with <code>workbench enroll</code>."
-                    )
-                ),
-            ]
-            return
-        self.picker = w.Dropdown(
-            options=studies,
-            value=study if study in studies else studies[0],
-            description="Study",
+        self.picker = self._picker(
+            "Study status",
+            studies,
+            study,
+            "No studies yet. Create one with <code>workbench study create</code> and enroll "
+            "subjects with <code>workbench enroll</code>.",
         )
+        if self.picker is None:
+            return
         self.refresh_button = w.Button(description="Refresh", icon="refresh")
         self.interval = w.Dropdown(
             options=REFRESH_CHOICES,
@@ -470,24 +477,15 @@ class AttritionDashboard(_Dashboard):
 
     def __init__(self, home=None, *, study: str | None = None):
         super().__init__(home)
-        choices = attrition_choices(self.config)
-        if not choices:
-            self.root.children = [
-                w.HTML(STYLE + "<div class='wb-title'>Attrition</div>"),
-                w.HTML(
-                    _empty(
-                        "No studies or questionnaire sources yet: create a study with "
-                        "<code>workbench study create</code> or add a <code>[[sources]]</code> "
-                        "entry to workbench.toml."
-                    )
-                ),
-            ]
-            return
-        self.picker = w.Dropdown(
-            options=choices,
-            value=study if study in choices else choices[0],
-            description="Study",
+        self.picker = self._picker(
+            "Attrition",
+            attrition_choices(self.config),
+            study,
+            "No studies or questionnaire sources yet: create a study with <code>workbench "
+            "study create</code> or add a <code>[[sources]]</code> entry to workbench.toml.",
         )
+        if self.picker is None:
+            return
         self.cohort = w.Dropdown(options=[("all", "")], value="", description="Cohort")
         self.since = w.DatePicker(description="Started from")
         self.until = w.DatePicker(description="to")
