@@ -4,6 +4,7 @@ on SIGTERM."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -56,6 +57,7 @@ def test_demo_serves_dashboards_over_the_demo_pool(tmp_path):
         assert set(urls) == {"landing page", "study status", "attrition"}, output
         assert f"upload server: http://127.0.0.1:{port}" in output
         assert "scheduler running" in output
+        assert "sync: queued on the scheduler" in output
         assert httpx.get(f"http://127.0.0.1:{port}/health", timeout=10).status_code == 200
         landing = httpx.get(urls["landing page"], timeout=30).text
         assert "study_status.ipynb" in landing and "attrition.ipynb" in landing
@@ -76,6 +78,20 @@ def test_demo_serves_dashboards_over_the_demo_pool(tmp_path):
             page.goto(urls["attrition"])
             page.wait_for_selector(".bqplot path.line", timeout=120_000)
             browser.close()
+
+        # the demo's account on the provider simulator syncs through the scheduler
+        deadline, accounts = time.monotonic() + 120, []
+        while time.monotonic() < deadline:
+            listed = subprocess.run(
+                [sys.executable, "-m", "workbench.cli", "--home", str(home), "sync", "accounts",
+                 "--json"],
+                capture_output=True, text=True, timeout=60,
+            )  # fmt: skip
+            accounts = json.loads(listed.stdout or "[]")
+            if accounts and all(a["last_synced_at"] for a in accounts):
+                break
+            time.sleep(1)
+        assert accounts and all(a["last_synced_at"] for a in accounts), accounts
     finally:
         os.killpg(process.pid, signal.SIGTERM)
         process.wait(timeout=60)
