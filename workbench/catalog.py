@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import operator
 import os
 import threading
 import time
@@ -542,6 +543,15 @@ class Prepared:
         compiled = statement.compile(dialect=engine.dialect, column_keys=column_keys)
         self.sql = str(compiled)
         self._order = compiled.positiontup if engine.dialect.positional else None
+        # The driver's parameters from a dict: a tuple in bind order for positional drivers
+        # (itemgetter runs in C), the dict itself for named ones.
+        if self._order is None:
+            self._pick = _same
+        elif len(self._order) == 1:
+            key = self._order[0]
+            self._pick = lambda values: (values[key],)
+        else:
+            self._pick = operator.itemgetter(*self._order)
         names = getattr(statement, "selected_columns", None)
         if names is None:
             names = getattr(statement, "_returning", ())
@@ -549,18 +559,22 @@ class Prepared:
 
     def params(self, values: dict):
         """The parameters in the form the driver wants."""
-        return tuple(values[name] for name in self._order) if self._order is not None else values
+        return self._pick(values)
 
     def all(self, cursor, values: dict) -> list:
         """Execute and return every row as a named tuple."""
-        cursor.execute(self.sql, self.params(values))
-        return [self.row._make(r) for r in cursor.fetchall()]
+        cursor.execute(self.sql, self._pick(values))
+        return list(map(self.row._make, cursor.fetchall()))
 
     def scalar(self, cursor, values: dict):
         """Execute and return the first column of the first row, or None."""
-        cursor.execute(self.sql, self.params(values))
+        cursor.execute(self.sql, self._pick(values))
         first = cursor.fetchone()
         return None if first is None else first[0]
+
+
+def _same(values):
+    return values
 
 
 def fetch_tuples(conn: Connection, statement) -> list[tuple]:
@@ -723,17 +737,46 @@ class Catalog:
             finally:
                 conn.close()  # back to the pool
             return
+        yield self._thread_connection()[0]
+
+    @contextlib.contextmanager
+    def raw_cursor(self) -> Iterator:
+        """A DBAPI cursor for :class:`Prepared` reads on the hot path (see :meth:`raw`); on
+        SQLite each thread reuses one cursor of its own connection."""
+        if not self.is_sqlite:
+            with self.raw() as conn:
+                cursor = conn.cursor()
+                try:
+                    yield cursor
+                finally:
+                    cursor.close()
+            return
+        yield self._thread_connection()[1]
+
+    def _thread_connection(self) -> tuple:
+        """This thread's pooled SQLite connection and a cursor kept open on it."""
         local = self._local
         if getattr(local, "pid", None) != os.getpid():
-            local.conn, local.pid = self.engine.raw_connection(), os.getpid()
-        yield local.conn
+            conn = self.engine.raw_connection()
+            local.conn, local.cursor, local.pid = conn, conn.cursor(), os.getpid()
+        return local.conn, local.cursor
 
     @contextlib.contextmanager
     def raw_writing(self) -> Iterator:
         """A write transaction on a DBAPI cursor (see :meth:`writing`); commits on exit."""
-        with self._write_lock(), self.raw() as conn:
+        if not self.is_sqlite:
+            with self._write_lock(), self.raw() as conn:
+                try:
+                    yield conn.cursor()
+                    conn.commit()
+                except BaseException:
+                    conn.rollback()
+                    raise
+            return
+        with self._write_lock():
+            conn, cursor = self._thread_connection()
             try:
-                yield conn.cursor()
+                yield cursor
                 conn.commit()
             except BaseException:
                 conn.rollback()

@@ -183,9 +183,9 @@ class Ingest:
                 f"(at most {MAX_NAME - NAME_EXTRA} characters in all)"
             )
 
-        with self.catalog.raw() as conn:
+        with self.catalog.raw_cursor() as cursor:
             rows = self._lookup_device.all(
-                conn.cursor(), {"study": study_id, "subject": subject_id, "device": device_id}
+                cursor, {"study": study_id, "subject": subject_id, "device": device_id}
             )
         if not rows:
             raise _keep(UnknownStudy(f"unknown study {study_id!r}; the batch is kept in junk"))
