@@ -182,7 +182,7 @@ class LedgerWriter:
         self._queue: list[_Pending] = []
         self._committing = False
         self._unsynced: list[tuple[Path, Path]] = []
-        self._cond = threading.Condition()
+        self._mutex = threading.Lock()
         self._sync_lock = threading.Lock()
         self._stop = threading.Event()
         self._syncer = threading.Thread(target=self._sync_loop, name="ledger-sync", daemon=True)
@@ -191,25 +191,45 @@ class LedgerWriter:
     def record(self, row: dict) -> int | None:
         """Insert ``row`` into the ledger; its id, or None if the same batch is there already."""
         pending = _Pending(row)
-        with self._cond:
-            self._queue.append(pending)
-            while self._committing and not pending.finished:
-                self._cond.wait()
-            if not pending.finished:
+        with self._mutex:
+            if self._committing:
+                # Wait to be woken, by the commit that contained the row or to lead the next.
+                pending.wake = threading.Lock()
+                pending.wake.acquire()
+                self._queue.append(pending)
+            else:
                 self._committing = True
-                batch, self._queue = self._queue, []
+        if pending.wake is not None:
+            pending.wake.acquire()
         if not pending.finished:
-            try:
-                self._commit(batch)
-            finally:
-                with self._cond:
-                    for item in batch:
-                        item.finished = True
-                    self._committing = False
-                    self._cond.notify_all()
+            self._lead(pending)
         if pending.error is not None:
             raise pending.error
         return pending.row_id
+
+    def _lead(self, leader: _Pending) -> None:
+        """Commit the leader's row with every row queued meanwhile, then wake their threads and
+        hand the lead to the first row that queued during the commit (waking no other)."""
+        with self._mutex:
+            batch, self._queue = [leader, *self._queue], []
+        try:
+            self._commit(batch)
+        except BaseException as exc:  # e.g. SystemExit: no row of this batch is reported stored
+            for item in batch:
+                item.row_id, item.error = None, exc
+            raise
+        finally:
+            with self._mutex:
+                for item in batch:
+                    item.finished = True
+                if self._queue:
+                    successor = self._queue.pop(0)
+                else:
+                    successor, self._committing = None, False
+            for item in batch[1:]:
+                item.wake.release()
+            if successor is not None:
+                successor.wake.release()
 
     def _commit(self, batch: list[_Pending]) -> None:
         try:
@@ -228,13 +248,13 @@ class LedgerWriter:
 
     def published(self, incoming: Path, final: Path) -> None:
         """Note a batch linked under its final name; its incoming name goes once durable."""
-        with self._cond:
+        with self._mutex:
             self._unsynced.append((incoming, final.parent))
 
     def sync(self) -> int:
         """Make all recorded rows and links durable now and drop their incoming names."""
         with self._sync_lock:
-            with self._cond:
+            with self._mutex:
                 batch, self._unsynced = self._unsynced, []
             if not batch:
                 return 0
@@ -242,7 +262,7 @@ class LedgerWriter:
                 self.catalog.sync()
                 sync_folders({folder for _incoming, folder in batch})
             except BaseException:
-                with self._cond:
+                with self._mutex:
                     self._unsynced[:0] = batch  # keep the names until a sync succeeds
                 raise
             for incoming, _folder in batch:
@@ -264,9 +284,10 @@ class LedgerWriter:
                 log.error("ledger sync failed: %s", exc)
 
 
-@dataclass
+@dataclass(slots=True)
 class _Pending:
     row: dict
     row_id: int | None = None
     error: BaseException | None = None
     finished: bool = False
+    wake: threading.Lock | None = None  # held until this thread is to go on
