@@ -601,9 +601,12 @@ class Catalog:
     """A connection to the catalog database.
 
     Example: ``catalog = Catalog("sqlite:///pool/catalog.sqlite"); catalog.upgrade()``.
+
+    ``checkpoint_pages`` sets how long SQLite's write-ahead log grows before a commit
+    checkpoints it (``PRAGMA wal_autocheckpoint``; SQLite's default when None).
     """
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, checkpoint_pages: int | None = None) -> None:
         try:
             parsed = make_url(url)
         except SQLAlchemyError as exc:
@@ -627,7 +630,7 @@ class Catalog:
         self._thread_lock = threading.Lock()
         self._local = threading.local()
         if self.is_sqlite:
-            _configure_sqlite(self.engine)
+            _configure_sqlite(self.engine, checkpoint_pages)
             if parsed.database and parsed.database != ":memory:":
                 self._lock_path = f"{parsed.database}.lock"
 
@@ -799,7 +802,7 @@ class Catalog:
             self._lock_fd = None
 
 
-def _configure_sqlite(engine: Engine) -> None:
+def _configure_sqlite(engine: Engine, checkpoint_pages: int | None = None) -> None:
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection, _record) -> None:
         cursor = dbapi_connection.cursor()
@@ -810,6 +813,10 @@ def _configure_sqlite(engine: Engine) -> None:
         # in the background (see workbench.ledger.LedgerWriter).
         cursor.execute("PRAGMA synchronous = NORMAL")
         cursor.execute("PRAGMA cache_size = -8192")  # 8 MiB: the hot part of the ledger's indexes
+        if checkpoint_pages is not None:
+            # A commit that finds the write-ahead log this long copies it into the database
+            # file (with two fsyncs) while every writer waits; SQLite's default is 1,000 pages.
+            cursor.execute(f"PRAGMA wal_autocheckpoint = {int(checkpoint_pages)}")
         cursor.close()
 
 

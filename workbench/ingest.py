@@ -81,6 +81,12 @@ MAX_TIMESTAMP = 253_402_300_799_999
 
 ACTIVE, LEFT_CLIENT_TIME, LEFT_SERVER_TIME, REMOVED = 0, 1, 2, 3
 
+# Each upload row dirties a few scattered index pages (its SHA-256 and path are random keys),
+# so the write-ahead log grows fast: at SQLite's default of 1,000 pages a commit stops every
+# writer for a checkpoint several times a second. 10,000 pages (40 MiB) checkpoint a tenth as
+# often, and pages written again meanwhile (the ends of the table and of its indexes) once.
+LEDGER_CHECKPOINT_PAGES = 10_000
+
 
 @dataclass
 class Upload:
@@ -121,7 +127,9 @@ class Ingest:
         self.config = config
         self.pool = DataPool(config.pool)
         self.pool.create()
-        self.catalog = catalog or Catalog(config.catalog_url)
+        self.catalog = catalog or Catalog(
+            config.catalog_url, checkpoint_pages=LEDGER_CHECKPOINT_PAGES
+        )
         self.catalog.upgrade()
         self._incoming_lock = self.pool.hold_incoming()  # recovery waits while we write
         self.ledger = LedgerWriter(self.catalog)
