@@ -487,7 +487,9 @@ class AttritionDashboard(_Dashboard):
         if self.picker is None:
             return
         self.cohort = w.Dropdown(options=[("all", "")], value="", description="Cohort")
-        self.since = w.DatePicker(description="Started from")
+        self.since = w.DatePicker(
+            description="Started from", style={"description_width": "initial"}
+        )
         self.until = w.DatePicker(description="to")
         self.cards = w.HTML()
         self.notes = {
