@@ -146,13 +146,11 @@ def run_demo(
     except KeyboardInterrupt:
         print("\nstopping")
     finally:
+        from workbench.dashboards import stop_process
+
         for process in (server, questionnaires, scheduler, dashboards):
-            if process is not None and process.poll() is None:
-                os.killpg(process.pid, signal.SIGTERM)
-                try:
-                    process.wait(timeout=20)
-                except subprocess.TimeoutExpired:
-                    os.killpg(process.pid, signal.SIGKILL)
+            if process is not None:
+                stop_process(process)
 
 
 def _start_scheduler(config) -> subprocess.Popen:
