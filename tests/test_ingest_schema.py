@@ -9,7 +9,8 @@ import msgspec
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from workbench.ingest import MAX_TIMESTAMP, _decode_batch
+from workbench.errors import BadRequest
+from workbench.ingest import MAX_TIMESTAMP, SourceDecoders, _decode_batch, span_of_batch
 from workbench.templates import load_schema
 
 SCHEMA = jsonschema.Draft202012Validator(load_schema("batch"))
@@ -74,3 +75,64 @@ def test_hot_path_accepts_what_the_schema_accepts(batch):
         assert not fast  # stricter on purpose: a timestamp of 1.0 is refused
     else:
         assert fast == slow
+
+
+SOURCE = ("s", "u", "d", "acc")
+OTHERS = {"studyId": "t", "username": "u2", "deviceid": "\u00e9", "sensorname": "acc "}
+
+
+@st.composite
+def source_batches(draw):
+    """Batches of one source, with now and then a record naming another, a bad timestamp or
+    an extra field, written compact or not."""
+    batch = []
+    for _ in range(draw(st.integers(0, 4))):
+        record = {**GOOD, "timestamp": draw(st.integers(0, MAX_TIMESTAMP))}
+        kind = draw(st.integers(0, 9))
+        if kind == 0:
+            field = draw(st.sampled_from(sorted(OTHERS)))
+            record[field] = OTHERS[field]
+        elif kind == 1:
+            record["timestamp"] = draw(values)
+        elif kind == 2:
+            record[draw(st.sampled_from(FIELDS))] = draw(values)
+        elif kind == 3:
+            del record[draw(st.sampled_from(FIELDS))]
+        if draw(st.booleans()):
+            record["x"] = draw(values)
+        batch.append(record)
+    compact = draw(st.booleans())
+    return json.dumps(batch, separators=(",", ":") if compact else None).encode(), compact
+
+
+@settings(max_examples=400, deadline=None)
+@given(case=source_batches())
+def test_known_source_decoder_agrees_with_the_general_path(case):
+    body, compact = case
+    decoders = SourceDecoders()
+    decoders.learn(*SOURCE)
+    fast = decoders.decode(body)
+    try:
+        general = _decode_batch(body)
+        span = span_of_batch(general, *SOURCE)
+    except (msgspec.MsgspecError, BadRequest):
+        general = None
+    if general is None:
+        assert fast is None
+    else:
+        stamps = [r.timestamp for r in general]
+        assert span == (min(stamps), max(stamps))
+        if compact:
+            assert fast is not None  # the fast path is taken whenever it can be
+        if fast is not None:
+            assert [r.timestamp for r in fast] == stamps
+            assert {(r.studyId, r.username, r.deviceid, r.sensorname) for r in fast} == {SOURCE}
+
+
+def test_source_decoders_keep_at_most_size():
+    decoders = SourceDecoders(size=2)
+    for subject in ("a", "b", "c"):
+        decoders.learn("s", subject, "d", "acc")
+    body = json.dumps([{**GOOD, "username": "a", "timestamp": 1}], separators=(",", ":"))
+    assert decoders.decode(body.encode()) is None  # the oldest went
+    assert decoders.decode(body.replace('"a"', '"c"').encode()) is not None

@@ -152,8 +152,11 @@ def test_unknown_sensor_goes_to_junk_with_422(phone, catalog, home):
     assert count(catalog, rejections, rejections.c.sensor == "gyroscope") == 1
 
 
+@pytest.mark.parametrize("known", [False, True], ids=["new-source", "known-source"])
 @pytest.mark.parametrize("field", ["username", "sensorname", "deviceid", "studyId"])
-def test_batch_mixing_sources_goes_to_junk_with_400(phone, catalog, home, field):
+def test_batch_mixing_sources_goes_to_junk_with_400(phone, catalog, home, field, known):
+    if known:  # a source that stored a batch before is decoded by its own fast decoder
+        assert phone.upload().status_code == 200
     records = phone.batch(n=5)
     records[3][field] = {
         "username": "demo_00002",
@@ -164,7 +167,18 @@ def test_batch_mixing_sources_goes_to_junk_with_400(phone, catalog, home, field)
     answer = phone.upload(records)
     assert answer.status_code == 400
     assert "same study, subject, device and sensor" in answer.json()["message"]
-    assert len(junk_files(home)) == 1 and count(catalog, uploads) == 0
+    assert len(junk_files(home)) == 1 and count(catalog, uploads) == int(known)
+
+
+def test_known_source_is_checked_as_strictly(phone, catalog):
+    assert phone.upload().status_code == 200
+    for bad in (-1, "x", 1.5, 253_402_300_800_000):
+        records = phone.batch(n=3)
+        records[2]["timestamp"] = bad
+        answer = phone.upload(records)
+        assert answer.status_code == 400, (bad, answer.text)
+        assert answer.json()["message"].startswith("the body must be a JSON array")
+    assert count(catalog, uploads) == 1
 
 
 def test_unregistered_device_is_403(client, subjects, catalog):
