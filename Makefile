@@ -18,7 +18,8 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 ## system-deps: Debian packages the tests use (a Redis server for the Redis queue, Chromium
-## for the dashboards' browser tests, driven by Playwright)
+## for the dashboards' browser tests, driven by Playwright, and a PostgreSQL server for the
+## catalog tests on PostgreSQL)
 system-deps:
 	@command -v redis-server >/dev/null 2>&1 || { \
 	  echo "installing redis-server"; \
@@ -28,6 +29,10 @@ system-deps:
 	  echo "installing chromium"; \
 	  (apt-get install -y -qq chromium || \
 	   (apt-get update -qq && apt-get install -y -qq chromium)) >/dev/null; }
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null 2>&1 || { \
+	  echo "installing postgresql"; \
+	  (apt-get install -y -qq postgresql || \
+	   (apt-get update -qq && apt-get install -y -qq postgresql)) >/dev/null; }
 
 ## run: demo study, upload server on $(PORT), simulated phones, the scheduler and the
 ## dashboards on $(DASHBOARDS_PORT); serves until Ctrl-C
