@@ -155,6 +155,22 @@ def test_link_sync_and_the_next_run_fetches_only_the_partial_window(lab, catalog
     assert all((lab.pool / r.path).stat().st_size == r.bytes for r in rows)
 
 
+def test_verify_checks_the_sync_ledger(lab, catalog):
+    from workbench.ledger import verify
+
+    account = link(lab, catalog, "demo_00001", "gh")
+    assert sync_account(lab, account.id, catalog=catalog).status == "succeeded"
+    assert verify(lab, settle=0) == []
+    with catalog.engine.connect() as conn:
+        first, second = (
+            conn.execute(select(sync_raw.c.path).order_by(sync_raw.c.id)).scalars().all()[:2]
+        )
+    (lab.pool / first).write_bytes(b"{}")
+    (lab.pool / second).unlink()
+    found = {(d.kind, d.path) for d in verify(lab, settle=0)}
+    assert found == {("size", first), ("missing", second)}
+
+
 def test_a_declarative_rest_provider_syncs_without_code(lab, catalog):
     account = link(lab, catalog, "demo_00002", "pedometer")
     result = sync_account(lab, account.id, catalog=catalog)

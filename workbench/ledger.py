@@ -14,7 +14,7 @@ from pathlib import Path
 from sqlalchemy import func, select
 from tqdm import tqdm
 
-from workbench.catalog import Catalog, Prepared, dialect_insert, rejections, uploads
+from workbench.catalog import Catalog, Prepared, dialect_insert, rejections, sync_raw, uploads
 from workbench.config import Config
 from workbench.pool import DataPool, sync_folders
 
@@ -38,6 +38,10 @@ def verify(
 ) -> list[Discrepancy]:
     """Check that every ledger row's file exists with its size and hash, that no stored file
     lacks a row, and that no temporary file is left; return every discrepancy found.
+
+    The ledgers are the upload ledger, the rejections kept in junk and the sync ledger (each
+    window fetched from a third-party API, under ``sync/<provider>/raw/``). A raw sync file
+    without a row is not reported: a sync interrupted between the two fetches the window again.
 
     Safe beside a running server: what an upload in flight shows for an instant (a row whose
     file is being linked, an incoming file not yet recorded) is looked at again after
@@ -73,11 +77,13 @@ def _verify_once(config: Config, *, check_hashes: bool, progress: bool) -> list[
             total += conn.execute(
                 select(func.count()).select_from(rejections).where(rejections.c.path.is_not(None))
             ).scalar_one()
+            total += conn.execute(select(func.count()).select_from(sync_raw)).scalar_one()
             rows = conn.execute(
                 select(uploads.c.path, uploads.c.bytes, uploads.c.sha256).union_all(
                     select(rejections.c.path, rejections.c.bytes, rejections.c.sha256).where(
                         rejections.c.path.is_not(None)
-                    )
+                    ),
+                    select(sync_raw.c.path, sync_raw.c.bytes, sync_raw.c.sha256),
                 )
             )
             bar = tqdm(rows, total=total, unit="file", desc="ledger", disable=not progress)
