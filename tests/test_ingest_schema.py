@@ -129,10 +129,11 @@ def test_known_source_decoder_agrees_with_the_general_path(case):
             assert {(r.studyId, r.username, r.deviceid, r.sensorname) for r in fast} == {SOURCE}
 
 
-def test_source_decoders_keep_at_most_size():
+def test_source_decoders_keep_the_first_size_sources_and_no_more():
     decoders = SourceDecoders(size=2)
     for subject in ("a", "b", "c"):
         decoders.learn("s", subject, "d", "acc")
     body = json.dumps([{**GOOD, "username": "a", "timestamp": 1}], separators=(",", ":"))
-    assert decoders.decode(body.encode()) is None  # the oldest went
-    assert decoders.decode(body.replace('"a"', '"c"').encode()) is not None
+    assert decoders.decode(body.encode()) is not None  # kept: no decoder is ever rebuilt
+    assert decoders.decode(body.replace('"a"', '"b"').encode()) is not None
+    assert decoders.decode(body.replace('"a"', '"c"').encode()) is None  # the general path

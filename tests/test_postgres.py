@@ -74,9 +74,15 @@ from tests.test_sync import (  # noqa: F401
     test_link_sync_and_the_next_run_fetches_only_the_partial_window,
     test_two_queued_syncs_of_one_account_never_overlap,
     test_two_workers_refreshing_one_account_make_one_refresh,
+    test_verify_checks_the_sync_ledger,
 )
 from workbench.catalog import SCHEMA_VERSION, Catalog
 from workbench.config import init_home
+
+# The imported tests' modules mark them slow; the mark does not travel with the functions.
+# Fixtures imported above (e.g. test_export's `server`, a questionnaire server) take the place of
+# conftest's fixtures of the same name in this module.
+pytestmark = pytest.mark.slow
 
 
 def _binaries() -> Path:
@@ -89,36 +95,31 @@ def _binaries() -> Path:
 
 @pytest.fixture(scope="session")
 def postgres():
-    """A private PostgreSQL cluster on 127.0.0.1; yields its base URL (without a database)."""
+    """A private PostgreSQL cluster reached only through a Unix socket in a folder of its own
+    (no TCP listener, so no other local user can reach it); yields a function that gives the
+    SQLAlchemy URL of a database."""
     binaries = _binaries()
-    root = Path(tempfile.mkdtemp(prefix="workbench-pg-"))
-    root.chmod(0o755)
+    root = Path(tempfile.mkdtemp(prefix="workbench-pg-"))  # mode 0700
     as_owner: list[str] = []
     if os.geteuid() == 0:  # PostgreSQL refuses to run as root
         shutil.chown(root, "postgres")
         as_owner = ["runuser", "-u", "postgres", "--"]
-    data, port = root / "data", free_port()
+    data, log, port = root / "data", root / "log", free_port()
 
-    def run(*command: str) -> None:
-        subprocess.run([*as_owner, *command], check=True, capture_output=True, timeout=120)
+    def run(*command: str, check: bool = True) -> subprocess.CompletedProcess:
+        done = subprocess.run([*as_owner, *command], capture_output=True, text=True, timeout=120)
+        if check and done.returncode != 0:
+            server_log = log.read_text(errors="replace")[-3000:] if log.exists() else ""
+            pytest.fail(f"{command[0]} failed: {done.stderr[-2000:]}\n{server_log}")
+        return done
 
     run(str(binaries / "initdb"), "-D", str(data), "-A", "trust", "-U", "workbench", "-E", "UTF8")
-    options = f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off"
-    run(
-        str(binaries / "pg_ctl"),
-        "-D",
-        str(data),
-        "-w",
-        "-l",
-        str(root / "log"),
-        "-o",
-        options,
-        "start",
-    )
+    options = f"-p {port} -k {root} -c listen_addresses='' -c fsync=off"
     try:
-        yield f"postgresql+psycopg://workbench@127.0.0.1:{port}"
+        run(str(binaries / "pg_ctl"), "-D", str(data), "-w", "-l", str(log), "-o", options, "start")
+        yield lambda database: f"postgresql+psycopg://workbench@/{database}?host={root}&port={port}"
     finally:
-        run(str(binaries / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop")
+        run(str(binaries / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop", check=False)
         shutil.rmtree(root, ignore_errors=True)
 
 
@@ -128,14 +129,15 @@ def home(tmp_path, postgres, monkeypatch):
     import psycopg
 
     name = f"test_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(f"{postgres.replace('+psycopg', '')}/postgres", autocommit=True) as conn:
+    admin = postgres("postgres").replace("postgresql+psycopg://", "postgresql://")
+    with psycopg.connect(admin, autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
-    monkeypatch.setenv("WORKBENCH_CATALOG_URL", f"{postgres}/{name}")
+    monkeypatch.setenv("WORKBENCH_CATALOG_URL", postgres(name))
     return init_home(tmp_path / "home")
 
 
 def test_the_catalog_is_on_postgresql_and_upgrades_once(home):
-    assert home.catalog_url.startswith("postgresql+psycopg://")
+    assert home.catalog_url.startswith("postgresql+psycopg://workbench@/test_")
     catalog = Catalog(home.catalog_url)
     try:
         assert not catalog.is_sqlite

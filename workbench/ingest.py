@@ -792,8 +792,10 @@ class SourceDecoders:
     body only if it is valid and every record names that one source, which it checks in C while
     parsing instead of in four passes over the records. The source is guessed from the first
     record's bytes; a wrong guess, an unknown source or an invalid body gives None, and the
-    caller takes the general path, which says what is wrong. Only a source whose upload was
-    authenticated and stored is learned, and at most ``size`` are kept (oldest out first).
+    caller takes the general path, which says what is wrong. Only a source whose batch passed
+    every check and was stored is learned. The first ``size`` sources are kept (about 3.5 KiB
+    each) and no more: evicting would make a worker that sees more sources than that build a
+    decoder for nearly every upload, so further sources simply keep the general path.
     """
 
     def __init__(self, size: int = 4096) -> None:
@@ -813,15 +815,14 @@ class SourceDecoders:
             return None
 
     def learn(self, study: str, subject: str, device: str, sensor: str) -> None:
-        """Keep a decoder for a source whose batch was just stored."""
+        """Keep a decoder for a source whose batch was just stored, while there is room."""
         source = (study, subject, device, sensor)
-        if source in self._decoders:
+        if source in self._decoders or len(self._decoders) >= self.size:
             return
         decode = _source_decoder(*source)
         with self._lock:
-            while len(self._decoders) >= self.size:
-                del self._decoders[next(iter(self._decoders))]
-            self._decoders[source] = decode
+            if len(self._decoders) < self.size:
+                self._decoders.setdefault(source, decode)
 
 
 _SOURCE_KEYS = (b'"studyId":"', b'"username":"', b'"deviceid":"', b'"sensorname":"')
