@@ -209,9 +209,8 @@ class Ingest:
         self._authenticate(definition, row.token_hash, upload, subject_id)
         if row.status != "active":
             raise _keep(StudyArchived(f"study {study_id!r} is archived; the batch is kept in junk"))
-        if known_source:
-            stamps = list(map(_timestamp_of, records))
-            first_ts, last_ts = min(stamps), max(stamps)
+        if known_source:  # its decoder checked that every record names this source
+            first_ts, last_ts = sample_span(records)
         else:
             first_ts, last_ts = span_of_batch(records, study_id, subject_id, device_id, sensor)
         if definition["checksum_required"] and not has_checksum:
@@ -901,6 +900,11 @@ def span_of_batch(records: list[BatchRecord], study: str, subject: str, device: 
                     "sensor; the batch is kept in junk"
                 )
             )
+    return sample_span(records)
+
+
+def sample_span(records) -> tuple[int, int]:
+    """First and last sample time of a batch."""
     stamps = list(map(_timestamp_of, records))
     return min(stamps), max(stamps)
 
