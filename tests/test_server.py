@@ -14,6 +14,7 @@ from tests.conftest import Phone
 from workbench.catalog import devices, rejections, uploads
 from workbench.ledger import verify
 from workbench.studies import archive_study, create_study, definition_from_options
+from workbench.subjects import remove_subject
 
 
 def count(catalog, table, *where) -> int:
@@ -211,8 +212,7 @@ def test_left_subject_within_grace_is_filed_then_refused(phone, catalog, home):
 
 
 def test_removed_subject_is_refused_at_once(phone, catalog):
-    answer = phone.set_status(3)
-    assert answer.status_code == 200
+    remove_subject(catalog, "demo", phone.subject, by="coordinator")
     assert phone.upload().status_code == 403
     back = phone.set_status(0)
     assert back.status_code == 403  # only the investigator can undo a removal
@@ -319,11 +319,13 @@ def test_ema_app_registers_its_own_device(client, subjects, catalog):
 
 
 def test_update_user_records_when_the_subject_left(phone, catalog):
-    answer = phone.set_status(1, time_left=1234)
+    with catalog.engine.connect() as conn:
+        joined = conn.execute(select(devices.c.time_joined)).scalar()
+    answer = phone.set_status(1, time_left=joined + 1234)
     assert answer.status_code == 200
     with catalog.engine.connect() as conn:
         row = conn.execute(select(devices)).one()
-    assert (row.status, row.time_left) == (1, 1234)
+    assert (row.status, row.time_left) == (1, joined + 1234)
 
 
 def test_update_user_of_unregistered_device_is_403(client, subjects):

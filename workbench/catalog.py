@@ -33,6 +33,7 @@ from sqlalchemy import (
     UniqueConstraint,
     create_engine,
     event,
+    inspect,
     select,
     text,
 )
@@ -41,7 +42,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from workbench.errors import CatalogError
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 # A migration upgrades the catalog from version N-1 to N; it is keyed by N.
 MIGRATIONS: dict[int, Callable[[Connection], None]] = {}
@@ -76,6 +77,11 @@ subjects = Table(
     Column("subject_id", String(128), primary_key=True),
     Column("token_hash", String(64), nullable=False),  # sha256 hex of the secret token
     Column("enrolled_at", BigInteger, nullable=False),
+    # Version 6: removal by the investigator (status 3), final until the coordinator restores,
+    # and when the coordinator last reset the count of devices the subject attached.
+    Column("removed_at", BigInteger),
+    Column("removed_by", String(128)),
+    Column("devices_reset_at", BigInteger),
     Index("ix_subjects_token_hash", "token_hash"),
 )
 
@@ -130,6 +136,7 @@ rejections = Table(
     Column("sha256", String(64)),
     Column("path", String(1024)),  # the body kept under junk/, when it was kept
     Column("remote_addr", String(64)),
+    Column("pruned_at", BigInteger),  # version 6: its junk file was pruned by the operator
     Index("ix_rejections_study_id", "study_id", "id"),
 )
 
@@ -519,6 +526,42 @@ def _add_sync_tables(conn: Connection) -> None:
 MIGRATIONS[5] = _add_sync_tables
 
 
+# --- version 6: hardening ---------------------------------------------------------------
+
+# Bytes of unauthenticated junk kept per UTC day and client address ("*" is the day's total),
+# so that nobody without a token can fill the disk.
+junk_usage = Table(
+    "junk_usage",
+    metadata,
+    Column("day", Integer, primary_key=True),  # days since the epoch, UTC
+    Column("address", String(64), primary_key=True),
+    Column("bytes", BigInteger, nullable=False),
+)
+
+
+def _add_hardening(conn: Connection) -> None:
+    metadata.create_all(conn, tables=[junk_usage])
+    inspector = inspect(conn)
+    for table, column, kind in (
+        ("subjects", "removed_at", "BIGINT"),
+        ("subjects", "removed_by", "VARCHAR(128)"),
+        ("subjects", "devices_reset_at", "BIGINT"),
+        ("rejections", "pruned_at", "BIGINT"),
+    ):
+        if column not in {c["name"] for c in inspector.get_columns(table)}:
+            conn.exec_driver_sql(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
+    # Devices an investigator removed (status 3) made their subject removed.
+    conn.exec_driver_sql(
+        "UPDATE subjects SET removed_at = (SELECT MAX(d.updated_at) FROM devices d "
+        "WHERE d.study_id = subjects.study_id AND d.subject_id = subjects.subject_id "
+        "AND d.status = 3) WHERE EXISTS (SELECT 1 FROM devices d WHERE d.study_id = "
+        "subjects.study_id AND d.subject_id = subjects.subject_id AND d.status = 3)"
+    )
+
+
+MIGRATIONS[6] = _add_hardening
+
+
 def dialect_insert(engine: Engine, table: Table):
     """An INSERT of ``table`` that knows ON CONFLICT (SQLite and PostgreSQL spell it alike)."""
     dialect = engine.dialect.name
@@ -590,6 +633,9 @@ def fetch_tuples(conn: Connection, statement) -> list[tuple]:
         return cursor.fetchall()
     finally:
         cursor.close()
+
+
+DAY_MS = 86_400_000  # milliseconds in a day
 
 
 def now_ms() -> int:

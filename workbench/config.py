@@ -26,6 +26,12 @@ class ServerConfig:
     threads: int = 8
     public_url: str = "http://127.0.0.1:8080"
     max_body_bytes: int = 16 * 1024 * 1024
+    # Bodies refused before their sender was authenticated (e.g. an unknown study) are kept in
+    # junk only up to these many bytes per UTC day, per client address and in all.
+    junk_quota_per_address: int = 64 * 1024 * 1024
+    junk_quota_total: int = 1024 * 1024 * 1024
+    # Below this much free space in the pool, uploads are refused with 507 and /health says so.
+    min_free_bytes: int = 1024 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -181,6 +187,9 @@ def config_from_dict(raw: dict, *, home: Path) -> Config:
         for name in ("port", "workers", "threads", "max_body_bytes"):
             if not isinstance(getattr(server_cfg, name), int) or getattr(server_cfg, name) < 1:
                 raise ConfigError(f"[server] {name} must be a positive integer")
+        for name in ("junk_quota_per_address", "junk_quota_total", "min_free_bytes"):
+            if not isinstance(getattr(server_cfg, name), int) or getattr(server_cfg, name) < 0:
+                raise ConfigError(f"[server] {name} must be a whole number of bytes, 0 or more")
     except TypeError as exc:
         raise ConfigError(f"bad [server] section: {exc}") from exc
     return Config(

@@ -19,7 +19,8 @@ upload server into an HTTP status and a JSON body (``status`` and ``code`` attri
     │   ├── UnknownSubject         subject not enrolled or device not attached (HTTP 403)
     │   ├── UnknownSensor          sensor not in the study's list (HTTP 422)
     │   ├── Conflict               e.g. too many devices for one subject (HTTP 409)
-    │   └── BodyTooLarge           body over the configured limit (HTTP 413)
+    │   ├── BodyTooLarge           body over the configured limit (HTTP 413)
+    │   └── InsufficientStorage    the pool's disk is (nearly) full; retry later (HTTP 507)
     ├── VerifyFailed               ledger and files disagree (exit 5)
     ├── UnknownAlert               no alert of that id (exit 4)
     ├── MailError                  the SMTP server refused or could not be reached (exit 6)
@@ -138,6 +139,11 @@ class Conflict(UploadRejected):
 class BodyTooLarge(UploadRejected):
     status = 413
     code = "body_too_large"
+
+
+class InsufficientStorage(UploadRejected):
+    status = 507
+    code = "insufficient_storage"
 
 
 class VerifyFailed(WorkbenchError):

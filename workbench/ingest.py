@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import errno
 import hashlib
 import hmac
 import io
@@ -37,9 +38,12 @@ from sqlalchemy import and_, bindparam, func, select
 from sqlalchemy.exc import IntegrityError
 
 from workbench.catalog import (
+    DAY_MS,
     Catalog,
     Prepared,
     devices,
+    dialect_insert,
+    junk_usage,
     now_ms,
     rejections,
     studies,
@@ -53,6 +57,7 @@ from workbench.errors import (
     BodyTooLarge,
     ChecksumMismatch,
     Conflict,
+    InsufficientStorage,
     StudyArchived,
     SubjectNotActive,
     Unauthorized,
@@ -63,6 +68,7 @@ from workbench.errors import (
     WorkbenchError,
 )
 from workbench.identifiers import check_identifier, is_identifier
+from workbench.json_limits import check_json
 from workbench.ledger import LedgerWriter, insert_ignore
 from workbench.pool import DataPool, incoming_tag, sync_folders
 from workbench.templates import load_schema, schema_validator
@@ -81,6 +87,10 @@ NAME_EXTRA = len("_____2000-01-01T00-00-00_0123456789abcdef.json")
 MAX_TIMESTAMP = 253_402_300_799_999
 
 ACTIVE, LEFT_CLIENT_TIME, LEFT_SERVER_TIME, REMOVED = 0, 1, 2, 3
+# What the app may send; only the coordinator removes (3) a subject, and only it restores one.
+APP_STATUSES = (ACTIVE, LEFT_CLIENT_TIME, LEFT_SERVER_TIME)
+# How far ahead of the server a phone's clock may run before its times count as "the future".
+CLOCK_SKEW_MS = 5 * 60_000
 
 # Each upload row dirties a few scattered index pages (its SHA-256 and path are random keys),
 # so the write-ahead log grows fast: at SQLite's default of 1,000 pages a commit stops every
@@ -116,6 +126,7 @@ class _Claimed:
     subject: object = None
     device: object = None
     sensor: object = None
+    authenticated: bool = False  # the subject's token (or legacy enrolment) was checked
 
 
 class Ingest:
@@ -139,12 +150,15 @@ class Ingest:
         self._definitions: dict[str, tuple[int, dict, frozenset]] = {}
         self._sources = SourceDecoders()
         self._zips: dict[str, tuple[tuple, str, bytes]] = {}
+        self._storage = (float("-inf"), True)  # (when checked, enough free space)
         self._lookup = (
             select(
                 studies.c.status,
                 studies.c.revision,
                 studies.c.definition,
                 subjects.c.token_hash,
+                subjects.c.removed_at,
+                subjects.c.devices_reset_at,
             )
             .select_from(studies)
             .outerjoin(
@@ -178,7 +192,9 @@ class Ingest:
         return self._refusals_recorded("write_data", self._write_data, upload)
 
     def _write_data(self, upload: Upload, claimed: _Claimed) -> Receipt:
+        self._check_storage()
         has_checksum = _verify_checksum(upload)
+        check_json(upload.body)  # depth, number range and UTF-8, on every body in one C pass
         # A source that stored batches before has a decoder that also checks, while parsing,
         # that every record names it; anything else (or any doubt) takes the general path.
         records = self._sources.decode(upload.body)
@@ -203,12 +219,17 @@ class Ingest:
                 cursor, {"study": study_id, "subject": subject_id, "device": device_id}
             )
         if not rows:
-            raise _keep(UnknownStudy(f"unknown study {study_id!r}; the batch is kept in junk"))
+            raise _keep(UnknownStudy(f"unknown study {study_id!r}"))
         row = rows[0]
         definition, sensors = self._definition(study_id, row.revision, row.definition)
         self._authenticate(definition, row.token_hash, upload, subject_id)
+        claimed.authenticated = True
         if row.status != "active":
-            raise _keep(StudyArchived(f"study {study_id!r} is archived; the batch is kept in junk"))
+            raise _keep(StudyArchived(f"study {study_id!r} is archived"))
+        if row.removed_at is not None:
+            raise _keep(
+                SubjectNotActive(f"{subject_id!r} was removed from the study by the investigator")
+            )
         if known_source:  # its decoder checked that every record names this source
             first_ts, last_ts = sample_span(records)
         else:
@@ -223,12 +244,7 @@ class Ingest:
                 f"{definition['max_body_bytes']}"
             )
         if sensor not in sensors:
-            raise _keep(
-                UnknownSensor(
-                    f"sensor {sensor!r} is not recorded by study {study_id!r}; "
-                    "the batch is kept in junk"
-                )
-            )
+            raise _keep(UnknownSensor(f"sensor {sensor!r} is not recorded by study {study_id!r}"))
         self._check_device_active(definition, rows, subject_id, device_id)
 
         sha = hashlib.sha256(upload.body).hexdigest()
@@ -244,11 +260,18 @@ class Ingest:
             last_ts,
             received=now_ms(),
         )
-        incoming = self.pool.write_incoming(upload.body, tag=f"b{sha}")
+        try:
+            incoming = self.pool.write_incoming(upload.body, tag=f"b{sha}")
+        except OSError as exc:
+            if _disk_full(exc):
+                raise InsufficientStorage(_DISK_FULL) from exc
+            raise
         try:
             row_id = self.ledger.record(row)
-        except BaseException:
+        except BaseException as exc:
             os.unlink(incoming)  # not acknowledged: the phone keeps the batch and retries
+            if _disk_full(exc):
+                raise InsufficientStorage(_DISK_FULL) from exc
             raise
         if not known_source:
             self._sources.learn(study_id, subject_id, device_id, sensor)
@@ -310,15 +333,24 @@ class Ingest:
 
     def _add_user(self, upload: Upload, claimed: _Claimed) -> Receipt:
         user = self._user_message(upload, claimed)
-        study_id, subject_id, device_id, app, definition = self._registration(upload, user)
+        study_id, subject_id, device_id, app, definition, subject = self._registration(
+            upload, user, claimed
+        )
         status = user["status"] if user["status"] is not None else ACTIVE
         if status != ACTIVE:
             raise BadRequest("add_user registers an active device: status must be 0")
+        if subject.removed_at is not None:
+            raise SubjectNotActive(
+                f"{subject_id!r} was removed from the study by the investigator; "
+                "no device can be registered"
+            )
         now = now_ms()
+        if user["time_joined"] is not None and user["time_joined"] > now + CLOCK_SKEW_MS:
+            raise BadRequest("time_joined is in the future")
         try:
             with self.catalog.writing() as conn:
                 existing = conn.execute(
-                    select(devices.c.device_id, devices.c.status).where(
+                    select(devices.c.device_id, devices.c.status, devices.c.registered_at).where(
                         devices.c.study_id == study_id,
                         devices.c.subject_id == subject_id,
                         devices.c.app == app,
@@ -332,11 +364,20 @@ class Ingest:
                             "it cannot be registered again"
                         )
                     return _already_registered()
-                active = sum(1 for d in existing if d.status == ACTIVE)
-                if active >= definition["max_devices"]:
+                # Every device ever attached counts, so leaving and re-adding does not get
+                # round the limit; those attached before the coordinator's last reset count
+                # only while still active.
+                reset = subject.devices_reset_at
+                counted = sum(
+                    1
+                    for d in existing
+                    if d.status == ACTIVE or reset is None or d.registered_at > reset
+                )
+                if counted >= definition["max_devices"]:
                     raise Conflict(
-                        f"subject {subject_id!r} has {active} active {app} devices, the study's "
-                        f"maximum; ask the coordinator to remove one"
+                        f"subject {subject_id!r} has attached {counted} {app} devices, the "
+                        "study's maximum; the coordinator can allow more with "
+                        "`workbench subject reset-devices`"
                     )
                 conn.execute(
                     devices.insert().values(
@@ -364,15 +405,26 @@ class Ingest:
 
     def _update_user(self, upload: Upload, claimed: _Claimed) -> Receipt:
         user = self._user_message(upload, claimed)
-        study_id, subject_id, device_id, app, _definition = self._registration(upload, user)
+        study_id, subject_id, device_id, app, _definition, subject = self._registration(
+            upload, user, claimed
+        )
         status = user["status"]
         if status is None:
-            raise BadRequest("update_user needs a status: 0 active, 1 or 2 left, 3 removed")
+            raise BadRequest("update_user needs a status: 0 active, 1 or 2 left")
+        if status not in APP_STATUSES:
+            raise BadRequest(
+                f"the app may set status 0, 1 or 2, not {status}: only the coordinator removes "
+                "a subject (workbench subject remove)"
+            )
+        if subject.removed_at is not None:
+            raise SubjectNotActive(f"{subject_id!r} was removed from the study by the investigator")
         now = now_ms()
         if status == ACTIVE:
             time_left = None
         elif status == LEFT_CLIENT_TIME:
             time_left = user["time_left"] or now
+            if time_left > now + CLOCK_SKEW_MS:
+                raise BadRequest("time_left is in the future")
         else:
             time_left = now
         with self.catalog.writing() as conn:
@@ -382,7 +434,9 @@ class Ingest:
                 & (devices.c.app == app)
                 & (devices.c.device_id == device_id)
             )
-            # Write first, so SQLite takes its write lock before the read below.
+            joined = conn.execute(select(devices.c.time_joined).where(key)).scalar()
+            if time_left is not None and joined is not None and time_left < joined:
+                raise BadRequest("time_left is before the device's time_joined")
             updated = conn.execute(
                 devices.update()
                 .where(key & (devices.c.status != REMOVED))
@@ -403,6 +457,7 @@ class Ingest:
 
     def _user_message(self, upload: Upload, claimed: _Claimed) -> dict:
         _verify_checksum(upload)
+        check_json(upload.body)
         raw = _parse_json(upload.body, self._check_user, self._user_schema, "a JSON object")
         app = "ema" if "deviceid_ema" in raw else "main"
         suffix = "_ema" if app == "ema" else ""
@@ -427,7 +482,7 @@ class Ingest:
                 raise BadRequest(f"{key} must be a whole number of milliseconds")
         return user
 
-    def _registration(self, upload: Upload, user: dict):
+    def _registration(self, upload: Upload, user: dict, claimed: _Claimed):
         study_id = check_identifier("study", user["studyId"])
         subject_id = check_identifier("subject", user["username"])
         device_id = check_identifier("device", user["deviceid"])
@@ -437,9 +492,10 @@ class Ingest:
             raise _keep(UnknownStudy(f"unknown study {study_id!r}"))
         definition, _sensors = self._definition(study_id, row.revision, row.definition)
         self._authenticate(definition, row.token_hash, upload, subject_id)
+        claimed.authenticated = True
         if row.status != "active":
             raise _keep(StudyArchived(f"study {study_id!r} is archived"))
-        return study_id, subject_id, device_id, user["app"], definition
+        return study_id, subject_id, device_id, user["app"], definition, row
 
     # ------------------------------------------------------------------ resources
 
@@ -544,16 +600,14 @@ class Ingest:
             raise _keep(
                 UnknownSubject(
                     f"device {device_id!r} is not registered for {subject_id!r}; send add_user "
-                    "first. The batch is kept in junk"
+                    "first"
                 )
             )
         if any(s.device_status == ACTIVE for s in states):
             return
         if any(s.device_status == REMOVED for s in states):
             raise _keep(
-                SubjectNotActive(
-                    f"{subject_id!r} was removed from the study; the batch is kept in junk"
-                )
+                SubjectNotActive(f"{subject_id!r} was removed from the study by the investigator")
             )
         grace_ms = definition["left_grace_hours"] * 3_600_000
         left = max((s.time_left or 0) for s in states)
@@ -561,8 +615,7 @@ class Ingest:
             raise _keep(
                 SubjectNotActive(
                     f"{subject_id!r} left the study on "
-                    f"{datetime.fromtimestamp(left / 1000, UTC):%Y-%m-%d %H:%M} UTC; "
-                    "the batch is kept in junk"
+                    f"{datetime.fromtimestamp(left / 1000, UTC):%Y-%m-%d %H:%M} UTC"
                 )
             )
 
@@ -583,12 +636,20 @@ class Ingest:
         sha = hashlib.sha256(upload.body).hexdigest() if upload.body else None
         path = None
         incoming = None
-        if getattr(exc, "keep_body", False) and upload.body:
+        address = (upload.remote_addr or "")[:64] or None
+        keep = bool(getattr(exc, "keep_body", False) and upload.body)
+        if keep and not self.storage_ok():
+            keep, why_not = False, "the server's disk is nearly full"
+        if keep:
             stamp = time.strftime("%Y-%m-%d/%H%M%S", time.gmtime(received / 1000))
             path = f"junk/{stamp}-{exc.code}-{sha[:16]}-{os.urandom(4).hex()}.json"
             incoming = self.pool.write_incoming(upload.body, tag=f"j{sha}")
         try:
-            with self.catalog.writing() as conn:
+            with self.catalog.writing(serialize="junk_usage") as conn:
+                if keep and not claimed.authenticated:
+                    why_not = self._use_junk_quota(conn, address, len(upload.body), received)
+                    if why_not is not None:
+                        keep, path = False, None
                 conn.execute(
                     rejections.insert().values(
                         received_at=received,
@@ -603,16 +664,68 @@ class Ingest:
                         bytes=len(upload.body),
                         sha256=sha,
                         path=path,
-                        remote_addr=(upload.remote_addr or "")[:64] or None,
+                        remote_addr=address,
                     )
                 )
         except BaseException:
             if incoming is not None:
                 os.unlink(incoming)
             raise
-        if incoming is not None:
+        if keep:
             self.pool.publish(incoming, path)
             exc.details["kept_in_junk"] = True
+            exc.message += "; the body is kept in junk"
+        elif getattr(exc, "keep_body", False) and upload.body:
+            if incoming is not None:
+                os.unlink(incoming)
+            exc.details["kept_in_junk"] = False
+            exc.message += f"; the body was not kept: {why_not}"
+
+    def _use_junk_quota(self, conn, address: str | None, size: int, received: int) -> str | None:
+        """Count ``size`` bytes of unauthenticated junk against today's quotas; None if they
+        fit (and were counted), else why not."""
+        day = received // DAY_MS
+        key = address or "unknown"
+        used = dict(
+            conn.execute(
+                select(junk_usage.c.address, junk_usage.c.bytes).where(
+                    junk_usage.c.day == day, junk_usage.c.address.in_([key, "*"])
+                )
+            ).all()
+        )
+        server = self.config.server
+        if used.get(key, 0) + size > server.junk_quota_per_address:
+            return "today's junk quota for this address is used up"
+        if used.get("*", 0) + size > server.junk_quota_total:
+            return "today's junk quota for unauthenticated senders is used up"
+        upsert = dialect_insert(self.catalog.engine, junk_usage)
+        for name in (key, "*"):
+            conn.execute(
+                upsert.values(day=day, address=name, bytes=size).on_conflict_do_update(
+                    index_elements=["day", "address"],
+                    set_={"bytes": junk_usage.c.bytes + size},
+                )
+            )
+        return None
+
+    def storage_ok(self) -> bool:
+        """True while the pool's file system has more free space than ``min_free_bytes``
+        (looked up at most once a second)."""
+        checked, ok = self._storage
+        now = time.monotonic()
+        if now - checked < 1.0:
+            return ok
+        try:
+            stats = os.statvfs(self.pool.root)
+            ok = stats.f_bavail * stats.f_frsize >= self.config.server.min_free_bytes
+        except OSError:
+            ok = False
+        self._storage = (now, ok)
+        return ok
+
+    def _check_storage(self) -> None:
+        if not self.storage_ok():
+            raise InsufficientStorage(_DISK_FULL)
 
 
 def batch_row(
@@ -748,6 +861,16 @@ def _row_from_body(body: bytes, sha: str, *, received: int) -> dict | None:
     except (msgspec.MsgspecError, BadRequest):
         return None
     return batch_row(*ids, body, sha, len(records), first_ts, last_ts, received=received)
+
+
+_DISK_FULL = "the server's disk is nearly full; nothing was stored, retry later"
+
+
+def _disk_full(exc: BaseException) -> bool:
+    """True if ``exc`` says the disk (or the catalog's database) is full."""
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    return "disk is full" in str(exc) or "No space left" in str(exc)
 
 
 def _already_registered() -> Receipt:
@@ -896,8 +1019,7 @@ def span_of_batch(records: list[BatchRecord], study: str, subject: str, device: 
         if set(map(getter, records)) != {expected}:
             raise _keep(
                 BadRequest(
-                    "every record of a batch must name the same study, subject, device and "
-                    "sensor; the batch is kept in junk"
+                    "every record of a batch must name the same study, subject, device and sensor"
                 )
             )
     return sample_span(records)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import json
 import multiprocessing
 import os
 import time
@@ -34,6 +35,7 @@ from workbench.catalog import Catalog, dialect_insert, now_ms, open_catalog, sta
 from workbench.config import Config
 from workbench.errors import UploadRejected
 from workbench.ingest import parse_batch, span_of_batch
+from workbench.json_limits import check_json
 from workbench.pool import DataPool, write_file_atomically
 from workbench.status import write_csv_atomically
 from workbench.studies import get_study, list_studies
@@ -225,9 +227,14 @@ def _check_one(root: str, row: tuple) -> str | None:
     if hashlib.sha256(body).hexdigest() != sha:
         return "hash: the content no longer matches the SHA-256 recorded at upload"
     try:
+        check_json(body)
         records = parse_batch(body)
     except UploadRejected as exc:
         return f"schema: {exc.message}"
+    try:
+        json.loads(body)  # every stored file must be readable by the standard library too
+    except (ValueError, RecursionError) as exc:
+        return f"json: the standard json module cannot read it ({str(exc)[:200]})"
     try:
         span = span_of_batch(records, study, subject, device, sensor)
     except UploadRejected:
