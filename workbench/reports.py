@@ -34,6 +34,7 @@ from workbench.config import Config
 from workbench.errors import WorkbenchError
 from workbench.instruments import Instrument, instrument, list_instruments
 from workbench.pool import write_file_atomically, write_parquet_atomically
+from workbench.tables_csv import csv_bytes
 
 DAY_MS = 86_400_000
 Z95 = 1.959963984540054  # the normal quantile of a two-sided 95 % interval
@@ -555,7 +556,7 @@ def write_report(
     written = []
     for key, table in tables.items():
         stem = f"{name}_{key}" if len(tables) > 1 else name
-        written.append(write_file_atomically(folder / f"{stem}.csv", table.write_csv().encode()))
+        written.append(write_file_atomically(folder / f"{stem}.csv", csv_bytes(table)))
         written.append(write_parquet_atomically(table, folder / f"{stem}.parquet", durable=False))
     page = [
         "<!doctype html><html><head><meta charset='utf-8'>",
