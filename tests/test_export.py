@@ -15,7 +15,7 @@ from tests.conftest import configure
 from workbench import export as export_module
 from workbench.catalog import export_deletions, export_raw
 from workbench.config import load_config
-from workbench.errors import ConfigError, SourceUnavailable
+from workbench.errors import ConfigError, SourceUnavailable, TableRefused
 from workbench.export import (
     combine_table,
     decoded_ids,
@@ -373,3 +373,284 @@ def test_a_source_that_is_down_does_not_stop_the_others(config, server, monkeypa
     reports = export_sources(config, transport=httpx.WSGITransport(app=server.app()))
     assert len(reports) == 1 and not reports[0].ok
     assert "not exported: " in reports[0].summary() and "HTTP 500" in reports[0].summary()
+
+
+# ---------------------------------------------------------------------------- odd rows and answers
+
+
+def _template(server, table="PHQ9"):
+    return {k: v for k, v in server.tables[table][0].items() if k != "id"}
+
+
+def test_an_id_beyond_signed_64_bit_refuses_only_its_table(config, server, catalog):
+    from workbench.ledger import verify
+
+    server.add_rows("PHQ9", [{**_template(server), "id": 2**63}], keep_ids=True)
+    for _ in range(2):  # the same clear refusal on every run, never a traceback
+        report = run(config, server, catalog=catalog)
+        errors = {t.table: t.error for t in report.tables}
+        assert not report.ok and "outside signed 64-bit" in errors["PHQ9"]
+        assert "9223372036854775808" in errors["PHQ9"]
+        assert {t for t, e in errors.items() if e} == {"PHQ9"}
+    gad7 = combine_table(config, "mindtrails", "GAD7")
+    assert gad7.height == len(server.tables["GAD7"])  # the other tables are exported
+    assert not (source_folder(config, "mindtrails") / "raw" / "PHQ9").exists()
+    assert high_water(catalog, "mindtrails", "PHQ9") == 0
+    assert verify(config, settle=0) == []
+
+
+def test_cli_export_exit_status_says_a_table_was_refused(home, keys, monkeypatch, server):
+    from workbench.study_server import start_in_thread
+
+    server.add_rows("GAD7", [{**_template(server, "GAD7"), "id": 2**63 + 5}], keep_ids=True)
+    with start_in_thread(server) as running:
+        config = configure(home, keys, monkeypatch, url=f'"{running.url}"')
+        done = cli(config, "export")
+    assert done.exit_code == 8, done.output
+    assert "GAD7: 1 rows have ids outside signed 64-bit integers" in done.output
+    assert "Traceback" not in done.output
+    assert combine_table(config, "mindtrails", "PHQ9").height == len(server.tables["PHQ9"])
+
+
+@pytest.mark.parametrize(
+    ("mark", "stored", "top"),
+    [
+        (0, set(), 0),
+        (0, {1, 2, 3}, 3),
+        (100, {101, 102, 10**15}, 102),
+        (100, {10**15}, 100),
+        (100, {101, 900_000, 1_800_000, 10**15}, 1_800_000),
+        (0, {1_000_001}, 0),
+    ],
+)
+def test_reachable_mark(mark, stored, top):
+    from workbench.export import reachable_mark
+
+    assert reachable_mark(mark, stored, 1_000_000) == top
+
+
+def test_a_row_far_ahead_does_not_hide_later_rows(config, server, catalog):
+    run(config, server, catalog=catalog)
+    top = server.last_id("PHQ9")
+    server.add_rows("PHQ9", [{**_template(server), "id": 10**15, "session": "FAR"}], keep_ids=True)
+    second = run(config, server, catalog=catalog)
+    assert {t.table: (t.new_rows, t.ahead) for t in second.tables}["PHQ9"] == (1, 1)
+    assert "1 stored rows far ahead" in second.summary()
+    assert high_water(catalog, "mindtrails", "PHQ9") == top  # the mark does not jump
+    server.add_rows("PHQ9", [{**_template(server), "session": "POST"}] * 3)
+    third = run(config, server, catalog=catalog)
+    assert {t.table: t.new_rows for t in third.tables}["PHQ9"] == 3  # not the far row again
+    assert high_water(catalog, "mindtrails", "PHQ9") == top + 3
+    ids = combine_table(config, "mindtrails", "PHQ9")["id"].to_list()
+    assert ids[-4:] == [top + 1, top + 2, top + 3, 10**15] and len(ids) == len(set(ids))
+    assert {t.table: t.new_rows for t in run(config, server, catalog=catalog).tables}["PHQ9"] == 0
+
+
+def test_a_row_far_ahead_is_deleted_once_stored_in_delete_mode(
+    home, keys, monkeypatch, server, catalog
+):
+    config = configure(home, keys, monkeypatch, delete_mode="true", max_id_jump="10")
+    server.add_rows("PHQ9", [{**_template(server), "id": 10**15}], keep_ids=True)
+    report = run(config, server, catalog=catalog)
+    assert report.ok, report.summary()
+    assert server.tables["PHQ9"] == []
+    assert 10**15 in decoded_ids(config, "mindtrails", "PHQ9")
+    assert high_water(catalog, "mindtrails", "PHQ9") < 10**15
+
+
+def test_an_answer_above_max_answer_mb_is_refused_for_its_table(home, keys, monkeypatch, server):
+    from workbench.study_server import start_in_thread
+
+    server.add_rows("PHQ9", [{**_template(server), "note": "x" * 300_000}])
+    with start_in_thread(server) as running:
+        config = configure(home, keys, monkeypatch, url=f'"{running.url}"', max_answer_mb="0.2")
+        done = cli(config, "export")
+    assert done.exit_code == 8, done.output
+    assert "PHQ9: the answer to GET /export/PHQ9 is larger than max_answer_mb = 0.2 MB" in (
+        done.output
+    )
+    assert not (source_folder(config, "mindtrails") / "raw" / "PHQ9").exists()
+    assert combine_table(config, "mindtrails", "GAD7").height == len(server.tables["GAD7"])
+
+
+def test_an_answer_without_a_length_is_cut_off_at_the_limit(config, server, monkeypatch):
+    from workbench.export import ExportClient
+
+    server.add_rows("PHQ9", [{**_template(server), "note": "x" * 600_000}])
+    app = server.app()
+
+    def chunked(environ, start_response):  # no Content-Length: the limit counts as it reads
+        def without_length(status, headers, exc_info=None):
+            kept = [(k, v) for k, v in headers if k.lower() != "content-length"]
+            return start_response(status, kept, exc_info)
+
+        body = b"".join(app(environ, without_length))
+        yield from (body[i : i + 65536] for i in range(0, len(body), 65536))
+
+    source = config.source("mindtrails")
+    client = ExportClient(
+        type(source)(**{**source.__dict__, "max_answer_mb": 0.2}),
+        transport=httpx.WSGITransport(app=chunked),
+    )
+    try:
+        with pytest.raises(TableRefused, match=r"at least 0\.2\d MB"):
+            client.rows("PHQ9", 0)  # refused after reading a little past 0.2 MB of 0.6
+        assert len(client.rows("GAD7", 0)) == len(server.tables["GAD7"])
+    finally:
+        client.close()
+
+
+# ---------------------------------------------------------------------------- decryption
+
+
+def test_values_that_decrypt_are_kept_when_most_of_their_column_fails(
+    config, server, catalog, tmp_path, caplog
+):
+    from workbench.study_server import encrypt_value
+
+    other = tmp_path / "rotated"
+    generate_keypair(other, bits=1024)
+    template = _template(server)
+    server.add_rows(
+        "PHQ9",
+        [
+            {**template, "participantRSA": encrypt_value(other / "public_key.pem", f"Q{i}")}
+            for i in range(3 * len(server.tables["PHQ9"]))
+        ],
+    )  # most of the column is encrypted with a key the workbench does not have
+    with caplog.at_level(logging.CRITICAL, logger="workbench"):
+        report = run(config, server, catalog=catalog)
+    phq9 = combine_table(config, "mindtrails", "PHQ9")
+    good = phq9.filter(~pl.col("participant_undecryptable"))
+    bad = phq9.filter(pl.col("participant_undecryptable"))
+    assert good["participant"].str.starts_with("P").all() and good.height > 0
+    assert bad.height == 3 * good.height and bad["participant"].null_count() == bad.height
+    assert {t.table: t.undecryptable for t in report.tables}["PHQ9"] == bad.height
+    assert "corrupt ciphertext" in caplog.text
+
+
+def test_confirm_refuses_a_plaintext_the_padding_does_not_hold(keys):
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+    from workbench.export import confirm_pkcs1v15, decrypt_values
+    from workbench.study_server import encrypt_value
+
+    key = load_pem_private_key((keys / "private_key.pem").read_bytes(), password=None)
+    values = [encrypt_value(keys / "public_key.pem", f"P{i}") for i in range(5)]
+    plain = decrypt_values(key, values, "pkcs1v15")
+    assert confirm_pkcs1v15(key, values, plain) == [f"P{i}" for i in range(5)]
+    forged = ["noise", None, "P2", "P3", "P9"]  # what implicit rejection could hand back
+    assert confirm_pkcs1v15(key, values, forged) == [None, None, "P2", "P3", None]
+
+
+def test_a_server_column_named_like_the_flag_is_kept(config, server, catalog):
+    template = _template(server)
+    server.add_rows("PHQ9", [{**template, "participant_undecryptable": "server says"}])
+    assert run(config, server, catalog=catalog).ok
+    phq9 = combine_table(config, "mindtrails", "PHQ9")
+    assert phq9["participant_undecryptable"].drop_nulls().to_list() == ["server says"]
+    assert phq9["participantRSA_undecryptable"].dtype == pl.Boolean
+    assert not phq9["participantRSA_undecryptable"].any()
+    assert phq9["participant"].str.starts_with("P").all()
+
+
+# ---------------------------------------------------------------------------- verify
+
+
+def test_verify_checks_raw_snapshots_against_their_rows(config, server, catalog):
+    from workbench.ledger import verify
+
+    run(config, server, catalog=catalog)
+    assert verify(config, settle=0) == []
+    raw = source_folder(config, "mindtrails") / "raw"
+    phq9 = next((raw / "PHQ9").glob("*.json"))
+    gad7 = next((raw / "GAD7").glob("*.json"))
+    demographics = next((raw / "Demographics").glob("*.json"))
+    phq9.unlink()
+    gad7.write_bytes(gad7.read_bytes() + b" ")
+    body = demographics.read_bytes()
+    demographics.write_bytes(body.replace(b'"rows"', b'"ROWS"'))
+    stray = raw / "GAD7" / "GAD7_20990101T000000_000000000000.json"
+    stray.write_bytes(b'{"rows": []}')
+    found = {(d.kind, d.path.rsplit("/", 2)[-2]) for d in verify(config, settle=0)}
+    assert found == {
+        ("missing", "PHQ9"),
+        ("size", "GAD7"),
+        ("hash", "Demographics"),
+        ("unrecorded", "GAD7"),
+    }
+
+
+# ---------------------------------------------------------------------------- names from the operator
+
+
+def _pool_state(config):
+    return sorted(
+        (str(p.relative_to(config.pool)), p.stat().st_size)
+        for p in config.pool.rglob("*")
+        if p.is_file() and "logs" not in p.parts
+    )
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["decode", "mindtrails", "../raw"],
+        ["decode", "mindtrails", "../../.."],
+        ["decode", "mindtrails", "/tmp"],
+        ["decode", "../questionnaires", "."],
+        ["decode", "/abs", "PHQ9"],
+        ["export", "mindtrails", "../raw"],
+        ["export", "mindtrails", "/etc"],
+        ["export", "../mindtrails"],
+        ["combine", "../raw/PHQ9"],
+        ["combine", "/etc/passwd"],
+        ["combine", "PHQ9", "--source", "../mindtrails"],
+        ["score", "../raw", "--instrument", "phq9"],
+        ["score", "/tmp", "--instrument", "phq9"],
+        ["report", "questionnaire", "../../x"],
+        ["report", "questionnaire", "/tmp/x"],
+        ["report", "participant", "../x"],
+        ["report", "attrition", "../../catalog"],
+        ["report", "attrition", "/tmp/x"],
+    ],
+    ids=lambda args: " ".join(args),
+)
+def test_cli_refuses_names_that_leave_their_folder(config, server, catalog, args, tmp_path):
+    run(config, server, catalog=catalog)
+    before = _pool_state(config)
+    done = cli(config, *args)
+    assert done.exit_code != 0, done.output
+    assert "Traceback" not in done.output
+    assert done.output.startswith("error: ")
+    assert "invalid" in done.output or "no source" in done.output, done.output
+    assert _pool_state(config) == before  # nothing deleted, nothing written
+
+
+def test_library_functions_check_the_names_they_turn_into_paths(config, server, catalog, tmp_path):
+    from workbench.errors import InvalidName
+    from workbench.reports import write_report
+
+    run(config, server, catalog=catalog)
+    before = _pool_state(config)
+    with pytest.raises(InvalidName, match="invalid table name '../raw'"):
+        rebuild_decoded(config, "mindtrails", "../raw", catalog=catalog)
+    with pytest.raises(InvalidName):
+        combine_table(config, "mindtrails", "..")
+    with pytest.raises(InvalidName):
+        decoded_ids(config, "mindtrails", "../../..")
+    with pytest.raises(InvalidName, match="invalid report name"):
+        write_report(tmp_path, "../up", {"t": pl.DataFrame({"a": [1]})}, title="t")
+    assert not (tmp_path.parent / "up.html").exists()
+    assert _pool_state(config) == before
+    assert recover_leaves_raw(config)
+
+
+def recover_leaves_raw(config) -> bool:
+    """`workbench recover` takes no names; it rebuilds decoded tables and keeps every raw file."""
+    raw = sorted((source_folder(config, "mindtrails") / "raw").rglob("*.json"))
+    done = cli(config, "recover", "--no-uploads")
+    return (
+        done.exit_code == 0
+        and sorted((source_folder(config, "mindtrails") / "raw").rglob("*.json")) == raw
+    )

@@ -15,6 +15,7 @@ from sqlalchemy import select
 from tests.conftest import configure
 from workbench.catalog import export_deletions, export_raw, open_catalog
 from workbench.export import FAULT_ENV, combine_table, decoded_ids, rebuild_decoded, source_folder
+from workbench.ledger import verify
 from workbench.study_server import StudyServer, demo_tables, start_in_thread
 
 pytestmark = pytest.mark.slow
@@ -34,7 +35,9 @@ def export(config, fault=None):
     )
 
 
-@pytest.mark.parametrize("fault", ["after-fetch", "after-raw", "during-decode", "during-delete"])
+@pytest.mark.parametrize(
+    "fault", ["after-fetch", "before-record", "after-raw", "during-decode", "during-delete"]
+)
 def test_killed_exporter_converges(fault, home, keys, monkeypatch):
     tables, deleteable = demo_tables(keys / "public_key.pem", participants=10, days=6, seed=2)
     server = StudyServer(tables, deleteable=deleteable, user="mt", password="secret")
@@ -57,6 +60,7 @@ def test_killed_exporter_converges(fault, home, keys, monkeypatch):
     finally:
         catalog.dispose()
     assert all(r.decoded_at is not None for r in raws)
+    assert verify(config, settle=0) == []  # every raw snapshot recorded, no temporary left
     for table, rows in original.items():
         combined = combine_table(config, "mindtrails", table)
         assert sorted(combined["id"].to_list()) == sorted(rows), table  # nothing lost or doubled

@@ -707,7 +707,9 @@ def combine(ctx, table, source, fmt, out) -> None:
         frame.write_parquet(out)
         click.echo(f"wrote {frame.height} rows to {out}", err=True)
         return
-    _emit(frame.write_csv().encode(), out)
+    from workbench.tables_csv import csv_bytes
+
+    _emit(csv_bytes(frame), out)
 
 
 @cli.command()

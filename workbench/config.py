@@ -74,6 +74,8 @@ class SourceConfig:
     timeout: float = 60.0  # seconds per request
     retries: int = 4  # further attempts after a failed request
     backoff: float = 1.0  # seconds before the first retry, doubled each time
+    max_answer_mb: float = 64.0  # a table's answer above this is refused (memory stays bounded)
+    max_id_jump: int = 1_000_000  # a row id this far above the last one does not move the mark
     # The sessions each table is expected to hold per participant: {"PHQ9": ["PRE", "POST"]}.
     schedule: dict = field(default_factory=dict)
 
@@ -257,6 +259,8 @@ def _sources(raw: object, home: Path) -> tuple[SourceConfig, ...]:
             raise ConfigError(
                 f"source {name!r}: timeout must be positive, retries and backoff not negative"
             )
+        if source.max_answer_mb <= 0 or source.max_id_jump < 1:
+            raise ConfigError(f"source {name!r}: max_answer_mb and max_id_jump must be positive")
         found.append(source)
     names = [s.name for s in found]
     if len(set(names)) != len(names):

@@ -39,7 +39,9 @@ upload server into an HTTP status and a JSON body (``status`` and ``code`` attri
     ├── UnknownAccount             no linked sync account of that id (HTTP 404, exit 4)
     ├── AuthorizationFailed        an OAuth2 callback with an unknown state or a refused code (HTTP 400, exit 10)
     ├── TokenRevoked               the provider refused an account's token: expired or revoked (exit 10)
-    └── DestinationFailed          an upload to a destination failed; its old file is untouched (exit 12)
+    ├── DestinationFailed          an upload to a destination failed; its old file is untouched (exit 12)
+    ├── TableRefused               a table's answer cannot be stored: row ids outside signed 64-bit, or too large (exit 8)
+    └── InvalidName                a name that would become a file or folder fails its pattern (exit 2)
 """
 
 from __future__ import annotations
@@ -246,3 +248,14 @@ class TokenRevoked(WorkbenchError):
 class DestinationFailed(WorkbenchError):
     exit_code = 12
     code = "destination_failed"
+
+
+class TableRefused(WorkbenchError):
+    exit_code = 8
+    code = "table_refused"
+
+
+class InvalidName(WorkbenchError):
+    status = 400
+    exit_code = 2
+    code = "invalid_name"

@@ -12,9 +12,17 @@ durable before the next:
 3. decrypt the fields whose names end in ``RSA`` and merge the rows into per-date Parquet files
    (and ``<table>_<date>.csv``) under ``questionnaires/<source>/decoded/<table>/``,
    de-duplicated by row id;
-4. advance the high-water mark;
+4. advance the high-water mark, never past ids the server has not used yet: the mark moves
+   to the highest stored id reached in steps of at most ``max_id_jump`` (a row far ahead of
+   the rest, such as a hand-made id of 10^15, is stored but waits above the mark, and the rows
+   that come after the others are still fetched; see :func:`reachable_mark`);
 5. in ``delete_mode`` only, delete on the server each row found both in the raw snapshot (hash
    checked) and in the decoded files.
+
+A table whose answer holds ids outside signed 64-bit integers, or is larger than
+``max_answer_mb``, is refused with a clear error (:class:`TableRefused`) before anything of it is
+stored; the other tables and sources go on. Every file and folder name comes from a name checked
+against its pattern and resolved inside its folder (:func:`table_folder`).
 
 A crash at any point loses nothing: the next run first finishes what an earlier one left
 (snapshots not yet decoded, deletes not yet done) and then fetches again from the mark, so it
@@ -63,17 +71,26 @@ from workbench.catalog import (
     open_catalog,
 )
 from workbench.config import Config, SourceConfig
-from workbench.errors import ConfigError, SourceUnavailable, WorkbenchError
+from workbench.errors import (
+    ConfigError,
+    InvalidName,
+    SourceUnavailable,
+    TableRefused,
+    WorkbenchError,
+)
 from workbench.pool import (
     fsync_dir,
     make_dirs_durably,
     write_file_atomically,
     write_parquet_atomically,
 )
+from workbench.tables_csv import csv_bytes
 
 log = logging.getLogger("workbench.export")
 
 TABLE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+SOURCE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")  # as workbench.toml requires
+INT64 = (-(2**63), 2**63 - 1)  # the row ids the catalog and the decoded files can hold
 ENCRYPTED_SUFFIX = "RSA"
 PARALLEL_FROM = 2000  # values; fewer are decrypted in this process
 # A string this long of base64 characters left in a decoded table is ciphertext until proven
@@ -105,6 +122,7 @@ class TableExport:
     undecryptable: int = 0
     deleted: int = 0
     left_on_server: int = 0
+    ahead: int = 0  # stored rows far above the others, which the mark does not pass yet
     error: str | None = None
 
 
@@ -132,6 +150,9 @@ class ExportReport:
         deleted = sum(t.deleted for t in self.tables)
         if deleted:
             parts.append(f"{deleted} rows deleted on the server")
+        ahead = sum(t.ahead for t in self.tables)
+        if ahead:
+            parts.append(f"{ahead} stored rows far ahead of the others (the mark waits below)")
         bad = sum(t.undecryptable for t in self.tables)
         if bad:
             parts.append(f"{bad} values could not be decrypted (flagged, see critical.log)")
@@ -167,7 +188,7 @@ class ExportClient:
         delay = self.source.backoff
         for attempt in range(self.source.retries + 1):
             try:
-                response = self.http.request(method, path, **kwargs)
+                response = self._send(method, path, **kwargs)
             except httpx.TransportError as exc:  # refused, dropped, timed out
                 problem = f"{type(exc).__name__}: {exc or 'no answer'}"
             else:
@@ -189,6 +210,38 @@ class ExportClient:
         raise SourceUnavailable(
             f"source {self.source.name!r} at {self.source.url}: {method} {path} failed "
             f"{self.source.retries + 1} times, last with {problem}"
+        )
+
+    def _send(self, method: str, path: str, **kwargs) -> httpx.Response:
+        """One request whose body is read in pieces and refused past ``max_answer_mb``, so
+        an answer never takes more memory than the limit allows (the refusal names it)."""
+        limit = int(self.source.max_answer_mb * 1024 * 1024)
+        request = self.http.build_request(method, path, **kwargs)
+        response = self.http.send(request, stream=True)
+        try:
+            announced = response.headers.get("content-length", "")
+            if announced.isdigit() and int(announced) > limit:
+                raise self._too_large(path, int(announced))
+            body = bytearray()
+            for piece in response.iter_bytes(1 << 16):
+                body += piece
+                if len(body) > limit:
+                    raise self._too_large(path, len(body))
+        finally:
+            response.close()
+        headers = [
+            (k, v) for k, v in response.headers.multi_items() if k not in ("content-encoding",)
+        ]  # the body is decoded already
+        return httpx.Response(
+            response.status_code, headers=headers, content=bytes(body), request=request
+        )
+
+    def _too_large(self, path: str, size: int) -> TableRefused:
+        return TableRefused(
+            f"the answer to GET {path} is larger than max_answer_mb = "
+            f"{self.source.max_answer_mb:g} MB (at least {size / 1024 / 1024:.2f} MB): raise "
+            f"max_answer_mb for source {self.source.name!r} in workbench.toml if the machine "
+            "has the memory (about seven times the answer while it is decoded)"
         )
 
     def _json(self, response: httpx.Response, what: str):
@@ -300,6 +353,35 @@ def decrypt_values(key, values: list[str | None], padding_name: str) -> list[str
     return out
 
 
+def confirm_pkcs1v15(key, values: list[str | None], plain: list[str | None]) -> list[str | None]:
+    """``plain`` with every value whose ciphertext does not carry valid PKCS#1 v1.5 padding
+    around exactly that plaintext set to None.
+
+    OpenSSL's implicit rejection answers a wrong ciphertext with bytes that may look like
+    text; undoing the RSA step by hand shows whether the padding really was there. This is
+    done only for stored data, offline, where a timing side channel reveals nothing.
+    """
+    numbers = key.private_numbers()
+    p, q, n = numbers.p, numbers.q, numbers.public_numbers.n
+    size = (n.bit_length() + 7) // 8
+    out: list[str | None] = []
+    for value, text in zip(values, plain, strict=True):
+        if text is None:
+            out.append(None)
+            continue
+        c = int.from_bytes(base64.b64decode(value, validate=True), "big")
+        if c >= n:
+            out.append(None)
+            continue
+        m1, m2 = pow(c, numbers.dmp1, p), pow(c, numbers.dmq1, q)
+        m = m2 + (numbers.iqmp * (m1 - m2) % p) * q  # the Chinese remainder theorem
+        block = m.to_bytes(size, "big")
+        separator = block.find(b"\0", 2)
+        valid = block[:2] == b"\0\2" and separator >= 10 and block[separator + 1 :] == text.encode()
+        out.append(text if valid else None)
+    return out
+
+
 _worker_key = None
 _worker_padding = "pkcs1v15"
 
@@ -342,6 +424,13 @@ class Decrypter:
                 bar.update(len(part))
         return out
 
+    def confirm(self, values: list[str | None], plain: list[str | None]) -> list[str | None]:
+        """``plain`` with what is not truly a plaintext of ``values`` set to None (PKCS#1 v1.5
+        only: OAEP never decrypts a wrong ciphertext)."""
+        if self.source.padding != "pkcs1v15":
+            return plain
+        return confirm_pkcs1v15(self.key, values, plain)
+
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown()
@@ -352,19 +441,30 @@ class Decrypter:
 
 
 def decode_rows(
-    rows: list[dict], decrypt: Callable[[list], list], *, source: str, table: str
+    rows: list[dict],
+    decrypt: Callable[[list], list],
+    *,
+    source: str,
+    table: str,
+    confirm: Callable[[list, list], list] | None = None,
 ) -> tuple[pl.DataFrame, int]:
     """A tidy table of ``rows``: each ``<name>RSA`` field decrypted into ``<name>`` (the
     ciphertext dropped) with a ``<name>_undecryptable`` flag, nested values as JSON text, and
     ``_date`` (the row's day, from its ``date``) for partitioning. Returns it and the number of
-    values that could not be decrypted; those are logged as critical."""
+    values that could not be decrypted; those are logged as critical.
+
+    Each value stands on its own: one that decrypts is kept whatever its neighbours do, one
+    that fails is left empty and flagged. In a column where some fail, ``confirm`` (see
+    :meth:`Decrypter.confirm`) checks the others, so that no noise passes for a plaintext.
+    A flag never replaces a server column: if the server sends ``<name>_undecryptable`` too,
+    the flag is ``<name>RSA_undecryptable`` (then with ``_2``, ``_3``, ... until free)."""
     if not rows:
         return pl.DataFrame(), 0
-    names: list[str] = []
+    seen: dict[str, None] = {}
     for row in rows:
-        for key in row:
-            if key not in names:
-                names.append(key)
+        seen.update(dict.fromkeys(row))
+    names = list(seen)
+    taken = set(names)
     encrypted = [
         n for n in names if n.endswith(ENCRYPTED_SUFFIX) and len(n) > len(ENCRYPTED_SUFFIX)
     ]
@@ -374,16 +474,21 @@ def decode_rows(
         values = [row.get(name) for row in rows]
         if name in encrypted:
             base = name[: -len(ENCRYPTED_SUFFIX)]
-            target = base if base not in names else f"{name}_plain"
+            target = _free_name([base, f"{name}_plain"], taken)
+            flag = _free_name([f"{target}_undecryptable", f"{name}_undecryptable"], taken)
             present = sum(1 for v in values if v not in (None, ""))
             plain = decrypt(values)
             bad = sum(
                 1 for v, p in zip(values, plain, strict=True) if v not in (None, "") and p is None
             )
-            if present and bad > present / 2:
-                # most values fail: the key or padding is wrong, and the few that "decrypt"
-                # are OpenSSL's implicit-rejection noise that happened to look like text
-                plain, bad = [None] * len(values), present
+            if bad and confirm is not None:
+                # with failures about, a "plaintext" may be implicit-rejection noise: check
+                plain = confirm(values, plain)
+                bad = sum(
+                    1
+                    for v, p in zip(values, plain, strict=True)
+                    if v not in (None, "") and p is None
+                )
             if bad:
                 failed += bad
                 why = (
@@ -393,17 +498,17 @@ def decode_rows(
                 )
                 log.critical(
                     "%s/%s: %d of %d values of %s could not be decrypted and are left empty "
-                    "with %s_undecryptable set (%s)",
+                    "with %s set (%s)",
                     source,
                     table,
                     bad,
                     present,
                     name,
-                    target,
+                    flag,
                     why,
                 )
             columns[target] = plain
-            columns[f"{target}_undecryptable"] = [
+            columns[flag] = [
                 v not in (None, "") and p is None for v, p in zip(values, plain, strict=True)
             ]
         else:
@@ -416,6 +521,17 @@ def decode_rows(
     frame = frame.with_columns(_day(frame).alias("_date"))
     _warn_ciphertext(frame, source=source, table=table)
     return frame, failed
+
+
+def _free_name(candidates: list[str], taken: set[str]) -> str:
+    """The first candidate not taken (else the last with ``_2``, ``_3``, ...), now taken."""
+    free = [c for c in candidates if c not in taken]
+    name = free[0] if free else candidates[-1]
+    n = 2
+    while name in taken:
+        name, n = f"{candidates[-1]}_{n}", n + 1
+    taken.add(name)
+    return name
 
 
 def _day(frame: pl.DataFrame) -> pl.Expr:
@@ -464,15 +580,50 @@ def merge_decoded(folder: Path, table: str, frame: pl.DataFrame) -> list[str]:
 
 
 def _csv(frame: pl.DataFrame) -> bytes:
-    return frame.write_csv().encode()  # nested values were turned into JSON text by decode_rows
+    return csv_bytes(frame)  # nested values were turned into JSON text by decode_rows
 
 
 # ---------------------------------------------------------------------------- the export
 
 
+def check_name(kind: str, value: object) -> str:
+    """``value`` if it is a valid ``kind`` ("source" or "table") name, else :class:`InvalidName`.
+
+    Example: ``check_name("table", "PHQ9")``; ``check_name("table", "../raw")`` raises.
+    """
+    pattern = SOURCE_NAME if kind == "source" else TABLE_NAME
+    if not isinstance(value, str) or not pattern.fullmatch(value):
+        shown = value if isinstance(value, str) else type(value).__name__
+        raise InvalidName(
+            f"invalid {kind} name {str(shown)[:80]!r}: use letters, digits, '_', '-'"
+            + (" and '.'" if kind == "table" else "")
+            + f", starting with a letter or digit (pattern {pattern.pattern})"
+        )
+    return value
+
+
+def _inside(folder: Path, name: str) -> Path:
+    """``folder / name``, checked to resolve to a direct child of ``folder``."""
+    path = folder / name
+    if path.resolve().parent != folder.resolve():
+        raise InvalidName(f"{name!r} does not resolve inside {folder.name}/")
+    return path
+
+
 def source_folder(config: Config, source: str) -> Path:
-    """Where a source's raw snapshots and decoded tables live."""
-    return config.pool / "questionnaires" / source
+    """Where a source's raw snapshots and decoded tables live (the name checked first)."""
+    return _inside(config.pool / "questionnaires", check_name("source", source))
+
+
+def table_folder(config: Config, source: str, table: str, kind: str) -> Path:
+    """A table's ``raw`` or ``decoded`` folder, its names checked and resolved inside the
+    source's folder before any file in it is read, written or deleted.
+
+    Example: ``table_folder(config, "mindtrails", "PHQ9", "decoded")``.
+    """
+    if kind not in ("raw", "decoded"):
+        raise ValueError(f"kind must be raw or decoded, not {kind!r}")
+    return _inside(source_folder(config, source) / kind, check_name("table", table))
 
 
 def export_sources(
@@ -487,9 +638,11 @@ def export_sources(
 
     Example: ``[r.summary() for r in export_sources(config)]``.
     """
-    chosen = [config.source(source)] if source else list(config.sources)
+    chosen = [config.source(check_name("source", source))] if source else list(config.sources)
     if not chosen:
         raise ConfigError("no [[sources]] in workbench.toml to export")
+    if table is not None:
+        check_name("table", table)
     reports = []
     for s in chosen:
         try:
@@ -549,7 +702,7 @@ def export_source(
                 _export_table(
                     config, catalog, client, source, decrypter, listing[table], result, progress
                 )
-            except SourceUnavailable as exc:
+            except WorkbenchError as exc:  # e.g. SourceUnavailable, TableRefused
                 result.error = exc.message
                 log.error("%s/%s: %s; progress so far is kept", name, table, exc.message)
     except SourceUnavailable as exc:
@@ -576,7 +729,14 @@ def _export_table(config, catalog, client, source, decrypter, listed, result, pr
     bad = [r for r in rows if not isinstance(r.get("id"), int) or isinstance(r.get("id"), bool)]
     if bad:
         raise SourceUnavailable(f"{len(bad)} rows without an integer id: cannot export by id")
-    new = sorted((r for r in rows if r["id"] > mark), key=lambda r: r["id"])
+    outside = [r["id"] for r in rows if not INT64[0] <= r["id"] <= INT64[1]]
+    if outside:
+        raise TableRefused(
+            f"{len(outside)} rows have ids outside signed 64-bit integers (e.g. {outside[0]}): "
+            "nothing of this table is stored until they are corrected on the server"
+        )
+    ahead = stored_above(config, catalog, source.name, table, mark)
+    new = sorted((r for r in rows if r["id"] > mark and r["id"] not in ahead), key=_row_id)
     result.new_rows = len(new)
     _fault_point("after-fetch")
     if new:
@@ -584,7 +744,7 @@ def _export_table(config, catalog, client, source, decrypter, listed, result, pr
         _fault_point("after-raw")
         result.raw = relative
         result.undecryptable = _decode_raw(config, catalog, source, decrypter, raw_id, progress)
-        _advance(catalog, source.name, table, new[-1]["id"])
+    result.ahead = _settle_mark(catalog, source, table, mark, ahead | {r["id"] for r in new})
     if source.delete_mode and listed.get("deleteable"):
         result.deleted = _delete_verified(config, catalog, client, source, table)
         # Everything stored is deleted by now: a row at or below the mark still there is
@@ -606,6 +766,59 @@ def _export_table(config, catalog, client, source, decrypter, listed, result, pr
                 top,
                 ", ".join(map(str, still[:20])) + (" ..." if len(still) > 20 else ""),
             )
+
+
+def _row_id(row: dict) -> int:
+    return row["id"]
+
+
+def reachable_mark(mark: int, stored: set[int], max_jump: int) -> int:
+    """The highest stored id reached from ``mark`` in steps of at most ``max_jump``.
+
+    The high-water mark moves to it: a stored row far ahead of the others (a hand-made id of
+    10^15, say) does not move the mark past ids the server has not used yet, so later rows
+    below it are still fetched; once the table's ids come within ``max_jump`` of it, the mark
+    passes it as usual.
+
+    Example: ``reachable_mark(100, {101, 102, 10**15}, 1_000_000)`` -> ``102``.
+    """
+    top = mark
+    for row_id in sorted(i for i in stored if i > mark):
+        if row_id - top > max_jump:
+            break
+        top = row_id
+    return top
+
+
+def stored_above(config: Config, catalog: Catalog, source: str, table: str, mark: int) -> set[int]:
+    """Ids of ``table`` stored in raw snapshots above the mark (rows far ahead of the rest)."""
+    r = export_raw.c
+    with catalog.engine.connect() as conn:
+        snapshots = conn.execute(
+            select(export_raw).where(r.source == source, r.table_name == table, r.max_row > mark)
+        ).all()
+    return {row["id"] for s in snapshots for row in read_raw(config, s) if row["id"] > mark}
+
+
+def _settle_mark(catalog: Catalog, source: SourceConfig, table: str, mark: int, stored) -> int:
+    """Advance the table's mark as far as :func:`reachable_mark` allows; return how many stored
+    rows stay above it (logged)."""
+    top = reachable_mark(mark, stored, source.max_id_jump)
+    if top > mark:
+        _advance(catalog, source.name, table, top)
+    beyond = sorted(i for i in stored if i > top)
+    if beyond:
+        log.warning(
+            "%s/%s: %d stored rows have ids more than max_id_jump = %d above the others "
+            "(from %d); the mark stays at %d so that later rows are still fetched",
+            source.name,
+            table,
+            len(beyond),
+            source.max_id_jump,
+            beyond[0],
+            top,
+        )
+    return len(beyond)
 
 
 def _source_lock(config: Config, source: str) -> int:
@@ -659,7 +872,7 @@ def write_raw(
     )
     sha = hashlib.sha256(body).hexdigest()
     stamp = datetime.datetime.fromtimestamp(fetched / 1000, datetime.UTC).strftime("%Y%m%dT%H%M%S")
-    folder = source_folder(config, source) / "raw" / table
+    folder = table_folder(config, source, table, "raw")
     make_dirs_durably(folder)  # the snapshot's folder must outlive a power cut too
     temporary = folder / f".{sha}.{os.getpid()}.tmp"
     with open(temporary, "wb") as handle:
@@ -675,6 +888,7 @@ def write_raw(
             continue
     os.unlink(temporary)
     fsync_dir(folder)
+    _fault_point("before-record")
     relative = str(final.relative_to(config.pool))
     with catalog.writing() as conn:
         raw_id = conn.execute(
@@ -713,8 +927,9 @@ def _decode_raw(config, catalog, source, decrypter, raw_id: int, progress: bool)
         lambda values: decrypter(values, progress=progress),
         source=source.name,
         table=row.table_name,
+        confirm=decrypter.confirm,
     )
-    folder = source_folder(config, source.name) / "decoded" / row.table_name
+    folder = table_folder(config, source.name, row.table_name, "decoded")
     merge_decoded(folder, row.table_name, frame)
     with catalog.writing() as conn:
         conn.execute(
@@ -724,8 +939,9 @@ def _decode_raw(config, catalog, source, decrypter, raw_id: int, progress: bool)
 
 
 def _finish_interrupted(config, catalog, source, decrypter) -> int:
-    """Decode the snapshots an interrupted run stored but did not decode, and advance their
-    tables' marks; return how many."""
+    """Record the snapshots an interrupted run wrote but did not record, decode those it did
+    not decode, and advance their tables' marks; return how many."""
+    _adopt_unrecorded(config, catalog, source.name)
     r = export_raw.c
     with catalog.engine.connect() as conn:
         pending = conn.execute(
@@ -741,14 +957,56 @@ def _finish_interrupted(config, catalog, source, decrypter) -> int:
             item.id,
         )
         _decode_raw(config, catalog, source, decrypter, item.id, False)
-        if item.max_row > high_water(catalog, source.name, item.table_name):
-            _advance(catalog, source.name, item.table_name, item.max_row)
+    for table in sorted({item.table_name for item in pending}):
+        mark = high_water(catalog, source.name, table)
+        _settle_mark(
+            catalog, source, table, mark, stored_above(config, catalog, source.name, table, mark)
+        )
     return len(pending)
+
+
+def _adopt_unrecorded(config: Config, catalog: Catalog, source: str) -> None:
+    """Under the source's lock, a raw file without its catalog row was written by a run that
+    stopped before recording it: record it (to be decoded), and remove unlinked temporaries
+    (their rows are still on the server, above the mark)."""
+    raw = source_folder(config, source) / "raw"
+    if not raw.is_dir():
+        return
+    with catalog.engine.connect() as conn:
+        known = set(
+            conn.execute(select(export_raw.c.path).where(export_raw.c.source == source)).scalars()
+        )
+    for path in sorted(raw.glob("*/*")):
+        relative = str(path.relative_to(config.pool))
+        if path.name.startswith(".") and path.name.endswith(".tmp"):
+            log.warning("%s: removing %s, left by an interrupted run", source, relative)
+            path.unlink()
+            continue
+        if relative in known or path.suffix != ".json":
+            continue
+        body = path.read_bytes()
+        snapshot = orjson.loads(body)
+        rows = snapshot["rows"]
+        log.warning("%s: recording raw snapshot %s, left by an interrupted run", source, relative)
+        with catalog.writing() as conn:
+            conn.execute(
+                export_raw.insert().values(
+                    source=source,
+                    table_name=path.parent.name,
+                    fetched_at=snapshot["fetched_at"],
+                    path=relative,
+                    sha256=hashlib.sha256(body).hexdigest(),
+                    bytes=len(body),
+                    n_rows=len(rows),
+                    min_row=rows[0]["id"],
+                    max_row=rows[-1]["id"],
+                )
+            )
 
 
 def decoded_ids(config: Config, source: str, table: str) -> set[int]:
     """Row ids present in a table's decoded files."""
-    files = sorted((source_folder(config, source) / "decoded" / table).glob(f"{table}_*.parquet"))
+    files = sorted(table_folder(config, source, table, "decoded").glob(f"{table}_*.parquet"))
     ids: set[int] = set()
     for path in files:
         if _day_of(path, table) is not None:
@@ -846,7 +1104,9 @@ def rebuild_decoded(
 
     Example: ``rebuild_decoded(config)`` after losing the decoded folder.
     """
-    chosen = [config.source(source)] if source else list(config.sources)
+    chosen = [config.source(check_name("source", source))] if source else list(config.sources)
+    if table is not None:
+        check_name("table", table)  # before anything is deleted
     own = catalog is None
     catalog = catalog or open_catalog(config)
     done: dict[str, int] = {}
@@ -862,8 +1122,8 @@ def rebuild_decoded(
                 with catalog.engine.connect() as conn:
                     snapshots = conn.execute(query).all()
                 tables = sorted({s.table_name for s in snapshots} | ({table} if table else set()))
-                for name in tables:
-                    folder = source_folder(config, src.name) / "decoded" / name
+                folders = [table_folder(config, src.name, name, "decoded") for name in tables]
+                for folder in folders:  # every name checked before the first is deleted
                     if folder.exists():
                         shutil.rmtree(folder)
                 for snapshot in tqdm(
@@ -871,10 +1131,14 @@ def rebuild_decoded(
                 ):
                     rows = read_raw(config, snapshot)
                     frame, _failed = decode_rows(
-                        rows, decrypter, source=src.name, table=snapshot.table_name
+                        rows,
+                        decrypter,
+                        source=src.name,
+                        table=snapshot.table_name,
+                        confirm=decrypter.confirm,
                     )
                     merge_decoded(
-                        source_folder(config, src.name) / "decoded" / snapshot.table_name,
+                        table_folder(config, src.name, snapshot.table_name, "decoded"),
                         snapshot.table_name,
                         frame,
                     )
@@ -894,8 +1158,8 @@ def combine_table(config: Config, source: str, table: str) -> pl.DataFrame:
 
     Example: ``combine_table(config, "mindtrails", "PHQ9").height``.
     """
-    config.source(source)
-    folder = source_folder(config, source) / "decoded" / table
+    config.source(check_name("source", source))
+    folder = table_folder(config, source, table, "decoded")
     files = sorted(p for p in folder.glob(f"{table}_*.parquet") if _day_of(p, table) is not None)
     if not files:
         raise WorkbenchError(

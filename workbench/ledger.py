@@ -14,7 +14,15 @@ from pathlib import Path
 from sqlalchemy import func, select
 from tqdm import tqdm
 
-from workbench.catalog import Catalog, Prepared, dialect_insert, rejections, sync_raw, uploads
+from workbench.catalog import (
+    Catalog,
+    Prepared,
+    dialect_insert,
+    export_raw,
+    rejections,
+    sync_raw,
+    uploads,
+)
 from workbench.config import Config
 from workbench.pool import DataPool, sync_folders
 
@@ -39,9 +47,11 @@ def verify(
     """Check that every ledger row's file exists with its size and hash, that no stored file
     lacks a row, and that no temporary file is left; return every discrepancy found.
 
-    The ledgers are the upload ledger, the rejections kept in junk and the sync ledger (each
-    window fetched from a third-party API, under ``sync/<provider>/raw/``). A raw sync file
-    without a row is not reported: a sync interrupted between the two fetches the window again.
+    The ledgers are the upload ledger, the rejections kept in junk, the sync ledger (each
+    window fetched from a third-party API, under ``sync/<provider>/raw/``) and the raw
+    questionnaire snapshots (``questionnaires/<source>/raw/``, both ways: a row without its
+    file and a file without its row). A raw sync file without a row is not reported: a sync
+    interrupted between the two fetches the window again.
 
     Safe beside a running server: what an upload in flight shows for an instant (a row whose
     file is being linked, an incoming file not yet recorded) is looked at again after
@@ -63,7 +73,7 @@ def _verify_once(config: Config, *, check_hashes: bool, progress: bool) -> list[
     # Files first, rows second: a row is committed before its file is linked, so every file
     # seen here has its row in the query below.
     stored = []
-    for top in (pool.studies, pool.junk):
+    for top in (pool.studies, pool.junk, *sorted(pool.root.glob("questionnaires/*/raw"))):
         for folder, _dirs, files in os.walk(top):
             stored.extend(os.path.relpath(os.path.join(folder, n), pool.root) for n in files)
     incoming = pool.incoming_files(all_hosts=True)
@@ -78,12 +88,14 @@ def _verify_once(config: Config, *, check_hashes: bool, progress: bool) -> list[
                 select(func.count()).select_from(rejections).where(rejections.c.path.is_not(None))
             ).scalar_one()
             total += conn.execute(select(func.count()).select_from(sync_raw)).scalar_one()
+            total += conn.execute(select(func.count()).select_from(export_raw)).scalar_one()
             rows = conn.execute(
                 select(uploads.c.path, uploads.c.bytes, uploads.c.sha256).union_all(
                     select(rejections.c.path, rejections.c.bytes, rejections.c.sha256).where(
                         rejections.c.path.is_not(None)
                     ),
                     select(sync_raw.c.path, sync_raw.c.bytes, sync_raw.c.sha256),
+                    select(export_raw.c.path, export_raw.c.bytes, export_raw.c.sha256),
                 )
             )
             bar = tqdm(rows, total=total, unit="file", desc="ledger", disable=not progress)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import html
 import logging
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,9 +32,10 @@ import polars as pl
 
 from workbench.catalog import now_ms, open_catalog
 from workbench.config import Config
-from workbench.errors import WorkbenchError
+from workbench.errors import InvalidName, WorkbenchError
 from workbench.instruments import Instrument, instrument, list_instruments
 from workbench.pool import write_file_atomically, write_parquet_atomically
+from workbench.tables_csv import csv_bytes
 
 DAY_MS = 86_400_000
 Z95 = 1.959963984540054  # the normal quantile of a two-sided 95 % interval
@@ -41,6 +43,8 @@ COMPLIANCE_TARGET = 80.0  # % of expected EMA prompts answered, the usual thresh
 LOST_AFTER_DAYS = 14  # a questionnaire participant silent this long is lost to follow-up
 DATE_FORMATS = ("%Y-%m-%d %H:%M:%S%.f", "%Y-%m-%d %H:%M:%S", "%Y-%m-%d %H:%M", "%Y-%m-%d")
 log = logging.getLogger("workbench.reports")
+STUDY_OR_SOURCE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+REPORT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 DISPOSITIONS = ["active", "completed", "withdrawn", "lost to follow-up", "not started"]
 
 
@@ -292,6 +296,11 @@ def attrition(config: Config, name: str, *, now: int | None = None) -> Attrition
 
     Example: ``attrition(config, "demo").consort``.
     """
+    if not STUDY_OR_SOURCE.fullmatch(name):  # the name becomes the report's file name
+        raise InvalidName(
+            f"invalid study or source name {name[:80]!r}: use letters, digits, '_' and '-' "
+            f"(pattern {STUDY_OR_SOURCE.pattern})"
+        )
     now = now_ms() if now is None else now
     if any(s.name == name for s in config.sources):
         return _questionnaire_attrition(config, name, now=now)
@@ -550,12 +559,18 @@ def write_report(
     folder: Path, name: str, tables: dict[str, pl.DataFrame], *, title: str, notes: list[str] = ()
 ) -> list[Path]:
     """Write each table as ``<name>_<table>.csv`` and ``.parquet`` and all of them on one HTML
-    page ``<name>.html`` in ``folder``; return the paths."""
+    page ``<name>.html`` in ``folder``; return the paths. ``name`` (a study or source, often
+    typed by an operator) is checked before anything is written."""
+    if not REPORT_NAME.fullmatch(name) or (folder / name).resolve().parent != folder.resolve():
+        raise InvalidName(
+            f"invalid report name {name[:80]!r}: use letters, digits, '_', '-' and '.', "
+            f"starting with a letter or digit (pattern {REPORT_NAME.pattern})"
+        )
     folder.mkdir(parents=True, exist_ok=True)
     written = []
     for key, table in tables.items():
         stem = f"{name}_{key}" if len(tables) > 1 else name
-        written.append(write_file_atomically(folder / f"{stem}.csv", table.write_csv().encode()))
+        written.append(write_file_atomically(folder / f"{stem}.csv", csv_bytes(table)))
         written.append(write_parquet_atomically(table, folder / f"{stem}.parquet", durable=False))
     page = [
         "<!doctype html><html><head><meta charset='utf-8'>",

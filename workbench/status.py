@@ -46,6 +46,7 @@ from workbench.config import Config
 from workbench.errors import MailError
 from workbench.pool import DataPool, write_file_atomically, write_parquet_atomically
 from workbench.studies import Study, get_study, list_studies
+from workbench.tables_csv import csv_bytes
 
 HOUR_MS = 3_600_000
 DAY_MS = 24 * HOUR_MS
@@ -737,7 +738,7 @@ def write_csv_atomically(table: pl.DataFrame, path: Path, *, durable: bool = Tru
 def _csv(table: pl.DataFrame) -> bytes:
     # The times are UTC: formatting them without a time zone is twice as fast.
     naive = table.with_columns(pl.col(_TIME).dt.replace_time_zone(None))
-    return naive.write_csv(datetime_format=CSV_TIME).encode()
+    return csv_bytes(naive, datetime_format=CSV_TIME)
 
 
 def render(table: pl.DataFrame, fmt: str) -> bytes:

@@ -235,8 +235,11 @@ class StudyServer:
             self._next_id[name] = (with_id[-1]["id"] + 1) if with_id else 1
             self.add_rows(name, [row for row in rows if "id" not in row])
 
-    def add_rows(self, table: str, rows: list[dict]) -> None:
+    def add_rows(self, table: str, rows: list[dict], *, keep_ids: bool = False) -> None:
         """Append rows to table, assigning the next ids (and the current time where date is missing).
+
+        With ``keep_ids``, each row keeps the ``id`` it has (any integer, as a hand-edited
+        database might hold) in its place by id, and the next ids given are not changed.
 
         Example: ``server.add_rows("PHQ9", [{"participantRSA": "...", "session": "POST"}])``
         """
@@ -246,6 +249,9 @@ class StudyServer:
         with self._lock:
             target = self.tables[table]
             for row in rows:
+                if keep_ids:
+                    bisect.insort(target, {"date": stamp} | row, key=itemgetter("id"))
+                    continue
                 row_id = self._next_id[table]
                 self._next_id[table] = row_id + 1
                 target.append({"id": row_id, "date": stamp} | _without_id(row))

@@ -50,6 +50,7 @@ from workbench.sync.accounts import Account, access_token, account_lock, get_acc
 from workbench.sync.providers import Provider, get_provider
 from workbench.sync.ratelimit import RateLimits, limit_key
 from workbench.sync.settings import sync_settings
+from workbench.tables_csv import csv_bytes
 
 log = logging.getLogger("workbench.sync")
 
@@ -205,7 +206,7 @@ def _drop_window(folder, stream: str, start: dt.date, end: dt.date) -> None:
         )
         if kept.height != frame.height:
             write_parquet_atomically(kept, path)
-            write_file_atomically(path.with_suffix(".csv"), kept.write_csv().encode())
+            write_file_atomically(path.with_suffix(".csv"), csv_bytes(kept))
 
 
 def _start_run(catalog: Catalog, account_id: int, trigger: str, status: str = "running") -> int:
