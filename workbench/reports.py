@@ -33,7 +33,7 @@ from workbench.catalog import now_ms, open_catalog
 from workbench.config import Config
 from workbench.errors import WorkbenchError
 from workbench.instruments import Instrument, instrument, list_instruments
-from workbench.pool import write_file_atomically, write_parquet_atomically
+from workbench.pool import make_folders, write_file_atomically, write_parquet_atomically
 
 DAY_MS = 86_400_000
 Z95 = 1.959963984540054  # the normal quantile of a two-sided 95 % interval
@@ -551,7 +551,7 @@ def write_report(
 ) -> list[Path]:
     """Write each table as ``<name>_<table>.csv`` and ``.parquet`` and all of them on one HTML
     page ``<name>.html`` in ``folder``; return the paths."""
-    folder.mkdir(parents=True, exist_ok=True)
+    make_folders(folder)
     written = []
     for key, table in tables.items():
         stem = f"{name}_{key}" if len(tables) > 1 else name
