@@ -17,6 +17,7 @@ from bottle import Bottle, HTTPResponse, request
 from workbench.config import Config
 from workbench.errors import BadRequest, BodyTooLarge, UploadRejected, WorkbenchError
 from workbench.ingest import Ingest, Upload
+from workbench.pool import private_umask
 
 log = logging.getLogger("workbench.server")
 
@@ -27,6 +28,7 @@ CHUNK = 64 * 1024
 def create_app(config: Config) -> Bottle:
     """The WSGI application for one workbench home."""
     app = Bottle()
+    private_umask(config.pool_group)  # a second defence: the pool's writers set modes themselves
     ingest = Ingest(config)
     atexit.register(ingest.close)
     app.config["workbench.ingest"] = ingest

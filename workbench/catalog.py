@@ -41,6 +41,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
 from workbench.errors import CatalogError
+from workbench.pool import make_folders, open_new_file, secure_file
 
 SCHEMA_VERSION = 6
 
@@ -643,6 +644,16 @@ def now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
+def _create_private_database(path: Path) -> None:
+    """Create the SQLite file with the pool's file mode before SQLite opens it (SQLite gives
+    its -wal and -shm files the mode of the database), and set that mode on files an older
+    workbench made."""
+    make_folders(path.parent)
+    os.close(open_new_file(path, os.O_RDONLY | os.O_CREAT))
+    for suffix in ("-wal", "-shm", "-journal", ".lock"):
+        secure_file(path.with_name(path.name + suffix))
+
+
 class Catalog:
     """A connection to the catalog database.
 
@@ -660,7 +671,7 @@ class Catalog:
         self.url = parsed
         self.is_sqlite = parsed.get_backend_name() == "sqlite"
         if self.is_sqlite and parsed.database and parsed.database != ":memory:":
-            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+            _create_private_database(Path(parsed.database))
         try:
             # SQLite connections are cheap and keep a warm page cache: pool enough of them for
             # every server thread, so none is opened and closed per request.
@@ -738,7 +749,7 @@ class Catalog:
             return
         with self._thread_lock:
             if self._lock_fd is None or self._lock_pid != os.getpid():
-                self._lock_fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o640)
+                self._lock_fd = open_new_file(Path(self._lock_path), os.O_RDWR | os.O_CREAT)
                 self._lock_pid = os.getpid()
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
             try:

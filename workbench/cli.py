@@ -403,7 +403,7 @@ def status(ctx, study_id, all_studies, fmt, out, history, subject) -> None:
     else:
         table = pl.concat(tables, how="diagonal_relaxed") if tables else pl.DataFrame()
         if fmt == "parquet":
-            table.write_parquet(out)
+            _emit_parquet(table, out)
             click.echo(f"wrote {table.height} rows to {out}", err=True)
             return
         data = render(table, fmt)
@@ -420,6 +420,14 @@ def _emit(data: bytes, out: str | None) -> None:
         click.echo(f"wrote {out}", err=True)
     else:
         click.echo(data.decode(), nl=False)
+
+
+def _emit_parquet(frame, out: str) -> None:
+    from pathlib import Path
+
+    from workbench.pool import write_parquet_atomically
+
+    write_parquet_atomically(frame, Path(out).resolve())
 
 
 @cli.command()
@@ -704,7 +712,7 @@ def combine(ctx, table, source, fmt, out) -> None:
         raise click.UsageError("--format parquet needs --out FILE")
     frame = combine_table(config, source, table)
     if fmt == "parquet":
-        frame.write_parquet(out)
+        _emit_parquet(frame, out)
         click.echo(f"wrote {frame.height} rows to {out}", err=True)
         return
     from workbench.tables_csv import csv_bytes
@@ -760,7 +768,7 @@ def score(ctx, table, name, source, last_per_session, fmt, out) -> None:
     if fmt == "parquet":
         if not out:
             raise click.UsageError("--format parquet needs --out FILE")
-        scored.write_parquet(out)
+        _emit_parquet(scored, out)
         click.echo(f"wrote {scored.height} rows to {out}", err=True)
         return
     if fmt == "table":
@@ -1233,6 +1241,9 @@ cli.add_command(sync)
 
 def main() -> None:
     """Entry point of the ``workbench`` command."""
+    from workbench.pool import private_umask
+
+    private_umask()  # a second defence: every writer sets its modes itself
     cli(prog_name="workbench")
 
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from workbench.errors import ConfigError
+from workbench.pool import DataPool, group_modes, make_folders, open_new_file
 from workbench.templates import template_path
 
 CONFIG_NAME = "workbench.toml"
@@ -136,6 +137,8 @@ class Config:
     pipelines: PipelinesConfig = field(default_factory=PipelinesConfig)
     # The [sync] section as written; workbench.sync.settings reads and checks it.
     sync: dict = field(default_factory=dict)
+    # A group given read access to the pool (0640 files, 0750 folders); None: private (0600/0700).
+    pool_group: str | None = None
 
     def source(self, name: str) -> SourceConfig:
         """The source called ``name``, or :class:`ConfigError`."""
@@ -177,6 +180,10 @@ def config_from_dict(raw: dict, *, home: Path) -> Config:
     catalog = _section(raw, "catalog")
     server = _section(raw, "server")
     pool = (home / str(pool_section.get("path", "pool"))).resolve()
+    group = pool_section.get("group", "")
+    if not isinstance(group, str):
+        raise ConfigError("[pool] group must be the name of a group")
+    group_modes(group)  # a group that does not exist is an error now, not at the first write
     url = str(catalog.get("url", "") or "")
     url_env = str(catalog.get("url_env", "WORKBENCH_CATALOG_URL"))
     url = os.environ.get(url_env) or url or f"sqlite:///{pool / 'catalog.sqlite'}"
@@ -203,6 +210,7 @@ def config_from_dict(raw: dict, *, home: Path) -> Config:
         sources=_sources(raw.get("sources", []), home),
         pipelines=_pipelines(_section(raw, "pipelines"), home),
         sync=_section(raw, "sync"),
+        pool_group=group or None,
     )
 
 
@@ -301,13 +309,15 @@ def init_home(home: str | os.PathLike | None = None, *, force: bool = False) -> 
     Example: ``init_home("~/demo")``.
     """
     root = find_home(home)
-    root.mkdir(parents=True, exist_ok=True)
+    make_folders(root)
     target = root / CONFIG_NAME
     if target.exists() and not force:
         raise ConfigError(f"{target} exists already; use --force to overwrite it")
-    target.write_text(template_path("workbench.toml").read_text(encoding="utf-8"), encoding="utf-8")
+    # Private like the pool: the operator may put a catalog URL with its password here.
+    template = template_path("workbench.toml").read_bytes()
+    fd = open_new_file(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(template)
     config = load_config(root)
-    from workbench.pool import DataPool
-
-    DataPool(config.pool).create()
+    DataPool.of(config).create()
     return config

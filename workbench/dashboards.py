@@ -39,6 +39,7 @@ from workbench.alerts import Alert, list_alerts
 from workbench.catalog import Catalog, fetch_tuples, now_ms, open_catalog, uploads
 from workbench.config import HOME_ENV, Config
 from workbench.errors import WorkbenchError
+from workbench.pool import make_folders, modes_in, open_new_file
 from workbench.reports import (
     Attrition,
     attrition,
@@ -335,14 +336,15 @@ def serve_dashboards(
     env = {**os.environ, HOME_ENV: str(config.home)}
     output = None
     if log is not None:
-        log.parent.mkdir(parents=True, exist_ok=True)
-        output = open(log, "ab")  # noqa: SIM115  (the child keeps it; closed below)
+        make_folders(log.parent)
+        output = os.fdopen(open_new_file(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND), "ab")
     try:
         return subprocess.Popen(
             voila_command(port=port, host=host, folder=folder, preheat=preheat),
             env=env,
             cwd=folder,
             start_new_session=True,
+            umask=modes_in(config.pool).umask,  # what the kernels write is private too
             stdout=output,
             stderr=subprocess.STDOUT if output else None,
         )

@@ -16,7 +16,7 @@ from workbench.catalog import open_catalog
 from workbench.config import CONFIG_NAME, init_home, load_config
 from workbench.errors import StudyExists, WorkbenchError
 from workbench.ledger import verify
-from workbench.pool import DataPool
+from workbench.pool import DataPool, write_file_atomically
 from workbench.simulator import simulate
 from workbench.status import refresh_status, render, status_csv_path, study_status
 from workbench.studies import create_study, definition_from_options
@@ -249,9 +249,7 @@ def _sync_environment(config) -> None:
     if not settings.key:
         path = config.home / "keys" / "sync.key"
         if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(generate_key())
-            path.chmod(0o600)
+            write_file_atomically(path, generate_key().encode())
         os.environ[settings.key_env] = path.read_text().strip()
     for provider in settings.providers:
         os.environ.setdefault(provider.client_id_env, "demo-client")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import html
+import io
 import json
 import re
 import secrets
@@ -15,6 +16,7 @@ from sqlalchemy.exc import IntegrityError
 
 from workbench.catalog import Catalog, now_ms, subjects
 from workbench.errors import StudyArchived
+from workbench.pool import make_folders, write_file_atomically
 from workbench.studies import get_study
 
 
@@ -105,11 +107,13 @@ def write_enrollment_sheets(
     """Write one QR code PNG per subject and a printable HTML sheet; return the sheet's path."""
     import segno
 
-    folder.mkdir(parents=True, exist_ok=True)
+    make_folders(folder)
     cards = []
     for e in enrollments:
         qr = segno.make(qr_payload(e, server_url), error="m")
-        qr.save(folder / f"{e.subject}.png", scale=8, border=4)
+        png = io.BytesIO()
+        qr.save(png, kind="png", scale=8, border=4)
+        write_file_atomically(folder / f"{e.subject}.png", png.getvalue())
         cards.append(
             f'<div class="card">{qr.svg_inline(scale=3)}'
             f"<p><b>{html.escape(e.subject)}</b><br>study {html.escape(e.study)}<br>"
@@ -117,14 +121,14 @@ def write_enrollment_sheets(
         )
     stamp = now_ms()
     sheet = folder / f"sheet-{stamp}.html"
-    sheet.write_text(
+    page = (
         "<!doctype html><meta charset='utf-8'><title>Enrollment sheet</title>"
         "<style>body{font-family:sans-serif}.card{display:inline-block;width:30%;"
         "margin:1%;padding:8px;border:1px dashed #999;text-align:center;"
         "page-break-inside:avoid}</style>"
         f"<h1>Enrollment: {html.escape(enrollments[0].study)}</h1>"
         "<p>Each code holds the subject's secret token: hand it to that subject only, "
-        "then destroy this sheet.</p>" + "".join(cards),
-        encoding="utf-8",
+        "then destroy this sheet.</p>" + "".join(cards)
     )
+    write_file_atomically(sheet, page.encode())
     return sheet

@@ -81,6 +81,8 @@ from workbench.errors import (
 from workbench.pool import (
     fsync_dir,
     make_dirs_durably,
+    make_folders,
+    open_new_file,
     write_file_atomically,
     write_parquet_atomically,
 )
@@ -564,7 +566,7 @@ def merge_decoded(folder: Path, table: str, frame: pl.DataFrame) -> list[str]:
     day, keeping one row per id (the latest); return the days written."""
     if frame.is_empty():
         return []
-    folder.mkdir(parents=True, exist_ok=True)
+    make_folders(folder)
     days = sorted(frame["_date"].unique().to_list())
     for day in days:
         part = frame.filter(pl.col("_date") == day).drop("_date")
@@ -825,8 +827,8 @@ def _source_lock(config: Config, source: str) -> int:
     """Take the source's lock (an exclusive flock, waiting for a running export or rebuild);
     return its descriptor, to be closed when done."""
     folder = source_folder(config, source)
-    folder.mkdir(parents=True, exist_ok=True)
-    fd = os.open(folder / ".lock", os.O_RDWR | os.O_CREAT, 0o640)
+    make_folders(folder)
+    fd = open_new_file(folder / ".lock", os.O_RDWR | os.O_CREAT)
     fcntl.flock(fd, fcntl.LOCK_EX)
     return fd
 
@@ -875,7 +877,7 @@ def write_raw(
     folder = table_folder(config, source, table, "raw")
     make_dirs_durably(folder)  # the snapshot's folder must outlive a power cut too
     temporary = folder / f".{sha}.{os.getpid()}.tmp"
-    with open(temporary, "wb") as handle:
+    with os.fdopen(open_new_file(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), "wb") as handle:
         handle.write(body)
         handle.flush()
         os.fsync(handle.fileno())

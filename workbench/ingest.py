@@ -137,7 +137,7 @@ class Ingest:
 
     def __init__(self, config: Config, *, catalog: Catalog | None = None) -> None:
         self.config = config
-        self.pool = DataPool(config.pool)
+        self.pool = DataPool.of(config)
         self.pool.create()
         self.catalog = catalog or Catalog(
             config.catalog_url, checkpoint_pages=LEDGER_CHECKPOINT_PAGES

@@ -24,6 +24,7 @@ import logging.handlers
 from pathlib import Path
 
 from workbench.config import Config, SmtpConfig
+from workbench.pool import make_folders, open_new_file
 
 LOGGER = "workbench"
 FORMAT = "%(asctime)s %(levelname)-8s %(name)s: %(message)s"
@@ -34,6 +35,19 @@ TIERS = {
     "critical.log": logging.CRITICAL,
 }
 KEEP = 366
+
+
+class _PrivateFileHandler(logging.handlers.TimedRotatingFileHandler):
+    """Rotating log file created, and re-created at each rotation, with the pool's file mode."""
+
+    def _open(self):
+        return open(
+            self.baseFilename,
+            self.mode,
+            encoding=self.encoding,
+            errors=self.errors,
+            opener=lambda path, flags: open_new_file(Path(path), flags),
+        )
 
 
 class _MailCritical(logging.Handler):
@@ -62,7 +76,7 @@ def setup_logging(config: Config, *, folder: Path | None = None) -> logging.Logg
     mail for critical events, to the ``workbench`` logger; return it. Calling it again for the
     same folder changes nothing."""
     folder = folder or config.pool / "logs"
-    folder.mkdir(parents=True, exist_ok=True)
+    make_folders(folder)
     logger = logging.getLogger(LOGGER)
     logger.setLevel(logging.DEBUG)
     tag = str(folder.resolve())
@@ -70,7 +84,7 @@ def setup_logging(config: Config, *, folder: Path | None = None) -> logging.Logg
         return logger
     formatter = logging.Formatter(FORMAT)
     for name, level in TIERS.items():
-        handler = logging.handlers.TimedRotatingFileHandler(
+        handler = _PrivateFileHandler(
             folder / name, when="midnight", backupCount=KEEP, utc=True, encoding="utf-8"
         )
         handler.setLevel(level)

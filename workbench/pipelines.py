@@ -40,6 +40,7 @@ from sqlalchemy import delete, select, update
 from workbench.catalog import Catalog, job_events, jobs, now_ms, open_catalog, pipeline_runs
 from workbench.config import Config
 from workbench.errors import ConfigError, PipelineBusy
+from workbench.pool import make_folders, modes_in, open_new_file, private_umask, secure_file
 from workbench.templates import load_schema, schema_validator
 
 log = logging.getLogger("workbench.pipelines")
@@ -192,8 +193,8 @@ def params_hash(parameters: dict) -> str:
 
 @contextlib.contextmanager
 def _exclusive(folder: Path, name: str):
-    folder.mkdir(parents=True, exist_ok=True)
-    fd = os.open(folder / ".lock", os.O_RDWR | os.O_CREAT, 0o640)
+    make_folders(folder)
+    fd = open_new_file(folder / ".lock", os.O_RDWR | os.O_CREAT)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -328,7 +329,7 @@ def _close_stale_runs(catalog, pipeline: str) -> None:
 
 def _execute(pipeline: Pipeline, output: Path, values: dict) -> tuple[str, int | None, str | None]:
     """Run papermill in a subprocess of its own process group; kill the group at the timeout."""
-    output.parent.mkdir(parents=True, exist_ok=True)
+    make_folders(output.parent)
     command = [
         sys.executable,
         "-c",
@@ -343,6 +344,7 @@ def _execute(pipeline: Pipeline, output: Path, values: dict) -> tuple[str, int |
         command,
         cwd=pipeline.notebook.parent,
         start_new_session=True,
+        umask=modes_in(output.parent).umask,  # papermill writes the notebook with the umask
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
     )
@@ -361,6 +363,7 @@ def _execute(pipeline: Pipeline, output: Path, values: dict) -> tuple[str, int |
         raise
     finally:
         output.with_suffix(".kernel-pid").unlink(missing_ok=True)
+        secure_file(output)
     if process.returncode == 0:
         return "succeeded", None, None
     cell, error = _failure(output)
@@ -609,12 +612,10 @@ def make_huey(config: Config, *, immediate: bool = False):
     if url:
         huey = RedisHuey("workbench", url=url, immediate=immediate, utc=True)
     else:
-        huey = SqliteHuey(
-            "workbench",
-            filename=str(config.pool / "scheduler.sqlite"),
-            immediate=immediate,
-            utc=True,
-        )
+        queue = config.pool / "scheduler.sqlite"
+        make_folders(config.pool)
+        os.close(open_new_file(queue, os.O_RDONLY | os.O_CREAT))  # SQLite keeps this mode
+        huey = SqliteHuey("workbench", filename=str(queue), immediate=immediate, utc=True)
     home = str(config.home)
 
     def run(name: str, parameters: dict | None = None, trigger: str = "queue") -> dict:
@@ -649,6 +650,7 @@ def run_scheduler(config: Config, *, workers: int | None = None) -> None:
     """Run the huey consumer with the periodic tasks in the foreground until interrupted."""
     from huey.consumer import Consumer
 
+    private_umask(config.pool_group)  # a second defence: the pool's writers set modes themselves
     huey = make_huey(config)
     consumer = Consumer(
         huey,

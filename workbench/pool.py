@@ -4,6 +4,12 @@ Every file enters the pool the same way: written to this host's incoming folder 
 then hard-linked under its final name (which fails rather than overwrite). The new name is made
 durable at once for junk (:meth:`DataPool.publish`) or by the upload server's background sync
 for batches; the incoming name goes only after that. Raw files are never modified or deleted.
+
+Every file and folder the workbench makes is private to its user whatever the umask: files
+0600, folders 0700. With ``[pool] group`` the pool is shared read-only with that group: files
+0640, folders 0750 owned by the group and setgid, so new entries inherit it. A new entry takes
+the policy of the folder it is made in (:func:`modes_in`), so a writer needs only its path;
+:meth:`DataPool.create` sets the policy on the pool's root from the configuration.
 """
 
 from __future__ import annotations
@@ -11,19 +17,135 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
-import errno
 import fcntl
+import grp
 import io
 import itertools
 import os
 import socket
+import stat
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from workbench.errors import WorkbenchError
+from workbench.errors import ConfigError, WorkbenchError
+
+if TYPE_CHECKING:
+    from workbench.config import Config
 
 INCOMING = ".incoming"
 PART_SUFFIX = ".part"
+
+
+@dataclass(frozen=True)
+class Modes:
+    """The modes of new files and folders, their group (None: the user's own) and the umask
+    that gives the same to files made by other programs."""
+
+    file: int
+    folder: int
+    gid: int | None
+    umask: int
+
+
+PRIVATE = Modes(file=0o600, folder=0o700, gid=None, umask=0o077)
+
+
+def group_modes(group: str | None) -> Modes:
+    """The modes of a pool shared with ``group`` (private when None), or :class:`ConfigError`.
+
+    Example: ``group_modes("lab").file == 0o640``.
+    """
+    if not group:
+        return PRIVATE
+    try:
+        gid = grp.getgrnam(group).gr_gid
+    except KeyError:
+        raise ConfigError(f"[pool] group {group!r} does not exist on this host") from None
+    return Modes(file=0o640, folder=0o2750, gid=gid, umask=0o027)
+
+
+def modes_in(folder: Path) -> Modes:
+    """The modes a new entry of ``folder`` gets: shared when the folder is a shared pool's
+    (setgid, group-readable, nothing for others), else private."""
+    try:
+        info = os.stat(folder)
+    except FileNotFoundError:
+        return PRIVATE
+    return _modes_of(info)
+
+
+def _modes_of(info: os.stat_result) -> Modes:
+    mode = info.st_mode
+    if mode & stat.S_ISGID and mode & 0o050 == 0o050 and not mode & 0o007:
+        return Modes(file=0o640, folder=0o2750, gid=info.st_gid, umask=0o027)
+    return PRIVATE
+
+
+def make_folders(folder: Path, *, durable: bool = False) -> Path:
+    """Create ``folder`` and its missing parents, each with the mode its parent gives
+    (:func:`modes_in`), whatever the umask; ``durable`` fsyncs each parent that gained an entry.
+
+    Example: ``make_folders(pool.root / "reports" / "demo")``.
+    """
+    folder = Path(folder)
+    missing = []
+    current = folder
+    while not current.is_dir():
+        missing.append(current)
+        if current.parent == current:
+            break
+        current = current.parent
+    for path in reversed(missing):
+        modes = modes_in(path.parent)
+        try:
+            path.mkdir(mode=0o700)
+        except FileExistsError:
+            continue
+        os.chmod(path, modes.folder)
+        if durable:
+            fsync_dir(path.parent)
+    return folder
+
+
+def open_new_file(path: Path, flags: int = os.O_WRONLY | os.O_CREAT | os.O_EXCL) -> int:
+    """Open (creating it if missing) ``path`` with the mode its folder gives, whatever the
+    umask; return the descriptor. An existing file of this user gets that mode too."""
+    mode = modes_in(Path(path).parent).file
+    fd = os.open(path, flags, mode)
+    try:
+        if flags & os.O_EXCL:
+            os.fchmod(fd, mode)
+        else:
+            info = os.fstat(fd)
+            if info.st_uid == os.geteuid() and stat.S_IMODE(info.st_mode) != mode:
+                os.fchmod(fd, mode)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def secure_file(path: Path) -> Path:
+    """Give a file another program made (SQLite, papermill, a logging handler) the mode its
+    folder gives; a missing file, or another user's, is left alone."""
+    path = Path(path)
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return path
+    mode = modes_in(path.parent).file
+    mine = stat.S_ISREG(info.st_mode) and info.st_uid == os.geteuid()
+    if mine and stat.S_IMODE(info.st_mode) != mode:
+        os.chmod(path, mode)
+    return path
+
+
+def private_umask(group: str | None = None) -> int:
+    """Set the process umask to the pool's (0o077, or 0o027 with a ``group``) and return the
+    old one: a second defence at entry points, which no writer relies on."""
+    return os.umask(group_modes(group).umask)
 
 
 class DataPool:
@@ -32,8 +154,9 @@ class DataPool:
     Example: ``pool = DataPool(Path("pool")); pool.create()``.
     """
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, group: str | None = None) -> None:
         self.root = Path(root)
+        self.group = group or None
         self.studies = self.root / "studies"
         self.junk = self.root / "junk"
         self.reports = self.root / "reports"
@@ -44,8 +167,29 @@ class DataPool:
         # One incoming folder per host, so recovery on one host never touches another's writes.
         self.incoming = self.root / INCOMING / _host_name()
 
+    @classmethod
+    def of(cls, config: Config) -> DataPool:
+        """The pool of a configuration, with its ``[pool] group`` setting.
+
+        Example: ``DataPool.of(load_config()).create()``.
+        """
+        return cls(config.pool, group=config.pool_group)
+
     def create(self) -> None:
-        """Create the pool's folders (idempotent)."""
+        """Create the pool's folders (idempotent) with the modes of its ``group`` setting.
+
+        A pool whose root has other modes or another group (an older pool, or a changed
+        setting) has every folder and file under it set to them first.
+        """
+        modes = group_modes(self.group)
+        make_folders(self.root.parent)
+        with contextlib.suppress(FileExistsError):
+            self.root.mkdir(mode=0o700)
+        info = os.stat(self.root)
+        if stat.S_IMODE(info.st_mode) != modes.folder or (
+            modes.gid is not None and info.st_gid != modes.gid
+        ):
+            self._apply(modes)
         for folder in (
             self.studies,
             self.junk,
@@ -54,7 +198,35 @@ class DataPool:
             self.resources,
             self.incoming,
         ):
-            folder.mkdir(parents=True, exist_ok=True)
+            make_folders(folder)
+
+    def _apply(self, modes: Modes) -> None:
+        """Set ``modes`` on every folder and file of the pool, the root last (so an
+        interrupted run is taken up again by the next :meth:`create`)."""
+        try:
+            for top, folders, files in os.walk(self.root, topdown=False):
+                for name in files:
+                    path = os.path.join(top, name)
+                    if not os.path.islink(path):
+                        self._set(path, modes.file, modes.gid)
+                for name in folders:
+                    path = os.path.join(top, name)
+                    if not os.path.islink(path):
+                        self._set(path, modes.folder, modes.gid)
+            self._set(self.root, modes.folder, modes.gid)
+        except PermissionError as exc:
+            raise ConfigError(
+                f"cannot give the pool {self.root} to group {self.group!r}: {exc.strerror}"
+                " (are you a member of it?)"
+                if self.group
+                else f"cannot make the pool {self.root} private: {exc.strerror}"
+            ) from exc
+
+    @staticmethod
+    def _set(path: str | Path, mode: int, gid: int | None) -> None:
+        if gid is not None:
+            os.chown(path, -1, gid)  # before chmod: a change of group clears setgid
+        os.chmod(path, mode)
 
     def write_incoming(self, data: bytes, *, tag: str) -> Path:
         """Write ``data`` to a new private file in the incoming folder and fsync it.
@@ -63,10 +235,10 @@ class DataPool:
         """
         path = self.incoming / f"{tag}-{os.getpid()}.{next(_sequence)}{PART_SUFFIX}"
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+            fd = open_new_file(path)
         except FileNotFoundError:
-            self.incoming.mkdir(parents=True, exist_ok=True)
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+            make_folders(self.incoming)
+            fd = open_new_file(path)
         try:
             view = memoryview(data)
             while view:
@@ -133,9 +305,9 @@ class DataPool:
             os.close(fd)
 
     def _incoming_lock(self) -> int:
-        self.incoming.mkdir(parents=True, exist_ok=True)
-        return os.open(
-            self.root / INCOMING / f"{self.incoming.name}.lock", os.O_RDWR | os.O_CREAT, 0o640
+        make_folders(self.incoming)
+        return open_new_file(
+            self.root / INCOMING / f"{self.incoming.name}.lock", os.O_RDWR | os.O_CREAT
         )
 
 
@@ -186,10 +358,10 @@ def write_file_atomically(path: Path, data: bytes, *, durable: bool = True) -> P
     """Replace ``path`` by ``data`` so that a reader sees the old file or the new one, never a
     part: a temporary file in the same folder, renamed over it. ``durable`` fsyncs the file
     before and its folder after, so the new content also survives a power loss."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_folders(path.parent)
     temporary = path.with_name(f".{path.name}.{os.getpid()}.{next(_sequence)}.tmp")
     try:
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+        fd = open_new_file(temporary)
         try:
             view = memoryview(data)
             while view:
@@ -224,17 +396,4 @@ def fsync_dir(folder: Path) -> None:
 
 def make_dirs_durably(folder: Path) -> None:
     """Create ``folder`` and its missing parents, fsyncing each parent that gained an entry."""
-    missing = []
-    current = folder
-    while not current.exists():
-        missing.append(current)
-        current = current.parent
-    for path in reversed(missing):
-        try:
-            path.mkdir()
-        except FileExistsError:
-            continue
-        except OSError as exc:  # pragma: no cover - disk full or permissions
-            if exc.errno != errno.EEXIST:
-                raise
-        fsync_dir(path.parent)
+    make_folders(folder, durable=True)

@@ -34,7 +34,7 @@ from workbench.catalog import now_ms, open_catalog
 from workbench.config import Config
 from workbench.errors import InvalidName, WorkbenchError
 from workbench.instruments import Instrument, instrument, list_instruments
-from workbench.pool import write_file_atomically, write_parquet_atomically
+from workbench.pool import make_folders, write_file_atomically, write_parquet_atomically
 from workbench.tables_csv import csv_bytes
 
 DAY_MS = 86_400_000
@@ -566,7 +566,7 @@ def write_report(
             f"invalid report name {name[:80]!r}: use letters, digits, '_', '-' and '.', "
             f"starting with a letter or digit (pattern {REPORT_NAME.pattern})"
         )
-    folder.mkdir(parents=True, exist_ok=True)
+    make_folders(folder)
     written = []
     for key, table in tables.items():
         stem = f"{name}_{key}" if len(tables) > 1 else name

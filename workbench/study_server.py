@@ -120,7 +120,8 @@ def generate_keypair(
     Example: ``private, public = generate_keypair(Path("keys"), bits=2048)``
     """
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    if not directory.is_dir():
+        directory.mkdir(parents=True, mode=0o700)
     private_path, public_path = directory / PRIVATE_KEY_FILE, directory / PUBLIC_KEY_FILE
     if private_path.exists():
         key = serialization.load_pem_private_key(private_path.read_bytes(), password=passphrase)
@@ -143,7 +144,7 @@ def generate_keypair(
         pem = key.public_key().public_bytes(
             serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
         )
-        _write_new(public_path, pem, mode=0o644)
+        _write_new(public_path, pem, mode=0o600)  # kept beside the private key
     return private_path, public_path
 
 

@@ -50,6 +50,7 @@ from workbench.errors import (
     UnknownStudy,
     UnknownSubject,
 )
+from workbench.pool import make_folders, open_new_file
 from workbench.sync.providers import Provider, get_provider
 from workbench.sync.settings import SyncSettings, sync_settings
 
@@ -189,8 +190,8 @@ def account_lock(
                 conn.commit()
         return
     folder = config.pool / "sync" / "locks"
-    folder.mkdir(parents=True, exist_ok=True)
-    fd = os.open(folder / f"{name}.lock", os.O_RDWR | os.O_CREAT, 0o640)
+    make_folders(folder)
+    fd = open_new_file(folder / f"{name}.lock", os.O_RDWR | os.O_CREAT)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX if blocking else fcntl.LOCK_EX | fcntl.LOCK_NB)

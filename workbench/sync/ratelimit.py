@@ -40,6 +40,7 @@ from sqlalchemy import select
 from workbench.catalog import Catalog, dialect_insert, now_ms, sync_limits
 from workbench.config import Config
 from workbench.errors import ConfigError
+from workbench.pool import make_folders, open_new_file
 from workbench.sync.settings import sync_settings
 
 log = logging.getLogger("workbench.sync")
@@ -62,7 +63,7 @@ class _FileLock:
         self._rlock.acquire()
         if self._depth == 0:
             if self._fd is None or self._pid != os.getpid():
-                self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o640)
+                self._fd = open_new_file(self.path, os.O_RDWR | os.O_CREAT)
                 self._pid = os.getpid()
             fcntl.flock(self._fd, fcntl.LOCK_EX)
         self._depth += 1
@@ -127,9 +128,10 @@ class RateLimits:
     def _sqlite_bucket(self, rates, table: str):
         from pyrate_limiter import SQLiteBucket
 
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        make_folders(self.path.parent)
         lock = _FileLock(f"{self.path}.lock")
         with lock:
+            os.close(open_new_file(self.path, os.O_RDONLY | os.O_CREAT))  # SQLite keeps this mode
             conn = sqlite3.connect(
                 str(self.path), isolation_level="DEFERRED", check_same_thread=False, timeout=30
             )
