@@ -131,8 +131,21 @@ def create_app(config: Config) -> Bottle:
                 conn.exec_driver_sql("SELECT 1")
         except Exception as exc:  # any failure to reach the catalog is "unhealthy"
             log.error("health check failed: %s", exc)
-            return answer(503, {"ok": False, "message": "the catalog cannot be reached"})
-        return answer(200, {"ok": True, "message": "healthy"})
+            return answer(
+                503,
+                {"ok": False, "status": "down", "message": "the catalog cannot be reached"},
+            )
+        if not ingest.storage_ok():
+            return answer(
+                503,
+                {
+                    "ok": False,
+                    "status": "degraded",
+                    "message": "free disk space in the pool is below min_free_bytes; "
+                    "uploads are refused with 507",
+                },
+            )
+        return answer(200, {"ok": True, "status": "healthy", "message": "healthy"})
 
     @app.get("/openapi.yaml")
     def openapi():

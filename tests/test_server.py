@@ -376,7 +376,7 @@ def test_resources_zip_with_etag_and_304(client, resources, catalog):
 
 
 def test_health_and_openapi(client):
-    assert client.get("/health").json() == {"ok": True, "message": "healthy"}
+    assert client.get("/health").json() == {"ok": True, "status": "healthy", "message": "healthy"}
     spec = client.get("/openapi.yaml")
     assert spec.status_code == 200 and b"openapi:" in spec.content
 

@@ -310,6 +310,177 @@ def serve(ctx, host, port, workers, threads, access_log) -> None:
     os.execvpe(sys.executable, args, env)
 
 
+@cli.group()
+def subject() -> None:
+    """What only the coordinator decides about a subject: removal (JTrack status 3), its
+    lifting, and how many devices the subject may still attach.
+
+    \b
+    Example:
+        workbench subject remove demo demo_00003 --by alice
+        workbench subject restore demo demo_00003
+        workbench subject reset-devices demo demo_00003
+    """
+
+
+def _standing_line(standing) -> str:
+    state = "removed" if standing.removed_at is not None else "in the study"
+    return (
+        f"{standing.subject} of {standing.study}: {state}; {standing.devices} devices attached "
+        f"({standing.devices_changed} changed)"
+    )
+
+
+@subject.command("remove")
+@click.argument("study_id", metavar="STUDY")
+@click.argument("subject_id", metavar="SUBJECT")
+@click.option("--by", help="Who decided it (default: the logged-in user).")
+@click.pass_context
+def subject_remove(ctx, study_id, subject_id, by) -> None:
+    """Remove SUBJECT from STUDY (status 3): their devices are marked removed, no device can
+    be attached and no upload of theirs is stored (it goes to junk) until `restore`. Nothing
+    already stored is deleted.
+
+    \b
+    Example:
+        workbench subject remove demo demo_00003 --by alice
+    """
+    from workbench.subjects import remove_subject
+
+    catalog = _catalog(ctx)
+    try:
+        click.echo(_standing_line(remove_subject(catalog, study_id, subject_id, by=by)))
+    finally:
+        catalog.dispose()
+
+
+@subject.command("restore")
+@click.argument("study_id", metavar="STUDY")
+@click.argument("subject_id", metavar="SUBJECT")
+@click.pass_context
+def subject_restore(ctx, study_id, subject_id) -> None:
+    """Lift the removal of SUBJECT: their removed devices are active again.
+
+    \b
+    Example:
+        workbench subject restore demo demo_00003
+    """
+    from workbench.subjects import restore_subject
+
+    catalog = _catalog(ctx)
+    try:
+        click.echo(_standing_line(restore_subject(catalog, study_id, subject_id)))
+    finally:
+        catalog.dispose()
+
+
+@subject.command("reset-devices")
+@click.argument("study_id", metavar="STUDY")
+@click.argument("subject_id", metavar="SUBJECT")
+@click.pass_context
+def subject_reset_devices(ctx, study_id, subject_id) -> None:
+    """Let SUBJECT attach devices again up to the study's max_devices (e.g. after a lost
+    phone): devices attached before now count only while still active.
+
+    \b
+    Example:
+        workbench subject reset-devices demo demo_00003
+    """
+    from workbench.subjects import reset_devices
+
+    catalog = _catalog(ctx)
+    try:
+        click.echo(_standing_line(reset_devices(catalog, study_id, subject_id)))
+    finally:
+        catalog.dispose()
+
+
+@cli.group()
+def junk() -> None:
+    """Bodies the upload server refused but kept (unknown study, archived study, left
+    subject, ...): list them, and prune what is no longer needed. Pruned rows stay in the
+    catalog, marked pruned, so `workbench verify` stays consistent.
+
+    \b
+    Example:
+        workbench junk list --older-than 30
+        workbench junk prune --older-than 30 --dry-run
+    """
+
+
+def _junk_filters(function):
+    function = click.option("--study", help="Only junk claiming this study.")(function)
+    function = click.option("--reason", help="Only this refusal, e.g. unknown_study.")(function)
+    return click.option(
+        "--older-than",
+        "older_than",
+        type=click.FloatRange(min=0),
+        help="Only junk received more than DAYS days ago.",
+        metavar="DAYS",
+    )(function)
+
+
+@junk.command("list")
+@_junk_filters
+@click.option("--pruned", is_flag=True, help="Include what was pruned already.")
+@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table")
+@click.pass_context
+def junk_list(ctx, older_than, reason, study, pruned, fmt) -> None:
+    """List kept junk, oldest first, with its total size.
+
+    \b
+    Example:
+        workbench junk list --reason unknown_study
+    """
+    from workbench.junk import list_junk
+
+    frame = list_junk(
+        _config(ctx),
+        older_than_days=older_than,
+        reason=reason,
+        study=study,
+        include_pruned=pruned,
+    )
+    if fmt == "json":
+        click.echo(frame.write_json())
+        return
+    if fmt == "csv":
+        from workbench.tables_csv import csv_bytes
+
+        click.echo(csv_bytes(frame).decode(), nl=False)
+        return
+    for row in frame.iter_rows(named=True):
+        click.echo(
+            f"{row['id']:>6} {row['received_at']:%Y-%m-%d %H:%M:%S} {row['reason']:<18} "
+            f"{row['remote_addr'] or '-':<16} {row['bytes'] or 0:>10}  {row['path']}"
+            + ("  (pruned)" if row["pruned_at"] is not None else "")
+        )
+    click.echo(f"{frame.height} junk files, {int(frame['bytes'].sum() or 0):,} bytes")
+
+
+@junk.command("prune")
+@_junk_filters
+@click.option("--all", "everything", is_flag=True, help="Prune all junk, whatever its age.")
+@click.option("--dry-run", is_flag=True, help="Only say what would be removed.")
+@click.pass_context
+def junk_prune(ctx, older_than, reason, study, everything, dry_run) -> None:
+    """Delete kept junk files and mark their rows pruned. Needs --older-than DAYS or --all.
+
+    \b
+    Example:
+        workbench junk prune --older-than 30
+        workbench junk prune --reason unknown_study --all --dry-run
+    """
+    from workbench.junk import prune_junk
+
+    if older_than is None and not everything:
+        raise click.UsageError("say which junk to prune: --older-than DAYS, or --all")
+    result = prune_junk(
+        _config(ctx), older_than_days=older_than, reason=reason, study=study, dry_run=dry_run
+    )
+    click.echo(result.summary())
+
+
 @cli.command()
 @click.option("--quick", is_flag=True, help="Check sizes only, not SHA-256 hashes.")
 @click.pass_context

@@ -58,15 +58,19 @@ def serve_command(
 def wait_for_server(
     url: str, *, timeout: float = 30.0, process: subprocess.Popen | None = None
 ) -> None:
-    """Wait until ``url``/health answers 200, or raise :class:`WorkbenchError`."""
+    """Wait until ``url``/health answers (healthy, or degraded by a nearly full disk), or
+    raise :class:`WorkbenchError`."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process is not None and process.poll() is not None:
             raise WorkbenchError(f"the upload server exited with status {process.returncode}")
         try:
-            if httpx.get(f"{url}/health", timeout=1.0).status_code == 200:
+            answer = httpx.get(f"{url}/health", timeout=1.0)
+            if answer.status_code == 200 or (
+                answer.status_code == 503 and answer.json().get("status") == "degraded"
+            ):
                 return
-        except httpx.TransportError:
+        except (httpx.TransportError, ValueError):
             pass
         time.sleep(0.2)
     raise WorkbenchError(f"the upload server did not answer at {url} within {timeout:.0f} s")

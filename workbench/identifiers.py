@@ -6,8 +6,9 @@ Checked before any path is built: an identifier that does not match never reache
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
-from workbench.errors import BadRequest
+from workbench.errors import BadRequest, InvalidName
 
 PATTERNS: dict[str, re.Pattern[str]] = {
     "study": re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}"),
@@ -35,3 +36,31 @@ def check_identifier(kind: str, value: object) -> str:
             field=kind,
         )
     return value
+
+
+def check_name(kind: str, value: object) -> str:
+    """Like :func:`check_identifier` for what an operator typed: :class:`InvalidName` (exit 2).
+
+    Example: ``check_name("study", "demo")``.
+    """
+    if not is_identifier(kind, value):
+        shown = value if isinstance(value, str) else type(value).__name__
+        raise InvalidName(
+            f"invalid {kind} name {str(shown)[:80]!r}: use letters, digits, '_' and '-' "
+            f"(pattern {PATTERNS[kind].pattern})"
+        )
+    return value
+
+
+def resolve_inside(folder: Path, relative: str, *, what: str) -> Path:
+    """``folder / relative`` resolved, or :class:`InvalidName` if it leaves ``folder``.
+
+    Example: ``resolve_inside(home, "resources/demo", what="resources folder")``.
+    """
+    base = Path(folder).resolve()
+    if not isinstance(relative, str) or not relative or Path(relative).is_absolute():
+        raise InvalidName(f"the {what} must be a path relative to {base.name}/, not {relative!r}")
+    target = (base / relative).resolve()
+    if target != base and base not in target.parents:
+        raise InvalidName(f"the {what} {relative!r} leaves {base.name}/")
+    return target

@@ -58,6 +58,7 @@ from workbench.errors import (
     ChecksumMismatch,
     Conflict,
     InsufficientStorage,
+    InvalidName,
     StudyArchived,
     SubjectNotActive,
     Unauthorized,
@@ -67,7 +68,7 @@ from workbench.errors import (
     UploadRejected,
     WorkbenchError,
 )
-from workbench.identifiers import check_identifier, is_identifier
+from workbench.identifiers import check_identifier, is_identifier, resolve_inside
 from workbench.json_limits import check_json
 from workbench.ledger import LedgerWriter, insert_ignore
 from workbench.pool import DataPool, incoming_tag, sync_folders
@@ -149,7 +150,7 @@ class Ingest:
         self._check_user = schema_validator(self._user_schema).is_valid
         self._definitions: dict[str, tuple[int, dict, frozenset]] = {}
         self._sources = SourceDecoders()
-        self._zips: dict[str, tuple[tuple, str, bytes]] = {}
+        self._zips: dict[str, tuple[str, bytes]] = {}
         self._storage = (float("-inf"), True)  # (when checked, enough free space)
         self._lookup = (
             select(
@@ -525,35 +526,42 @@ class Ingest:
                     raise Unauthorized("the Bearer token belongs to no subject of this study")
         if not definition.get("resources"):
             raise UnknownSensor(f"study {study_id!r} has no resources folder")
-        folder = (self.config.home / definition["resources"]).resolve()
+        try:
+            folder = resolve_inside(
+                self.config.home, definition["resources"], what="resources folder"
+            )
+        except InvalidName:
+            log.error("study %s: its resources folder is outside the home", study_id)
+            raise UnknownSensor(f"study {study_id!r} has no usable resources folder") from None
         etag, data = self._zip(study_id, folder)
         if if_none_match and etag in [t.strip() for t in if_none_match.split(",")]:
             return 304, etag, b""
         return 200, etag, data
 
     def _zip(self, study_id: str, folder: Path) -> tuple[str, bytes]:
+        """The archive of ``folder`` and its ETag, which is a hash of every file's name and
+        content (so an edit that keeps size and modification time still changes it)."""
         if not folder.is_dir():
-            raise UnknownSensor(f"resources folder {folder} of study {study_id!r} does not exist")
+            log.error("study %s: resources folder %s does not exist", study_id, folder)
+            raise UnknownSensor(f"the resources folder of study {study_id!r} does not exist")
         files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.is_symlink())
-        stats = [(p, p.stat()) for p in files]
-        fingerprint = tuple(
-            (str(p.relative_to(folder)), st.st_size, st.st_mtime_ns) for p, st in stats
-        )
+        contents = [(str(p.relative_to(folder)), p.read_bytes()) for p in files]
+        digest = hashlib.sha256()
+        for name, data in contents:
+            digest.update(hashlib.sha256(name.encode()).digest())
+            digest.update(hashlib.sha256(data).digest())
+        etag = '"' + digest.hexdigest()[:32] + '"'
         cached = self._zips.get(study_id)
-        if cached and cached[0] == fingerprint:
-            return cached[1], cached[2]
+        if cached and cached[0] == etag:
+            return etag, cached[1]
         buffer = io.BytesIO()
         with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
-            for path in files:
-                info = zipfile.ZipInfo(
-                    str(path.relative_to(folder)), date_time=(2020, 1, 1, 0, 0, 0)
-                )
+            for name, data in contents:
+                info = zipfile.ZipInfo(name, date_time=(2020, 1, 1, 0, 0, 0))
                 info.compress_type = zipfile.ZIP_DEFLATED
-                archive.writestr(info, path.read_bytes())
-        data = buffer.getvalue()
-        etag = '"' + hashlib.sha256(data).hexdigest()[:32] + '"'
-        self._zips[study_id] = (fingerprint, etag, data)
-        return etag, data
+                archive.writestr(info, data)
+        self._zips[study_id] = (etag, buffer.getvalue())
+        return etag, self._zips[study_id][1]
 
     # ------------------------------------------------------------------ shared steps
 

@@ -47,7 +47,8 @@ def verify(
     """Check that every ledger row's file exists with its size and hash, that no stored file
     lacks a row, and that no temporary file is left; return every discrepancy found.
 
-    The ledgers are the upload ledger, the rejections kept in junk, the sync ledger (each
+    The ledgers are the upload ledger, the rejections kept in junk (less what
+    ``workbench junk prune`` removed), the sync ledger (each
     window fetched from a third-party API, under ``sync/<provider>/raw/``) and the raw
     questionnaire snapshots (``questionnaires/<source>/raw/``, both ways: a row without its
     file and a file without its row). A raw sync file without a row is not reported: a sync
@@ -84,16 +85,15 @@ def _verify_once(config: Config, *, check_hashes: bool, progress: bool) -> list[
     try:
         with catalog.engine.connect() as conn:
             total = conn.execute(select(func.count()).select_from(uploads)).scalar_one()
+            kept = rejections.c.path.is_not(None) & rejections.c.pruned_at.is_(None)
             total += conn.execute(
-                select(func.count()).select_from(rejections).where(rejections.c.path.is_not(None))
+                select(func.count()).select_from(rejections).where(kept)
             ).scalar_one()
             total += conn.execute(select(func.count()).select_from(sync_raw)).scalar_one()
             total += conn.execute(select(func.count()).select_from(export_raw)).scalar_one()
             rows = conn.execute(
                 select(uploads.c.path, uploads.c.bytes, uploads.c.sha256).union_all(
-                    select(rejections.c.path, rejections.c.bytes, rejections.c.sha256).where(
-                        rejections.c.path.is_not(None)
-                    ),
+                    select(rejections.c.path, rejections.c.bytes, rejections.c.sha256).where(kept),
                     select(sync_raw.c.path, sync_raw.c.bytes, sync_raw.c.sha256),
                     select(export_raw.c.path, export_raw.c.bytes, export_raw.c.sha256),
                 )

@@ -12,7 +12,7 @@ from sqlalchemy.exc import IntegrityError
 
 from workbench.catalog import Catalog, now_ms, studies
 from workbench.errors import InvalidDefinition, StudyArchived, StudyExists, UnknownStudy
-from workbench.identifiers import check_identifier
+from workbench.identifiers import check_name
 from workbench.templates import load_schema, schema_validator
 
 # The sensors the JTrack app knows, used when a study names none.
@@ -66,6 +66,12 @@ def validate_definition(definition: dict) -> dict:
     if errors:
         lines = [f"{'/'.join(map(str, e.absolute_path)) or '(top)'}: {e.message}" for e in errors]
         raise InvalidDefinition("invalid study definition:\n  " + "\n  ".join(lines))
+    resources = definition.get("resources")
+    if resources is not None and (Path(resources).is_absolute() or ".." in Path(resources).parts):
+        raise InvalidDefinition(
+            f"invalid study definition:\n  resources: {resources!r} must be a folder inside "
+            "the workbench home, given relative to it"
+        )
     return with_defaults(definition)
 
 
@@ -165,7 +171,7 @@ def create_study(catalog: Catalog, definition: dict) -> Study:
 
     Example: ``create_study(catalog, definition_from_options("demo"))``.
     """
-    check_identifier("study", definition.get("id"))
+    check_name("study", definition.get("id"))
     filled = validate_definition(definition)
     created = now_ms()
     try:
@@ -186,6 +192,7 @@ def create_study(catalog: Catalog, definition: dict) -> Study:
 
 def get_study(catalog: Catalog, study_id: str) -> Study:
     """The study ``study_id``, or :class:`UnknownStudy`."""
+    check_name("study", study_id)
     with catalog.engine.connect() as conn:
         row = conn.execute(select(studies).where(studies.c.study_id == study_id)).first()
     if row is None:
