@@ -26,6 +26,11 @@ class ServerConfig:
     threads: int = 8
     public_url: str = "http://127.0.0.1:8080"
     max_body_bytes: int = 16 * 1024 * 1024
+    # A request's header must arrive whole within header_timeout seconds of the connection
+    # opening or the previous answer (idle keep-alive connections close then too), and its
+    # body within body_timeout seconds of the header; slower clients are disconnected.
+    header_timeout: float = 10.0
+    body_timeout: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -181,6 +186,10 @@ def config_from_dict(raw: dict, *, home: Path) -> Config:
         for name in ("port", "workers", "threads", "max_body_bytes"):
             if not isinstance(getattr(server_cfg, name), int) or getattr(server_cfg, name) < 1:
                 raise ConfigError(f"[server] {name} must be a positive integer")
+        for name in ("header_timeout", "body_timeout"):
+            value = getattr(server_cfg, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+                raise ConfigError(f"[server] {name} must be a positive number of seconds")
     except TypeError as exc:
         raise ConfigError(f"bad [server] section: {exc}") from exc
     return Config(
