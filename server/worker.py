@@ -67,34 +67,53 @@ class _Container(WSGIContainer):
         finally:
             self.running -= 1
 
-    async def answer_bytes(self, request: httputil.HTTPServerRequest) -> bytes:
-        """The application's complete answer to ``request``, as bytes ready to send."""
-        data: dict = {}
+    def _run(self, request: httputil.HTTPServerRequest) -> tuple[str, list, bytes]:
+        """Call the application and gather its answer (in a pool thread): status, headers, body."""
+        answer: list = []
         parts: list[bytes] = []
 
         def start_response(status, headers, exc_info=None):
-            data["status"], data["headers"] = status, headers
+            answer[:] = [status, headers]
             return parts.append
 
-        def run() -> None:
-            result = self.wsgi_application(self.environ(request), start_response)
-            try:
-                parts.extend(result)
-            finally:
-                if hasattr(result, "close"):
-                    result.close()
+        result = self.wsgi_application(self.environ(request), start_response)
+        try:
+            parts.extend(result)
+        finally:
+            if hasattr(result, "close"):
+                result.close()
+        if not answer:
+            raise RuntimeError("the WSGI application did not call start_response")
+        headers = [(k, v) for k, v in answer[1] if k.lower() != "content-length"]
+        return answer[0], headers, b"".join(parts)
 
+    async def handle_request(self, request: httputil.HTTPServerRequest) -> None:
+        """Answer ``request`` on its connection, one trip to the thread pool per request."""
+        status, headers, body = await IOLoop.current().run_in_executor(
+            self.executor, self._run, request
+        )
+        code, reason = status.split(" ", 1)
+        fields = httputil.HTTPHeaders()
+        for key, value in headers:
+            fields.add(key, value)
+        fields["Content-Length"] = str(len(body))
+        start_line = httputil.ResponseStartLine("HTTP/1.1", int(code), reason)
+        request.connection.write_headers(start_line, fields, chunk=body)
+        request.connection.finish()
+        self._log(int(code), request)
+
+    async def answer_bytes(self, request: httputil.HTTPServerRequest) -> bytes:
+        """The application's complete answer to ``request``, as bytes ready to send."""
         self.running += 1
         try:
-            await IOLoop.current().run_in_executor(self.executor, run)
+            status, headers, body = await IOLoop.current().run_in_executor(
+                self.executor, self._run, request
+            )
         finally:
             self.running -= 1
-        body = b"".join(parts)
-        headers = [(k, v) for k, v in data["headers"] if k.lower() != "content-length"]
-        lines = [f"HTTP/1.1 {data['status']}"]
-        lines += [f"{k}: {v}" for k, v in headers]
+        lines = [f"HTTP/1.1 {status}", *(f"{k}: {v}" for k, v in headers)]
         lines += [f"Content-Length: {len(body)}", "Connection: close", "", ""]
-        self._log(int(data["status"].split(" ", 1)[0]), request)
+        self._log(int(status.split(" ", 1)[0]), request)
         return "\r\n".join(lines).encode("latin-1") + body
 
     def _log(self, status_code: int, request: httputil.HTTPServerRequest) -> None:
