@@ -1,11 +1,15 @@
-"""Upload throughput: the full write_data path against a bare parse-and-fsync floor.
+"""Upload throughput: the full write_data path against a bare parse-and-fsync floor, and the
+serving stack of `workbench serve` against gunicorn's thread workers.
 
-Each round starts gunicorn (2 workers, gthread) on 127.0.0.1 twice: once with the workbench
-upload server (`workbench serve`), once with bench/floor_app.py, a bare Bottle endpoint that
-only parses the JSON body and fsync-writes it to a new file. Client processes send unique
-JTrack accelerometer batches (150 records each, --records) over keep-alive connections; every answer
-must be 200. Prints durable uploads/s, p50/p99 latency and the server's CPU time per upload
-for both, then the ratio. Rounds alternate and the medians are reported.
+Each round starts gunicorn (2 workers) on 127.0.0.1 three times: with the workbench upload
+server as `workbench serve` runs it (server.worker.BufferingWorker: requests read whole on an
+event loop, then run in --threads threads), with bench/floor_app.py on the same stack (a bare
+Bottle endpoint that only parses the JSON body and fsync-writes it to a new file), and with the
+upload server under gunicorn's gthread workers (the stack before BufferingWorker, which slow
+clients can hold). Client processes send unique JTrack accelerometer batches (150 records
+each, --records) over keep-alive connections; every answer must be 200. Prints durable
+uploads/s, p50/p99 latency and the server's CPU time per upload for each, then the ratios.
+Rounds alternate and the medians are reported.
 
     python bench/upload.py [--uploads 5000] [--rounds 3] [--clients 2] [--connections 8]
 """
@@ -222,7 +226,8 @@ def main() -> None:
         catalog.dispose()
         subjects = [(e.subject, e.token, f"dev{i:03d}") for i, e in enumerate(people)]
         warmup = 300
-        total = (args.uploads + warmup) * args.rounds
+        per_round = args.uploads + warmup
+        total = per_round * args.rounds * 2  # the gthread runs get batches of their own
         rng = random.Random(1)
         requests = []
         sizes = []
@@ -255,7 +260,8 @@ def main() -> None:
             f"{statistics.mean(sizes) / 1024:.1f} KiB on average"
         )
         print(
-            f"servers: gunicorn, {WORKERS} workers x {args.threads} threads (gthread); clients: "
+            f"servers: gunicorn, {WORKERS} workers x {args.threads} threads "
+            f"(BufferingWorker; gthread for comparison); clients: "
             f"{args.clients} processes x {args.connections} keep-alive connections; {os.cpu_count()} cores"
         )
         env = {
@@ -272,22 +278,38 @@ def main() -> None:
             str(WORKERS),
             "--threads",
             str(args.threads),
-            "--worker-class",
-            "gthread",
             "--no-control-socket",
             "--chdir",
             str(ROOT / "bench"),
         ]
         servers = {
-            "floor": lambda port: [*gunicorn, "--bind", f"127.0.0.1:{port}", "floor_app:app"],
+            "floor": lambda port: [
+                *gunicorn,
+                "--worker-class",
+                "server.worker.BufferingWorker",
+                "--bind",
+                f"127.0.0.1:{port}",
+                "floor_app:app",
+            ],
             "full": lambda port: serve_command(
                 home, port=port, workers=WORKERS, threads=args.threads
             ),
+            "gthread": lambda port: [
+                *gunicorn,
+                "--worker-class",
+                "gthread",
+                "--header-map",
+                "dangerous",
+                "--bind",
+                f"127.0.0.1:{port}",
+                "server.wsgi:app",
+            ],
         }
-        results: dict[str, list[dict]] = {"floor": [], "full": []}
+        results: dict[str, list[dict]] = {name: [] for name in servers}
         offset = 0
         for round_no in range(1, args.rounds + 1):
             for name, command in servers.items():
+                start = offset + (args.rounds * per_round if name == "gthread" else 0)
                 port = free_port()
                 proc = subprocess.Popen(
                     command(port),
@@ -300,11 +322,11 @@ def main() -> None:
                     wait_port(port, proc)
                     if name == "full" and round_no == 1:
                         load(port, registrations, 1, 1)
-                    load(port, requests[offset : offset + warmup], args.clients, args.connections)
+                    load(port, requests[start : start + warmup], args.clients, args.connections)
                     cpu = group_cpu_seconds(proc.pid)
                     result = load(
                         port,
-                        requests[offset + warmup : offset + warmup + args.uploads],
+                        requests[start + warmup : start + per_round],
                         args.clients,
                         args.connections,
                     )
@@ -316,7 +338,7 @@ def main() -> None:
                     result["sys"] = system
                     results[name].append(result)
                     print(
-                        f"round {round_no} {name:<5} {result['rate']:7.0f} uploads/s   p50 {result['p50']:6.2f} ms"
+                        f"round {round_no} {name:<7} {result['rate']:7.0f} uploads/s   p50 {result['p50']:6.2f} ms"
                         f"   p99 {result['p99']:6.2f} ms   server CPU {result['cpu']:.2f} ms/upload"
                         f" ({result['sys']:.2f} system)",
                         flush=True,
@@ -329,7 +351,7 @@ def main() -> None:
                     if proc.poll() is None:
                         os.killpg(proc.pid, signal.SIGTERM)
                     proc.wait(timeout=60)
-            offset += args.uploads + warmup
+            offset += per_round
             shutil.rmtree(work / "floor", ignore_errors=True)
 
         def median(name: str, key: str) -> float:
@@ -339,7 +361,11 @@ def main() -> None:
         print(
             f"{'median of ' + str(args.rounds) + ' rounds':<30}{'uploads/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'CPU ms':>8}"
         )
-        for name, label in (("floor", "floor: parse + fsync"), ("full", "write_data: full path")):
+        for name, label in (
+            ("floor", "floor: parse + fsync"),
+            ("full", "write_data: full path"),
+            ("gthread", "write_data: gthread"),
+        ):
             print(
                 f"{label:<30}{median(name, 'rate'):>10.0f}{median(name, 'p50'):>9.2f}"
                 f"{median(name, 'p99'):>9.2f}{median(name, 'cpu'):>8.2f}"
@@ -351,6 +377,12 @@ def main() -> None:
         )
         print(
             f"full path: {rate:.0f} uploads/s (target >= 1000: {'met' if rate >= 1000 else 'not met'})"
+        )
+        stack = rate / median("gthread", "rate")
+        print(
+            f"serving stack: {rate:.0f} uploads/s (BufferingWorker) vs "
+            f"{median('gthread', 'rate'):.0f} (gthread), ratio {stack:.2f} "
+            f"(target >= 0.90: {'met' if stack >= 0.9 else 'not met'})"
         )
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -267,7 +267,9 @@ def enroll(ctx, study_id, count, as_json, out) -> None:
 def serve(ctx, host, port, workers, threads, access_log) -> None:
     """Run the upload server under gunicorn in the foreground.
 
-    Interrupted writes from a previous crash are finished or discarded first.
+    Each request is read whole (header within [server] header_timeout seconds, body within
+    body_timeout) before one of the worker's threads runs it, so slow or stalled clients
+    hold no thread. Interrupted writes from a previous crash are finished or discarded first.
 
     \b
     Example:
@@ -291,17 +293,15 @@ def serve(ctx, host, port, workers, threads, access_log) -> None:
         str(workers or s.workers),
         "--threads",
         str(threads or s.threads),
+        # reads requests on an event loop under [server] header_timeout and body_timeout;
+        # header names keep their underscores (trackerapi clients send `x-api_key`)
         "--worker-class",
-        "gthread",
+        "server.worker.BufferingWorker",
         "--timeout",
         "60",
         "--graceful-timeout",
         "20",
         "--no-control-socket",
-        # trackerapi clients send their key as `x-api_key`; gunicorn drops headers with
-        # underscores unless told to map them (no header of ours is trusted from a proxy)
-        "--header-map",
-        "dangerous",
     ]
     if access_log:
         args += ["--access-logfile", "-"]

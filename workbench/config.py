@@ -33,6 +33,11 @@ class ServerConfig:
     junk_quota_total: int = 1024 * 1024 * 1024
     # Below this much free space in the pool, uploads are refused with 507 and /health says so.
     min_free_bytes: int = 1024 * 1024 * 1024
+    # A request's header must arrive whole within header_timeout seconds of the connection
+    # opening or the previous answer (idle keep-alive connections close then too), and its
+    # body within body_timeout seconds of the header; slower clients are disconnected.
+    header_timeout: float = 10.0
+    body_timeout: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -199,6 +204,10 @@ def config_from_dict(raw: dict, *, home: Path) -> Config:
         for name in ("junk_quota_per_address", "junk_quota_total", "min_free_bytes"):
             if not isinstance(getattr(server_cfg, name), int) or getattr(server_cfg, name) < 0:
                 raise ConfigError(f"[server] {name} must be a whole number of bytes, 0 or more")
+        for name in ("header_timeout", "body_timeout"):
+            value = getattr(server_cfg, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+                raise ConfigError(f"[server] {name} must be a positive number of seconds")
     except TypeError as exc:
         raise ConfigError(f"bad [server] section: {exc}") from exc
     return Config(
