@@ -195,12 +195,16 @@ def unknown_study_batch(n=20, filler=0):
 def test_unauthenticated_junk_is_kept_only_within_the_quotas(home, study):
     from server.app import create_app
 
-    config = set_server(home, junk_quota_per_address=3000, junk_quota_total=5000)
+    config = set_server(home, junk_quota_per_address=5000, junk_quota_total=8000)
     app = create_app(config)
     catalog = open_catalog(config)
-    body = unknown_study_batch(filler=50)  # about 2 kB
-    assert 1000 < len(body) < 2500
-    with client_for(app, "198.51.100.1") as one, client_for(app, "198.51.100.2") as two:
+    body = unknown_study_batch(filler=50)  # about 3.4 kB: one fits an address's quota
+    assert 3000 < len(body) < 4000
+    with (
+        client_for(app, "198.51.100.1") as one,
+        client_for(app, "198.51.100.2") as two,
+        client_for(app, "198.51.100.3") as three,
+    ):
         first = one.post("/", content=body, headers={"ACTION": "write_data"})
         assert first.status_code == 409 and first.json()["kept_in_junk"] is True
         over = one.post("/", content=body + b" ", headers={"ACTION": "write_data"})
@@ -208,7 +212,7 @@ def test_unauthenticated_junk_is_kept_only_within_the_quotas(home, study):
         assert "quota for this address" in over.json()["message"]
         other = two.post("/", content=body + b"  ", headers={"ACTION": "write_data"})
         assert other.json()["kept_in_junk"] is True  # another address has its own quota
-        total = two.post("/", content=body + b"   ", headers={"ACTION": "write_data"})
+        total = three.post("/", content=body + b"   ", headers={"ACTION": "write_data"})
         assert total.status_code == 409 and total.json()["kept_in_junk"] is False
         assert "unauthenticated senders" in total.json()["message"]
     assert len(junk_files(home)) == 2
@@ -246,10 +250,10 @@ def test_a_nearly_full_disk_refuses_uploads_with_507(home, study, subjects):
         health = http.get("/health")
         assert health.status_code == 503 and health.json()["status"] == "degraded"
         junk = http.post("/", content=unknown_study_batch(), headers={"ACTION": "write_data"})
-        assert junk.status_code == 409 and junk.json()["kept_in_junk"] is False
+        assert junk.status_code == 507  # nothing is written, junk neither
     catalog = open_catalog(config)
     assert count(catalog, uploads) == 0
-    assert count(catalog, rejections, rejections.c.reason == "insufficient_storage") == 1
+    assert count(catalog, rejections, rejections.c.reason == "insufficient_storage") == 2
     catalog.dispose()
     assert junk_files(home) == []
 
@@ -357,17 +361,25 @@ def test_time_left_must_lie_between_joining_and_now(phone, catalog, time_left, w
         assert conn.execute(select(devices.c.status)).scalar() == 0
 
 
-def test_max_devices_counts_every_device_ever_attached(client, catalog, subjects):
-    first = Phone(client, subjects[0], device="phone-a")
-    assert first.register().status_code == 200  # the study allows one main-app device
-    assert first.set_status(1).status_code == 200  # leaves ...
-    second = Phone(client, subjects[0], device="phone-b")
-    refused = second.register()  # ... and comes back with another phone
+def test_max_devices_counts_every_device_ever_attached(client, catalog):
+    from workbench.enrollment import enroll
+    from workbench.studies import create_study, definition_from_options
+
+    definition = definition_from_options("solo", sensors=["accelerometer"])
+    definition["max_devices"] = 2
+    create_study(catalog, definition)
+    person = enroll(catalog, "solo", 1)[0]
+    phones = [Phone(client, person, device=f"phone-{k}", study="solo") for k in "abcd"]
+    for phone in phones[:2]:
+        assert phone.register().status_code == 200
+        assert phone.set_status(1).status_code == 200  # leaves ...
+    refused = phones[2].register()  # ... and comes back with yet another phone
     assert refused.status_code == 409 and "reset-devices" in refused.json()["message"]
-    reset_devices(catalog, "demo", subjects[0].subject)
-    assert second.register().status_code == 200
-    third = Phone(client, subjects[0], device="phone-c")
-    assert third.register().status_code == 409  # phone-b is attached and counts
+    reset_devices(catalog, "solo", person.subject)
+    assert phones[2].register().status_code == 200
+    assert phones[3].register().status_code == 200
+    extra = Phone(client, person, device="phone-e", study="solo")
+    assert extra.register().status_code == 409  # c and d were attached after the reset
 
 
 def test_subject_commands_from_the_cli(home, phone):
