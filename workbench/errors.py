@@ -28,7 +28,8 @@ upload server into an HTTP status and a JSON body (``status`` and ``code`` attri
     ├── UnknownInstrument          no instrument definition of that name (exit 4)
     ├── PipelineBusy               a run of that pipeline is in progress (exit 9)
     ├── InvalidJobRequest          a malformed job-tracking request (HTTP 400, exit 2)
-    │   └── InvalidJobConfig       job configurations that fail their schema (HTTP 400, exit 2)
+    │   ├── InvalidJobConfig       job configurations that fail their schema (HTTP 400, exit 2)
+    │   └── MetadataTooDeep        event metadata nested deeper than [jobs] allows (HTTP 400, exit 2)
     ├── UnknownJobConfig           no job configuration of that tag (HTTP 400, exit 4)
     ├── UnknownJob                 no tracked job of that id (HTTP 404, exit 4)
     ├── JobConflict                a job id already used with another tag (HTTP 409, exit 4)
@@ -38,7 +39,10 @@ upload server into an HTTP status and a JSON body (``status`` and ``code`` attri
     ├── UnknownAccount             no linked sync account of that id (HTTP 404, exit 4)
     ├── AuthorizationFailed        an OAuth2 callback with an unknown state or a refused code (HTTP 400, exit 10)
     ├── TokenRevoked               the provider refused an account's token: expired or revoked (exit 10)
-    └── DestinationFailed          an upload to a destination failed; its old file is untouched (exit 12)
+    ├── DestinationFailed          an upload to a destination failed; its old file is untouched (exit 12)
+    └── JobLimitExceeded           a job-tracking limit of [jobs] is reached (HTTP 413, exit 2)
+        ├── TooManyEvents          the job holds [jobs] max_events events already
+        └── MetadataTooLarge       event metadata over [jobs] max_metadata_bytes
 """
 
 from __future__ import annotations
@@ -240,3 +244,21 @@ class TokenRevoked(WorkbenchError):
 class DestinationFailed(WorkbenchError):
     exit_code = 12
     code = "destination_failed"
+
+
+class MetadataTooDeep(InvalidJobRequest):
+    code = "metadata_too_deep"
+
+
+class JobLimitExceeded(WorkbenchError):
+    status = 413
+    exit_code = 2
+    code = "job_limit_exceeded"
+
+
+class TooManyEvents(JobLimitExceeded):
+    code = "too_many_events"
+
+
+class MetadataTooLarge(JobLimitExceeded):
+    code = "metadata_too_large"
