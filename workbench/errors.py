@@ -40,9 +40,10 @@ upload server into an HTTP status and a JSON body (``status`` and ``code`` attri
     ├── AuthorizationFailed        an OAuth2 callback with an unknown state or a refused code (HTTP 400, exit 10)
     ├── TokenRevoked               the provider refused an account's token: expired or revoked (exit 10)
     ├── DestinationFailed          an upload to a destination failed; its old file is untouched (exit 12)
-    └── JobLimitExceeded           a job-tracking limit of [jobs] is reached (HTTP 413, exit 2)
-        ├── TooManyEvents          the job holds [jobs] max_events events already
-        └── MetadataTooLarge       event metadata over [jobs] max_metadata_bytes
+    ├── JobLimitExceeded           a job-tracking limit of [jobs] is reached (HTTP 413, exit 2)
+    │   ├── TooManyEvents          the job holds [jobs] max_events events already
+    │   └── MetadataTooLarge       event metadata over [jobs] max_metadata_bytes
+    └── UnprotectedDashboards      dashboards without sign-in on a non-loopback address (exit 2)
 """
 
 from __future__ import annotations
@@ -262,3 +263,8 @@ class TooManyEvents(JobLimitExceeded):
 
 class MetadataTooLarge(JobLimitExceeded):
     code = "metadata_too_large"
+
+
+class UnprotectedDashboards(WorkbenchError):
+    exit_code = 2
+    code = "unprotected_dashboards"
