@@ -2,7 +2,9 @@
 
 ``POST /job_configurations`` saves configurations (the trackerapi file format),
 ``POST /jobs`` creates a job, ``POST /events`` records a ``step``, ``complete`` or ``error``,
-``GET /jobs/<provider_job_id>`` answers the job with its progress and events. Every request
+``GET /jobs/<provider_job_id>`` answers the job with its progress and a page of its events
+(``?after=<event_id>&limit=<n>``; ``next`` in the answer links the following page). What a
+job stores and an answer carries is bounded by ``[jobs]`` in workbench.toml. Every request
 carries an API key (``workbench jobs apikey create``) in ``x-api_key``, as trackerapi sends it,
 or as ``Authorization: Bearer <key>``: gunicorn drops header names containing ``_`` unless
 told otherwise, so ``workbench.tracker`` sends both. Answers are JSON; refusals have the shape
@@ -12,23 +14,30 @@ told otherwise, so ``workbench.tracker`` sends both. Answers are JSON; refusals 
 from __future__ import annotations
 
 import functools
+import json
+from urllib.parse import quote, urlencode
 
 import orjson
 from bottle import Bottle, HTTPResponse, request
 
 from workbench import jobs
 from workbench.catalog import Catalog
+from workbench.config import JobsConfig
 from workbench.errors import BodyTooLarge, WorkbenchError
 
 MAX_BODY = 1024 * 1024  # configurations and events are small
 CHUNK = 64 * 1024
 
 
-def install_job_routes(app: Bottle, catalog: Catalog) -> None:
-    """Add the tracking API to ``app``, keeping its state in ``catalog``.
+def install_job_routes(app: Bottle, catalog: Catalog, *, limits: JobsConfig | None = None) -> None:
+    """Add the tracking API to ``app``, keeping its state in ``catalog``, within ``limits``
+    (default: the ``[jobs]`` settings of the app's workbench home).
 
     Example: ``install_job_routes(app, ingest.catalog)`` inside ``create_app``.
     """
+    if limits is None:
+        ingest = app.config.get("workbench.ingest")
+        limits = ingest.config.jobs if ingest is not None else JobsConfig()
 
     def route(handler):
         """Check the API key, run ``handler(customer, **url_args)`` and answer its
@@ -83,6 +92,7 @@ def install_job_routes(app: Bottle, catalog: Catalog) -> None:
             metadata=body.get("event_metadata"),
             event_id=jobs.derived_event_id(job_id, kind, tag) if event_id is None else event_id,
             as_customer=customer,
+            limits=limits,
         )
         job = jobs.get_job(catalog, job_id, events=False, as_customer=customer)
         return 200, {"event": event, "job": job}
@@ -90,13 +100,39 @@ def install_job_routes(app: Bottle, catalog: Catalog) -> None:
     @app.get("/jobs/<provider_job_id>")
     @route
     def get_job(customer, provider_job_id):
-        return 200, {"job": jobs.get_job(catalog, provider_job_id, as_customer=customer)}
+        limit = _page_size(limits)
+        after = request.query.get("after") or None
+        job = jobs.get_job(catalog, provider_job_id, events=False, as_customer=customer)
+        job["events"], following = jobs.events_page(
+            catalog, provider_job_id, after=after, limit=limit, as_customer=customer
+        )
+        next_page = None
+        if following is not None:
+            query = urlencode({"after": following, "limit": limit})
+            next_page = f"/jobs/{quote(job['provider_job_id'], safe='')}?{query}"
+        return 200, {"job": job, "next": next_page}
+
+
+def _page_size(limits: JobsConfig) -> int:
+    """The ``?limit=`` of the request: a whole number from 1 to the largest page size."""
+    text = request.query.get("limit", "")
+    if not text:
+        return limits.page_size
+    if not text.isdigit() or not 1 <= int(text) <= limits.max_page_size:
+        raise jobs.InvalidJobRequest(
+            f"limit must be a whole number from 1 to {limits.max_page_size}, not {text[:20]!r}",
+            field="limit",
+        )
+    return int(text)
 
 
 def _json(status: int, body: dict) -> HTTPResponse:
-    return HTTPResponse(
-        orjson.dumps(body), status=status, headers={"Content-Type": "application/json"}
-    )
+    try:
+        content = orjson.dumps(body)
+    except orjson.JSONEncodeError:
+        # orjson writes at most 254 levels; metadata stored before the depth limit may be deeper
+        content = json.dumps(body).encode("utf-8")
+    return HTTPResponse(content, status=status, headers={"Content-Type": "application/json"})
 
 
 def _authorize(catalog: Catalog) -> str:

@@ -1,8 +1,8 @@
 """The coordinators' dashboards: what they compute, and the pages in headless Chromium.
 
 The browser tests serve the dashboards with ``workbench.dashboards.serve_dashboards`` (Voila,
-as ``workbench dashboards`` does) over a pool of two synthetic studies and drive the Debian
-``chromium`` with Playwright. Screenshots go to ``test-output/dashboards/`` (or
+as ``workbench dashboards`` does, behind a token) over a pool of two synthetic studies and
+drive the Debian ``chromium`` with Playwright. Screenshots go to ``test-output/dashboards/`` (or
 ``$WORKBENCH_TEST_OUTPUT/dashboards/``).
 """
 
@@ -14,27 +14,40 @@ import datetime as dt
 import io
 import os
 import shutil
+import subprocess
+import sys
 import threading
+import uuid
+from dataclasses import dataclass
 
 import polars as pl
 import pytest
+from click.testing import CliRunner
+from jupyter_server.auth import passwd_check
 
 from bench.synthetic import synthetic_study
 from tests.conftest import LAG, NOW, REPO, free_port
 from workbench.alerts import list_alerts
 from workbench.catalog import open_catalog
+from workbench.cli import cli
 from workbench.config import init_home
 from workbench.dashboards import (
+    PASSWORD_ENV,
+    TOKEN_ENV,
+    DashboardAccess,
     attrition_view,
     daily_completeness,
+    dashboard_access,
     dashboard_urls,
     headline_counts,
     serve_dashboards,
     status_view,
     stop_process,
     subject_states,
+    voila_command,
     wait_for_dashboards,
 )
+from workbench.errors import UnprotectedDashboards
 from workbench.status import study_status
 
 OUTPUT = os.environ.get("WORKBENCH_TEST_OUTPUT") or str(REPO / "test-output")
@@ -157,14 +170,28 @@ def browser():
         browser.close()
 
 
+@dataclass
+class Served:
+    """A running dashboard server: its address, its sign-in and the pages' signed-in URLs."""
+
+    url: str
+    access: DashboardAccess
+
+    @property
+    def urls(self) -> dict[str, str]:
+        return dashboard_urls(self.url, self.access)
+
+
 @pytest.fixture(scope="module")
 def dashboards(pool):
     config = pool[0]
-    url = f"http://127.0.0.1:{free_port()}"
-    process = serve_dashboards(config, port=int(url.rsplit(":", 1)[1]))
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    access = dashboard_access(environ={})  # a random token, as `workbench dashboards` makes
+    process = serve_dashboards(config, port=port, access=access)
     try:
-        wait_for_dashboards(url, process=process)
-        yield url
+        wait_for_dashboards(url, process=process, token=access.token)
+        yield Served(url, access)
     finally:
         stop_process(process)
 
@@ -247,7 +274,7 @@ def wait_for_text(page, selector: str, text: str, timeout: float = 60_000) -> No
 
 @pytest.mark.slow
 def test_landing_page_lists_both_dashboards(browser, dashboards):
-    page = Page(browser, dashboard_urls(dashboards)["landing page"])
+    page = Page(browser, dashboards.urls["landing page"])
     page.page.wait_for_selector("a[href*='study_status.ipynb']", timeout=60_000)
     assert page.page.query_selector("a[href*='attrition.ipynb']")
     page.check_clean()
@@ -257,7 +284,7 @@ def test_landing_page_lists_both_dashboards(browser, dashboards):
 @pytest.mark.slow
 def test_status_dashboard_counts_study_switch_and_ack(browser, dashboards, pool):
     config = pool[0]
-    page = Page(browser, dashboard_urls(dashboards)["study status"])
+    page = Page(browser, dashboards.urls["study status"])
     page.wait_rendered(*STATUS_READY)
     page.check_clean()
     expected = status_view(config, "alpha").counts
@@ -310,7 +337,7 @@ def test_status_dashboard_counts_study_switch_and_ack(browser, dashboards, pool)
 @pytest.mark.slow
 def test_status_dashboard_filters_and_pages(browser, dashboards, pool):
     config, alpha, _beta = pool
-    page = Page(browser, dashboard_urls(dashboards)["study status"])
+    page = Page(browser, dashboards.urls["study status"])
     page.wait_rendered(*STATUS_READY)
     page.page.select_option("select >> nth=2", label="stale")  # the "Show" filter
     stale = sorted(alpha.groups["stale"])
@@ -331,7 +358,7 @@ def test_status_dashboard_filters_and_pages(browser, dashboards, pool):
 @pytest.mark.slow
 def test_attrition_dashboard(browser, dashboards, pool):
     config = pool[0]
-    page = Page(browser, dashboard_urls(dashboards)["attrition"])
+    page = Page(browser, dashboards.urls["attrition"])
     page.wait_rendered(*ATTRITION_READY)
     page.check_clean()
     view = attrition_view(config, "alpha")
@@ -354,6 +381,124 @@ def test_attrition_dashboard(browser, dashboards, pool):
     page.check_clean()
     page.page.close()
     print(f"screenshot: {path}")
+
+
+# ---------------------------------------------------------------------------- sign-in
+
+
+def shows_no_study_data(page, pool) -> None:
+    """The page is Voila's login form, with nothing of the studies on it."""
+    _config, alpha, beta = pool
+    page.wait_for_selector("input[name='password']", timeout=60_000)
+    assert "/login" in page.url
+    content = page.content()
+    assert not page.query_selector(".wb-card, table.wb-table, .bqplot")
+    for subject in [s for group in alpha.groups.values() for s in group] + [
+        s for group in beta.groups.values() for s in group
+    ]:
+        assert subject not in content
+    for study in ("alpha", "beta"):
+        assert study not in content
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("token", [None, "wrong"], ids=["no token", "wrong token"])
+def test_without_the_token_a_page_shows_no_data(browser, dashboards, pool, token):
+    wrong = DashboardAccess(token=token or "")
+    for name in ("landing page", "study status", "attrition"):
+        address = dashboard_urls(dashboards.url, wrong)[name]
+        page = browser.new_page()
+        page.route(lambda u: not u.startswith("http://127.0.0.1"), lambda r: r.abort())
+        page.goto(address)
+        shows_no_study_data(page, pool)
+        page.close()
+    # ...and the kernels behind the pages are not reachable either.
+    import httpx
+
+    kernel = f"{dashboards.url}/api/kernels/{uuid.uuid4()}"
+    assert httpx.get(kernel, timeout=30).status_code == 403
+    assert httpx.get(kernel, params={"token": token or ""}, timeout=30).status_code == 403
+    signed_in = httpx.get(kernel, params={"token": dashboards.access.token}, timeout=30)
+    assert signed_in.status_code == 404  # past the sign-in: no such kernel
+
+
+@pytest.mark.slow
+def test_a_password_from_the_environment_signs_in(browser, pool, monkeypatch):
+    config = pool[0]
+    monkeypatch.setenv(PASSWORD_ENV, "correct horse battery staple")
+    monkeypatch.delenv(TOKEN_ENV, raising=False)
+    access = dashboard_access()
+    assert access.token == "" and access.required
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    process = serve_dashboards(config, port=port, access=access, preheat=False)
+    try:
+        wait_for_dashboards(url, process=process)
+        status = dashboard_urls(url, access)["study status"]
+        assert "token" not in status  # the password is typed, never in a URL
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.route(lambda u: not u.startswith("http://127.0.0.1"), lambda r: r.abort())
+        page.goto(status)
+        shows_no_study_data(page, pool)
+        page.fill("input[name='password']", "wrong horse")
+        page.press("input[name='password']", "Enter")
+        shows_no_study_data(page, pool)
+        page.fill("input[name='password']", "correct horse battery staple")
+        page.press("input[name='password']", "Enter")
+        enrolled = page.wait_for_selector(
+            ".wb-card[data-key='enrolled'] .wb-value", timeout=120_000
+        )
+        assert enrolled.inner_text() == str(len(status_view(config, "alpha").subjects))
+        page.close()
+    finally:
+        stop_process(process)
+
+
+def test_the_sign_in_comes_from_the_environment_or_is_random():
+    assert dashboard_access(environ={TOKEN_ENV: "team-token"}) == DashboardAccess("team-token")
+    first, second = dashboard_access(environ={}), dashboard_access(environ={})
+    assert len(first.token) >= 40 and first.token != second.token
+    hashed = dashboard_access(environ={PASSWORD_ENV: "pw"}).hashed_password
+    assert hashed.startswith("argon2:") and passwd_check(hashed, "pw")
+    assert not passwd_check(hashed, "pw2")
+    both = dashboard_access(environ={PASSWORD_ENV: "pw", TOKEN_ENV: "t"})
+    assert both.token == "t" and both.hashed_password
+    assert not dashboard_access(open_access=True, environ={TOKEN_ENV: "t"}).required
+    urls = dashboard_urls("http://127.0.0.1:8866", DashboardAccess("a b&c"))
+    assert urls["study status"] == (
+        "http://127.0.0.1:8866/voila/render/study_status.ipynb?token=a+b%26c"
+    )
+
+
+def test_neither_token_nor_password_is_on_the_command_line():
+    access = dashboard_access(environ={PASSWORD_ENV: "pw", TOKEN_ENV: "team-token"})
+    command = " ".join(voila_command(port=8866, access=access))
+    assert "team-token" not in command and access.hashed_password not in command
+    assert "--Voila.auto_token=True" in command
+    # The identity provider Voila is told to load reads the hash from the environment.
+    name = next(a for a in command.split() if "identity_provider_class" in a).split("=")[1]
+    found = subprocess.run(
+        [sys.executable, "-c", f"import {name.rsplit('.', 1)[0]} as m; "
+         f"print(m.{name.rsplit('.', 1)[1]}().hashed_password)"],
+        env={**os.environ, "WORKBENCH_DASHBOARDS_PASSWORD_HASH": access.hashed_password,
+             "PYTHONPATH": str(REPO)},
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert found.stdout.strip() == access.hashed_password, found.stderr
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "192.168.1.20", "::", "dashboards.example.org"])
+def test_open_dashboards_are_refused_off_loopback(pool, host):
+    config = pool[0]
+    port = free_port()
+    with pytest.raises(UnprotectedDashboards, match=f"on {host} without a token or password"):
+        serve_dashboards(config, port=port, host=host, access=DashboardAccess())
+    result = CliRunner().invoke(
+        cli, ["--home", str(config.home), "dashboards", "--host", host, "--no-auth"]
+    )
+    assert result.exit_code == 2
+    assert result.output.count("\n") == 1
+    assert "refusing to serve the dashboards" in result.output
 
 
 # ---------------------------------------------------------------------------- empty states

@@ -1,6 +1,6 @@
 """`make run` as a user sees it: `workbench demo` keeps serving the upload server, the
-scheduler and the dashboards over the demo pool, prints their addresses, and stops them all
-on SIGTERM."""
+scheduler and the dashboards over the demo pool, prints their addresses (the dashboards' with
+their token), and stops them all on SIGTERM."""
 
 from __future__ import annotations
 
@@ -61,6 +61,12 @@ def test_demo_serves_dashboards_over_the_demo_pool(tmp_path):
         assert httpx.get(f"http://127.0.0.1:{port}/health", timeout=10).status_code == 200
         landing = httpx.get(urls["landing page"], timeout=30).text
         assert "study_status.ipynb" in landing and "attrition.ipynb" in landing
+        # the printed addresses carry the start's token; without it a page is not served
+        tokens = {re.search(r"\?token=([\w-]+)$", url).group(1) for url in urls.values()}
+        assert len(tokens) == 1 and len(tokens.pop()) >= 40, urls
+        for url in urls.values():
+            bare = httpx.get(url.split("?")[0], timeout=30)
+            assert bare.status_code == 302 and "/login" in bare.headers["location"]
 
         from playwright.sync_api import sync_playwright
 

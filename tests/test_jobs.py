@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import re
 import socket
 import threading
 import time
@@ -20,23 +21,31 @@ from click.testing import CliRunner
 from sqlalchemy import select, update
 
 from server.jobs import install_job_routes
+from tests.conftest import ServerProcess
 from workbench import catalog as tables
 from workbench.cli_jobs import jobs
+from workbench.config import JobsConfig, load_config
+from workbench.errors import ConfigError
 from workbench.jobs import (
     InvalidJobConfig,
     InvalidJobRequest,
     JobConfigManager,
     JobConflict,
+    MetadataTooDeep,
+    MetadataTooLarge,
     StepConfig,
+    TooManyEvents,
     UnknownJob,
     UnknownJobConfig,
     check_api_key,
     create_api_key,
     create_job,
+    events_page,
     generate_schema,
     get_job,
     job_config_schema,
     list_jobs,
+    nesting_depth,
     record_event,
     save_job_configs,
 )
@@ -374,6 +383,116 @@ def test_api_keys_are_stored_hashed_and_can_be_revoked(catalog):
     with catalog.writing() as conn:
         conn.execute(update(tables.api_keys).values(revoked_at=1))
     assert check_api_key(catalog, key) is None
+
+
+# ---------------------------------------------------------------- limits
+
+
+def nested(depth: int) -> object:
+    """A JSON value with ``depth`` levels of arrays and objects."""
+    value: object = "leaf"
+    for level in range(depth):
+        value = [value] if level % 2 else {"x": value}
+    return value
+
+
+@pytest.mark.parametrize("depth", [0, 1, 5, 33, 1000])
+def test_nesting_depth_counts_arrays_and_objects(depth):
+    assert nesting_depth(nested(depth)) == depth
+
+
+@pytest.mark.parametrize(
+    "metadata, error, message",
+    [
+        (nested(33), MetadataTooDeep, "event metadata nests 33 levels of arrays and objects; at "),
+        ({"x": "a" * 20000}, MetadataTooLarge, "event metadata of 20009 bytes (as JSON) is over"),
+    ],
+    ids=["too deep", "too large"],
+)
+def test_metadata_over_the_limits_is_refused_and_not_stored(saved, metadata, error, message):
+    job_id = new_id()
+    create_job(saved, provider_job_id=job_id, customer_id=1, tag="my_job")
+    with pytest.raises(error, match=re.escape(message)) as refused:
+        record_event(
+            saved, provider_job_id=job_id, kind="complete", metadata=metadata, event_id="x"
+        )
+    assert refused.value.to_json()["field"] == "event_metadata"
+    job = get_job(saved, job_id)
+    assert (job["events"], job["status"]) == ([], "running")
+    # Just within the limits is stored.
+    record_event(saved, provider_job_id=job_id, kind="step", tag="say_hello",
+                 metadata=nested(32), event_id="deep")  # fmt: skip
+    record_event(saved, provider_job_id=job_id, kind="step", tag="say_bye",
+                 metadata={"x": "a" * (16384 - 9)}, event_id="large")  # fmt: skip
+    assert [e["event_id"] for e in get_job(saved, job_id)["events"]] == ["deep", "large"]
+
+
+def test_a_full_job_takes_only_events_that_move_it(saved):
+    limits = JobsConfig(max_events=3)
+    job_id = new_id()
+    create_job(saved, provider_job_id=job_id, customer_id=1, tag="my_job")
+
+    def event(event_id, kind="step", tag="say_hello"):
+        return record_event(saved, provider_job_id=job_id, kind=kind, tag=tag,
+                            event_id=event_id, limits=limits)  # fmt: skip
+
+    for n in range(3):
+        event(f"hello-{n}")  # one moves the job, two repeat the step
+    with pytest.raises(TooManyEvents, match=f"job '{job_id}' holds 3 events, the limit"):
+        event("hello-3")
+    assert event("hello-1")["duplicate"] is True  # a resent event is still answered
+    event("bye", tag="say_bye")  # a step's first report moves the job: taken
+    event("done", kind="complete")
+    with pytest.raises(TooManyEvents):
+        event("error", kind="error")  # the job is complete: this would move nothing
+    job = get_job(saved, job_id)
+    assert (job["status"], job["points_done"], len(job["events"])) == ("complete", 35, 5)
+
+
+def test_events_are_read_a_page_at_a_time(saved):
+    job_id = new_id()
+    create_job(saved, provider_job_id=job_id, customer_id=1, tag="my_job")
+    for n in range(7):
+        record_event(saved, provider_job_id=job_id, kind="step", tag="say_hello", event_id=f"e{n}")
+    pages, after = [], None
+    while True:
+        page, after = events_page(saved, job_id, after=after, limit=3)
+        pages.append([e["event_id"] for e in page])
+        if after is None:
+            break
+    assert pages == [["e0", "e1", "e2"], ["e3", "e4", "e5"], ["e6"]]
+    assert events_page(saved, job_id, after="e6", limit=3) == ([], None)
+    with pytest.raises(InvalidJobRequest, match=f"job '{job_id}' has no event 'e9' to page"):
+        events_page(saved, job_id, after="e9")
+    with pytest.raises(UnknownJob):
+        events_page(saved, job_id, as_customer="someone else")
+
+
+@pytest.mark.parametrize(
+    "setting, message",
+    [
+        ("max_events = 0", "[jobs] max_events must be a positive integer"),
+        ('max_metadata_depth = "deep"', "[jobs] max_metadata_depth must be a positive integer"),
+        ("page_size = 2000", "[jobs] page_size must not be over max_page_size"),
+        ("max_pages = 3", "unknown keys in [jobs]: max_pages"),
+    ],
+)
+def test_bad_job_limits_are_a_configuration_error(home, setting, message):
+    path = home.home / "workbench.toml"
+    path.write_text(path.read_text().replace("[jobs]\n", f"[jobs]\n{setting}\n"))
+    if setting.startswith(("max_events", "max_metadata_depth", "page_size")):
+        key = setting.split(" =")[0]  # the template's own line for the key goes
+        lines = path.read_text().splitlines()
+        first = next(i for i, ln in enumerate(lines) if ln.startswith(f"{key} ="))
+        lines = [ln for i, ln in enumerate(lines) if i == first or not ln.startswith(f"{key} =")]
+        path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ConfigError) as refused:
+        load_config(home.home)
+    assert refused.value.message == message
+
+
+def test_the_template_sets_the_default_job_limits(home):
+    assert load_config(home.home).jobs == JobsConfig()
 
 
 # ---------------------------------------------------------------- the HTTP API, in-process
@@ -736,6 +855,110 @@ def test_a_flush_leaves_other_trackers_requests_alone(home, catalog, key, tmp_pa
         assert tracker.flush() == 0
     assert spool.read_text() == kept
     assert [j["provider_job_id"] for j in list_jobs(catalog)] == ["j"]
+
+
+# ---------------------------------------------------------------- limits over real HTTP
+
+SMALL_LIMITS = {
+    "max_events": 4,
+    "max_metadata_bytes": 200,
+    "max_metadata_depth": 5,
+    "page_size": 2,
+    "max_page_size": 3,
+}
+
+
+@pytest.fixture
+def limited_server(home, catalog):
+    """``workbench serve`` with small [jobs] limits, the README's configuration saved."""
+    path = home.home / "workbench.toml"
+    lines = [ln for ln in path.read_text().splitlines() if ln.split(" =")[0] not in SMALL_LIMITS]
+    settings = [f"{name} = {value}" for name, value in SMALL_LIMITS.items()]
+    at = lines.index("[jobs]") + 1
+    path.write_text("\n".join(lines[:at] + settings + lines[at:]) + "\n")
+    save_job_configs(catalog, JobConfigManager(README))
+    running = ServerProcess(home.home).start()
+    yield running
+    running.stop()
+
+
+def test_job_limits_and_paging_over_the_real_server(limited_server, catalog, key):
+    job_id = new_id()
+    client = httpx.Client(
+        base_url=limited_server.url, headers={"Authorization": f"Bearer {key}"}, timeout=60
+    )
+
+    def event(event_id, kind="step", tag="say_hello", metadata=None):
+        body = {"kind": kind, "tag": tag, "provider_job_id": job_id, "event_id": event_id}
+        return client.post("/events", json={**body, "event_metadata": metadata})
+
+    def refused(answer, status, code):
+        assert answer.status_code == status, answer.text
+        assert answer.headers["content-type"] == "application/json"
+        body = answer.json()
+        assert (body["ok"], body["error"]) == (False, code) and body["message"]
+        return body
+
+    with client:
+        created = client.post("/jobs", json={"provider_job_id": job_id, "tag": "my_job"})
+        assert created.status_code == 200, created.text
+        refused(event("deep", metadata=nested(6)), 400, "metadata_too_deep")
+        refused(event("deeper", metadata=nested(300)), 400, "metadata_too_deep")
+        refused(event("large", metadata={"x": "a" * 300}), 413, "metadata_too_large")
+        for n in range(4):
+            assert event(f"e{n}", metadata={"n": n}).status_code == 200
+        full = refused(event("e4"), 413, "too_many_events")
+        assert f"job '{job_id}' holds 4 events" in full["message"]
+        assert event("done", kind="complete", tag=None).status_code == 200
+
+        # The events, two at a time, following each answer's `next`.
+        first = client.get(f"/jobs/{job_id}")
+        assert first.status_code == 200
+        job = first.json()["job"]
+        assert (job["status"], job["progress"]) == ("complete", 1.0)
+        pages, url = [], f"/jobs/{job_id}"
+        while url is not None:
+            answer = client.get(url).json()
+            pages.append([e["event_id"] for e in answer["job"]["events"]])
+            url = answer["next"]
+        assert pages == [["e0", "e1"], ["e2", "e3"], ["done"]]
+        three = client.get(f"/jobs/{job_id}", params={"limit": 3, "after": "e0"}).json()
+        assert [e["event_id"] for e in three["job"]["events"]] == ["e1", "e2", "e3"]
+        assert three["next"] == f"/jobs/{job_id}?after=e3&limit=3"
+        for params in ({"limit": 4}, {"limit": 0}, {"limit": "all"}, {"after": "e9"}):
+            bad = refused(client.get(f"/jobs/{job_id}", params=params), 400, "invalid_request")
+            assert bad["field"] in params
+
+        # An event stored before the depth limit existed: the job is still answered.
+        with catalog.writing() as conn:
+            conn.execute(
+                tables.job_events.insert().values(
+                    provider_job_id=job_id,
+                    event_id="old",
+                    kind="step",
+                    tag="say_hello",
+                    metadata=json.dumps(nested(300)),
+                    points=0,
+                    created_at=1,
+                )
+            )
+        last = client.get(f"/jobs/{job_id}", params={"after": "done"})
+        assert last.status_code == 200, last.text
+        assert last.json()["job"]["events"][0]["metadata"] == nested(300)
+
+
+def test_the_client_goes_on_when_the_real_server_refuses_an_event(
+    limited_server, catalog, key, tmp_path, caplog
+):
+    spool = tmp_path / "spool.jsonl"
+    with TrackerApi(api_key=key, base_url=limited_server.url, spool=spool, timeout=30) as tracker:
+        job = tracker.create_job(provider_job_id="j", customer_id=142, tag="my_job")
+        assert job.send_event(kind="step", tag="say_hello", metadata={"x": "a" * 300}) is None
+        assert "event metadata of 309 bytes (as JSON) is over the limit" in caplog.text
+        assert job.send_event(kind="step", tag="say_hello", metadata={"n": 1})["ok"] is True
+        assert job.send_event(kind="complete")["job"]["progress"] == 1.0
+    assert not spool.exists()  # refused is dropped, not resent
+    assert [e["metadata"] for e in get_job(catalog, "j")["events"]] == [{"n": 1}, None]
 
 
 # ---------------------------------------------------------------- the CLI

@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from urllib.parse import parse_qs, urlparse
 
@@ -23,7 +24,7 @@ from workbench.catalog import now_ms, open_catalog, sync_accounts, sync_raw, syn
 from workbench.cli import cli
 from workbench.config import load_config
 from workbench.enrollment import enroll
-from workbench.errors import ConfigError, DestinationFailed
+from workbench.errors import AuthorizationFailed, ConfigError, DestinationFailed
 from workbench.sync import (
     add_activity,
     combine_stream,
@@ -202,6 +203,78 @@ def test_the_callback_route_completes_a_link(lab, catalog, simulator):
         assert client.get("/sync/callback?state=nope&code=x").status_code == 400
         assert client.get("/sync/callback?error=access_denied").status_code == 400
     assert [a.status for a in workbench_accounts(catalog)] == ["active"]
+
+
+def approvals(url, n):
+    """``n`` callbacks the provider would send for one authorization URL: one state, each
+    with its own code (as when a participant approves twice, or a callback is replayed)."""
+    return [httpx.URL(httpx.get(url).headers["location"]).query.decode() for _ in range(n)]
+
+
+def test_a_state_is_used_up_by_its_first_callback(lab, catalog, simulator):
+    from tests.conftest import ServerProcess
+
+    _, url = start_link(lab, catalog, "demo", "demo_00001", "gh")
+    first, again = approvals(url, 2)
+    assert parse_qs(first)["state"] == parse_qs(again)["state"]
+    server = ServerProcess(lab.home).start()
+    try:
+        assert httpx.get(f"{server.url}/sync/callback?{first}", timeout=60).status_code == 200
+        replay = httpx.get(f"{server.url}/sync/callback?{again}", timeout=60)
+        assert replay.status_code == 400
+        assert "unknown or expired authorization state" in replay.text
+    finally:
+        server.stop()
+    assert [a.status for a in workbench_accounts(catalog)] == ["active"]
+
+
+def test_two_racing_callbacks_with_one_state_link_once(lab, catalog, simulator):
+    from tests.conftest import ServerProcess
+
+    _, url = start_link(lab, catalog, "demo", "demo_00002", "gh")
+    queries = approvals(url, 2)
+    server = ServerProcess(lab.home).start()
+    start = threading.Barrier(2)
+    statuses = []
+
+    def callback(query):
+        start.wait(timeout=60)
+        statuses.append(httpx.get(f"{server.url}/sync/callback?{query}", timeout=120).status_code)
+
+    try:
+        racers = [threading.Thread(target=callback, args=(q,)) for q in queries]
+        for racer in racers:
+            racer.start()
+        for racer in racers:
+            racer.join(timeout=180)
+    finally:
+        server.stop()
+    assert sorted(statuses) == [200, 400]
+    assert [a.status for a in workbench_accounts(catalog)] == ["active"]
+
+
+def test_racing_library_calls_with_one_state_link_once(lab, catalog, simulator):
+    _, url = start_link(lab, catalog, "demo", "demo_00003", "gh")
+    queries = [parse_qs(q) for q in approvals(url, 4)]
+    start = threading.Barrier(len(queries))
+    outcomes = []
+
+    def callback(query):
+        start.wait(timeout=60)
+        try:
+            complete_link(lab, catalog, query["state"][0], query["code"][0])
+            outcomes.append("linked")
+        except AuthorizationFailed as exc:
+            outcomes.append(exc.message)
+
+    racers = [threading.Thread(target=callback, args=(q,)) for q in queries]
+    for racer in racers:
+        racer.start()
+    for racer in racers:
+        racer.join(timeout=180)
+    assert sorted(outcomes) == ["linked"] + 3 * [
+        "unknown or expired authorization state; start the link again"
+    ]
 
 
 def workbench_accounts(catalog):

@@ -1140,11 +1140,20 @@ def scheduler(ctx, workers) -> None:
     is_flag=True,
     help="Start a kernel when a page is opened instead of keeping one ready per dashboard.",
 )
+@click.option(
+    "--no-auth",
+    is_flag=True,
+    help="Serve without a token or password (refused unless HOST is a loopback address).",
+)
 @click.pass_context
-def dashboards(ctx, host, port, cold) -> None:
+def dashboards(ctx, host, port, cold, no_auth) -> None:
     """Serve the coordinators' dashboards with Voila until Ctrl-C: study status (who needs
     attention today) and attrition (how retention is going). The landing page lists them;
     each is at /voila/render/<name>.ipynb. Notebook sources are hidden.
+
+    Pages need a sign-in: the printed URLs carry a token, random per start unless set in
+    WORKBENCH_DASHBOARDS_TOKEN. With WORKBENCH_DASHBOARDS_PASSWORD set, the login page asks
+    for that password instead (and the URLs carry no token, unless both are set).
 
     One kernel per dashboard is kept ready with the page already computed, so a page opens
     in about the time of an empty one; the page refreshes itself (every 5 minutes by default)
@@ -1153,11 +1162,14 @@ def dashboards(ctx, host, port, cold) -> None:
     \b
     Example:
         workbench dashboards --port 8866
-        # then open http://127.0.0.1:8866/voila/render/study_status.ipynb
+        # then open the printed http://127.0.0.1:8866/voila/render/study_status.ipynb?token=...
+        WORKBENCH_DASHBOARDS_PASSWORD=... workbench dashboards --host 0.0.0.0
     """
     import signal
 
     from workbench.dashboards import (
+        PASSWORD_ENV,
+        dashboard_access,
         dashboard_urls,
         serve_dashboards,
         stop_process,
@@ -1165,13 +1177,18 @@ def dashboards(ctx, host, port, cold) -> None:
     )
 
     config = _config(ctx)
+    access = dashboard_access(open_access=no_auth)
     # SIGTERM (e.g. from a process manager) stops it like Ctrl-C: Voila and its kernels too
     signal.signal(signal.SIGTERM, signal.default_int_handler)
-    process = serve_dashboards(config, port=port, host=host, preheat=not cold)
+    process = serve_dashboards(config, port=port, host=host, preheat=not cold, access=access)
     try:
-        wait_for_dashboards(f"http://{host}:{port}", process=process)
-        for name, url in dashboard_urls(f"http://{host}:{port}").items():
+        wait_for_dashboards(f"http://{host}:{port}", process=process, token=access.token)
+        for name, url in dashboard_urls(f"http://{host}:{port}", access).items():
             click.echo(f"{name:<13} {url}")
+        if access.hashed_password:
+            click.echo(f"sign in with the password in {PASSWORD_ENV}")
+        elif not access.required:
+            click.echo("no sign-in: anyone who can reach this address sees the dashboards")
         process.wait()
     except KeyboardInterrupt:
         pass

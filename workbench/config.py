@@ -130,6 +130,17 @@ class PipelinesConfig:
 
 
 @dataclass(frozen=True)
+class JobsConfig:
+    """Limits of the job tracking API: what one job may store and one answer may carry."""
+
+    max_events: int = 1000  # events stored per job (past it: 413, unless the event moves the job)
+    max_metadata_bytes: int = 16 * 1024  # an event's metadata, as stored JSON
+    max_metadata_depth: int = 32  # arrays and objects nested in an event's metadata
+    page_size: int = 100  # events in a GET /jobs/<id> answer without ?limit=
+    max_page_size: int = 1000  # the largest ?limit= accepted
+
+
+@dataclass(frozen=True)
 class Config:
     """One workbench home: where the pool is and how to reach the catalog."""
 
@@ -144,6 +155,7 @@ class Config:
     sync: dict = field(default_factory=dict)
     # A group given read access to the pool (0640 files, 0750 folders); None: private (0600/0700).
     pool_group: str | None = None
+    jobs: JobsConfig = field(default_factory=JobsConfig)
 
     def source(self, name: str) -> SourceConfig:
         """The source called ``name``, or :class:`ConfigError`."""
@@ -220,7 +232,22 @@ def config_from_dict(raw: dict, *, home: Path) -> Config:
         pipelines=_pipelines(_section(raw, "pipelines"), home),
         sync=_section(raw, "sync"),
         pool_group=group or None,
+        jobs=_jobs(_section(raw, "jobs")),
     )
+
+
+def _jobs(section: dict) -> JobsConfig:
+    unknown = set(section) - set(JobsConfig.__dataclass_fields__)
+    if unknown:
+        raise ConfigError(f"unknown keys in [jobs]: {', '.join(sorted(unknown))}")
+    jobs = JobsConfig(**section)
+    for name in JobsConfig.__dataclass_fields__:
+        value = getattr(jobs, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ConfigError(f"[jobs] {name} must be a positive integer")
+    if jobs.page_size > jobs.max_page_size:
+        raise ConfigError("[jobs] page_size must not be over max_page_size")
+    return jobs
 
 
 def _pipelines(section: dict, home: Path) -> PipelinesConfig:

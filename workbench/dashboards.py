@@ -11,7 +11,10 @@ functions of the catalog and the pool, so what a page shows is what the library 
 - :func:`attrition_view`: retention, CONSORT funnel, dropout by week, EMA compliance and
   questionnaire completion by session, for a study or questionnaire source, a cohort and a
   date range;
-- :func:`voila_command` / :func:`serve_dashboards`: ``workbench dashboards``.
+- :func:`voila_command` / :func:`serve_dashboards`: ``workbench dashboards``, behind a sign-in
+  (:func:`dashboard_access`): a token in the printed URLs (random per start, or
+  ``$WORKBENCH_DASHBOARDS_TOKEN``) or a password (``$WORKBENCH_DASHBOARDS_PASSWORD``).
+  Serving without either is refused on any address but loopback.
 
 Example::
 
@@ -23,13 +26,17 @@ Example::
 from __future__ import annotations
 
 import datetime as dt
+import ipaddress
 import os
+import secrets
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlencode
 
 import httpx
 import polars as pl
@@ -38,7 +45,7 @@ from sqlalchemy import func, literal, select
 from workbench.alerts import Alert, list_alerts
 from workbench.catalog import Catalog, fetch_tuples, now_ms, open_catalog, uploads
 from workbench.config import HOME_ENV, Config
-from workbench.errors import WorkbenchError
+from workbench.errors import UnprotectedDashboards, WorkbenchError
 from workbench.pool import make_folders, modes_in, open_new_file
 from workbench.reports import (
     Attrition,
@@ -289,10 +296,111 @@ def _day_ms(day: dt.date | None) -> int | None:
 # ---------------------------------------------------------------------------- serving
 
 NAMES = {"study status": "study_status.ipynb", "attrition": "attrition.ipynb"}
+TOKEN_ENV = "WORKBENCH_DASHBOARDS_TOKEN"
+PASSWORD_ENV = "WORKBENCH_DASHBOARDS_PASSWORD"
+# How the password's hash reaches the Voila process: in its environment, never its command line.
+HASH_ENV = "WORKBENCH_DASHBOARDS_PASSWORD_HASH"
+IDENTITY_PROVIDER = "workbench.dashboards.EnvPasswordIdentityProvider"
+
+
+@dataclass(frozen=True)
+class DashboardAccess:
+    """How coordinators sign in to the dashboards: a token carried in the URLs, a password
+    (kept as its argon2 hash) typed on the login page, both, or neither (open).
+
+    Example: ``DashboardAccess(token="s3cret").url("http://127.0.0.1:8866/")``.
+    """
+
+    token: str = ""
+    hashed_password: str = field(default="", repr=False)
+
+    @property
+    def required(self) -> bool:
+        """Whether a page needs the token or the password."""
+        return bool(self.token or self.hashed_password)
+
+    def url(self, address: str) -> str:
+        """``address`` with ``?token=...`` when there is a token, so it opens signed in."""
+        return f"{address}?{urlencode({'token': self.token})}" if self.token else address
+
+
+def dashboard_access(
+    *, open_access: bool = False, environ: Mapping[str, str] = os.environ
+) -> DashboardAccess:
+    """The sign-in of a start of the dashboards: the token in ``$WORKBENCH_DASHBOARDS_TOKEN``
+    and the password in ``$WORKBENCH_DASHBOARDS_PASSWORD`` (hashed here); with neither, a
+    random token. ``open_access`` asks for no sign-in at all (loopback addresses only).
+
+    Example: ``dashboard_access().token`` → ``"Jx3…"`` (random, unless the variable is set).
+    """
+    if open_access:
+        return DashboardAccess()
+    token = environ.get(TOKEN_ENV, "")
+    password = environ.get(PASSWORD_ENV, "")
+    hashed = ""
+    if password:
+        from jupyter_server.auth import passwd
+
+        hashed = passwd(password)
+    if not token and not hashed:
+        token = secrets.token_urlsafe(32)
+    return DashboardAccess(token=token, hashed_password=hashed)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` is a loopback address (``localhost``, 127.0.0.0/8, ``::1``).
+
+    Example: ``is_loopback("0.0.0.0")`` → ``False``.
+    """
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to anything
+
+
+def check_exposure(host: str, access: DashboardAccess) -> None:
+    """Refuse (:class:`UnprotectedDashboards`) to serve without sign-in on ``host`` unless
+    it is a loopback address."""
+    if not access.required and not is_loopback(host):
+        raise UnprotectedDashboards(
+            f"refusing to serve the dashboards on {host} without a token or password: anyone "
+            "who can reach the port would see the study; drop --no-auth (a token is the "
+            f"default) or set {PASSWORD_ENV}"
+        )
+
+
+def __getattr__(name: str):
+    # Voila imports the identity provider by name; jupyter_server loads only when it does.
+    if name == "EnvPasswordIdentityProvider":
+        return _identity_provider()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _identity_provider() -> type:
+    """jupyter_server's password identity provider, its hash read from :data:`HASH_ENV`."""
+    from jupyter_server.auth.identity import PasswordIdentityProvider
+    from traitlets import default
+
+    class EnvPasswordIdentityProvider(PasswordIdentityProvider):
+        """The password's hash comes from the environment, not the command line (which
+        every local user can read)."""
+
+        @default("hashed_password")
+        def _hashed_password_from_environment(self) -> str:
+            return os.environ.get(HASH_ENV, "")
+
+    return EnvPasswordIdentityProvider
 
 
 def voila_command(
-    *, port: int, host: str = "127.0.0.1", folder: Path = DASHBOARDS, preheat: bool = True
+    *,
+    port: int,
+    host: str = "127.0.0.1",
+    folder: Path = DASHBOARDS,
+    preheat: bool = True,
+    access: DashboardAccess | None = None,
 ) -> list[str]:
     """The command line serving the notebooks in ``folder`` with Voila: sources hidden, a
     landing page listing them, each at ``/voila/render/<name>.ipynb``.
@@ -300,6 +408,11 @@ def voila_command(
     With ``preheat``, Voila keeps one kernel per notebook that has already run it, so a page
     opens without waiting for a kernel to start and the notebook to run; the dashboards
     refresh themselves, so what such a kernel computed earlier is brought up to date.
+
+    When ``access`` requires a sign-in, jupyter_server's identity provider checks it: the
+    token and the password's hash are read from the environment
+    (:func:`dashboard_environment`), so neither shows on the command line. Without
+    ``access`` the pages are open.
     """
     command = [
         sys.executable,
@@ -314,34 +427,68 @@ def voila_command(
         "--theme=light",
         "--classic-tree",  # a landing page rendered by the server: plain links, no script
     ]
+    if access is not None and access.required:
+        # auto_token: the identity provider takes its token from $JUPYTER_TOKEN (none when
+        # only a password is set), instead of Voila's default of no token at all.
+        command += [
+            "--Voila.auto_token=True",
+            "--PasswordIdentityProvider.allow_password_change=False",
+        ]
+        if access.hashed_password:
+            command += [f"--Voila.identity_provider_class={IDENTITY_PROVIDER}"]
     if preheat:
         command += ["--preheat_kernel=True", "--pool_size=1"]
     return command
+
+
+def dashboard_environment(
+    config: Config, access: DashboardAccess, environ: Mapping[str, str] = os.environ
+) -> dict[str, str]:
+    """The environment of the Voila process: the home, and the sign-in of ``access`` only
+    (a token or password of the caller's environment never passes on as such)."""
+    env = {
+        name: value
+        for name, value in environ.items()
+        if name not in ("JUPYTER_TOKEN", "JUPYTER_TOKEN_FILE", TOKEN_ENV, PASSWORD_ENV, HASH_ENV)
+    }
+    env[HOME_ENV] = str(config.home)
+    if access.token:
+        env["JUPYTER_TOKEN"] = access.token
+    if access.hashed_password:
+        env[HASH_ENV] = access.hashed_password
+    return env
 
 
 def serve_dashboards(
     config: Config,
     *,
     port: int,
+    access: DashboardAccess | None = None,
     host: str = "127.0.0.1",
     folder: Path = DASHBOARDS,
     preheat: bool = True,
     log: Path | None = None,
 ) -> subprocess.Popen:
-    """Start Voila on the dashboards for ``config``'s home, in its own process group, its
-    output appended to ``log`` (default: this process's); the caller waits for it
-    (:func:`wait_for_dashboards`) and stops it (:func:`stop_process`)."""
+    """Start Voila on the dashboards for ``config``'s home behind ``access``
+    (:func:`dashboard_access`), in its own process group, its output appended to ``log``
+    (default: this process's); the caller waits for it (:func:`wait_for_dashboards`) and
+    stops it (:func:`stop_process`). Without a sign-in (``access`` None or open) only a
+    loopback ``host`` is served: :class:`UnprotectedDashboards` otherwise.
+
+    Example: ``serve_dashboards(config, port=8866, access=dashboard_access())``.
+    """
+    access = access or DashboardAccess()
+    check_exposure(host, access)
     if not folder.is_dir():
         raise WorkbenchError(f"no dashboards folder at {folder}")
-    env = {**os.environ, HOME_ENV: str(config.home)}
     output = None
     if log is not None:
         make_folders(log.parent)
         output = os.fdopen(open_new_file(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND), "ab")
     try:
         return subprocess.Popen(
-            voila_command(port=port, host=host, folder=folder, preheat=preheat),
-            env=env,
+            voila_command(port=port, host=host, folder=folder, preheat=preheat, access=access),
+            env=dashboard_environment(config, access),
             cwd=folder,
             start_new_session=True,
             umask=modes_in(config.pool).umask,  # what the kernels write is private too
@@ -353,14 +500,21 @@ def serve_dashboards(
             output.close()
 
 
-def wait_for_dashboards(url: str, *, process: subprocess.Popen, timeout: float = 120) -> None:
-    """Wait until Voila at ``url`` answers its landing page; raise if it exits or times out."""
+def wait_for_dashboards(
+    url: str, *, process: subprocess.Popen, timeout: float = 120, token: str = ""
+) -> None:
+    """Wait until Voila at ``url`` answers its landing page (with ``token``, or by sending
+    to its login page); raise if it exits or times out."""
     deadline = time.monotonic() + timeout
+    params = {"token": token} if token else None
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise WorkbenchError(f"the dashboard server exited with status {process.returncode}")
         try:
-            if httpx.get(url + "/", timeout=2).status_code == 200:
+            answer = httpx.get(url + "/", params=params, timeout=2)
+            if answer.status_code == 200 or (
+                answer.is_redirect and "/login" in answer.headers.get("location", "")
+            ):
                 return
         except httpx.HTTPError:
             pass
@@ -368,10 +522,12 @@ def wait_for_dashboards(url: str, *, process: subprocess.Popen, timeout: float =
     raise WorkbenchError(f"the dashboard server did not answer at {url} within {timeout:.0f} s")
 
 
-def dashboard_urls(url: str) -> dict[str, str]:
-    """The landing page and each dashboard's address under the server at ``url``."""
-    return {"landing page": url + "/"} | {
-        name: f"{url}/voila/render/{notebook}" for name, notebook in NAMES.items()
+def dashboard_urls(url: str, access: DashboardAccess | None = None) -> dict[str, str]:
+    """The landing page and each dashboard's address under the server at ``url``, each with
+    the token of ``access`` (if any) so that it opens signed in."""
+    access = access or DashboardAccess()
+    return {"landing page": access.url(url + "/")} | {
+        name: access.url(f"{url}/voila/render/{notebook}") for name, notebook in NAMES.items()
     }
 
 

@@ -177,14 +177,21 @@ def _start_scheduler(config) -> subprocess.Popen:
 
 
 def _start_dashboards(config, port: int) -> subprocess.Popen:
-    """Serve the status and attrition dashboards with Voila and print their addresses."""
-    from workbench.dashboards import dashboard_urls, serve_dashboards, wait_for_dashboards
+    """Serve the status and attrition dashboards with Voila behind a token (or the password
+    of the environment) and print their addresses, the token in each."""
+    from workbench.dashboards import (
+        dashboard_access,
+        dashboard_urls,
+        serve_dashboards,
+        wait_for_dashboards,
+    )
 
     url = f"http://127.0.0.1:{port}"
     log = config.pool / "logs" / "dashboards.log"
-    process = serve_dashboards(config, port=port, log=log)
-    wait_for_dashboards(url, process=process)
-    for name, address in dashboard_urls(url).items():
+    access = dashboard_access()
+    process = serve_dashboards(config, port=port, log=log, access=access)
+    wait_for_dashboards(url, process=process, token=access.token)
+    for name, address in dashboard_urls(url, access).items():
         print(f"dashboards, {name}: {address}")
     print(f"dashboards log: {log}")
     return process

@@ -29,7 +29,8 @@ upload server into an HTTP status and a JSON body (``status`` and ``code`` attri
     ├── UnknownInstrument          no instrument definition of that name (exit 4)
     ├── PipelineBusy               a run of that pipeline is in progress (exit 9)
     ├── InvalidJobRequest          a malformed job-tracking request (HTTP 400, exit 2)
-    │   └── InvalidJobConfig       job configurations that fail their schema (HTTP 400, exit 2)
+    │   ├── InvalidJobConfig       job configurations that fail their schema (HTTP 400, exit 2)
+    │   └── MetadataTooDeep        event metadata nested deeper than [jobs] allows (HTTP 400, exit 2)
     ├── UnknownJobConfig           no job configuration of that tag (HTTP 400, exit 4)
     ├── UnknownJob                 no tracked job of that id (HTTP 404, exit 4)
     ├── JobConflict                a job id already used with another tag (HTTP 409, exit 4)
@@ -41,7 +42,11 @@ upload server into an HTTP status and a JSON body (``status`` and ``code`` attri
     ├── TokenRevoked               the provider refused an account's token: expired or revoked (exit 10)
     ├── DestinationFailed          an upload to a destination failed; its old file is untouched (exit 12)
     ├── TableRefused               a table's answer cannot be stored: row ids outside signed 64-bit, or too large (exit 8)
-    └── InvalidName                a name that would become a file or folder fails its pattern (exit 2)
+    ├── InvalidName                a name that would become a file or folder fails its pattern (exit 2)
+    ├── JobLimitExceeded           a job-tracking limit of [jobs] is reached (HTTP 413, exit 2)
+    │   ├── TooManyEvents          the job holds [jobs] max_events events already
+    │   └── MetadataTooLarge       event metadata over [jobs] max_metadata_bytes
+    └── UnprotectedDashboards      dashboards without sign-in on a non-loopback address (exit 2)
 """
 
 from __future__ import annotations
@@ -259,3 +264,26 @@ class InvalidName(WorkbenchError):
     status = 400
     exit_code = 2
     code = "invalid_name"
+
+
+class MetadataTooDeep(InvalidJobRequest):
+    code = "metadata_too_deep"
+
+
+class JobLimitExceeded(WorkbenchError):
+    status = 413
+    exit_code = 2
+    code = "job_limit_exceeded"
+
+
+class TooManyEvents(JobLimitExceeded):
+    code = "too_many_events"
+
+
+class MetadataTooLarge(JobLimitExceeded):
+    code = "metadata_too_large"
+
+
+class UnprotectedDashboards(WorkbenchError):
+    exit_code = 2
+    code = "unprotected_dashboards"

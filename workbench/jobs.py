@@ -8,6 +8,10 @@ of its configuration; ``step`` events add their step's points once, ``complete``
 resent event changes nothing. Once a job is complete or failed, later events are recorded
 but change nothing.
 
+What a job stores is bounded by ``[jobs]`` in workbench.toml (:class:`~workbench.config.JobsConfig`):
+events per job, the size and nesting depth of an event's metadata. Its events are read a
+page at a time (:func:`events_page`).
+
 Errors raised here (all :class:`~workbench.errors.WorkbenchError`)::
 
     InvalidJobRequest        a body or argument the tracker cannot use (HTTP 400, exit 2)
@@ -17,6 +21,9 @@ Errors raised here (all :class:`~workbench.errors.WorkbenchError`)::
     JobConflict              the provider_job_id is taken by another job (HTTP 409, exit 4)
     InvalidApiKey            missing, wrong or revoked API key (HTTP 401, exit 2)
     NotAllowed               the API key's customer may not do this (HTTP 403, exit 2)
+    MetadataTooDeep          metadata nested deeper than max_metadata_depth (HTTP 400, exit 2)
+    TooManyEvents            the job holds max_events events already (HTTP 413, exit 2)
+    MetadataTooLarge         metadata over max_metadata_bytes (HTTP 413, exit 2)
 """
 
 from __future__ import annotations
@@ -31,7 +38,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from sqlalchemy import Connection, select, update
+from sqlalchemy import Connection, func, select, update
 from sqlalchemy.exc import IntegrityError
 
 from workbench.catalog import (
@@ -43,13 +50,17 @@ from workbench.catalog import (
     jobs,
     now_ms,
 )
+from workbench.config import JobsConfig
 from workbench.enrollment import hash_token
 from workbench.errors import (  # noqa: F401  (re-exported: the job-tracking errors)
     InvalidApiKey,
     InvalidJobConfig,
     InvalidJobRequest,
     JobConflict,
+    MetadataTooDeep,
+    MetadataTooLarge,
     NotAllowed,
+    TooManyEvents,
     UnknownJob,
     UnknownJobConfig,
     WorkbenchError,
@@ -58,6 +69,7 @@ from workbench.templates import load_schema, schema_validator
 
 KINDS = ("step", "complete", "error")
 MAX_ID = 128  # characters of provider_job_id, customer_id, tags and event_id (catalog columns)
+DEFAULT_LIMITS = JobsConfig()  # the [jobs] defaults of workbench.toml
 
 
 # --- configurations ----------------------------------------------------------------------
@@ -398,6 +410,51 @@ def derived_event_id(provider_job_id: object, kind: object, tag: object) -> str:
     return f"derived-{digest[:40]}"
 
 
+def nesting_depth(value: object) -> int:
+    """How deeply arrays and objects nest in a JSON value (0 for a number or string), counted
+    without recursion, so any depth is measured.
+
+    Example: ``nesting_depth({"a": [1, {"b": 2}]})`` → ``3``.
+    """
+    deepest, pending = 0, [(value, 1)]
+    while pending:
+        item, depth = pending.pop()
+        if isinstance(item, dict):
+            children = item.values()
+        elif isinstance(item, list | tuple):
+            children = item
+        else:
+            continue
+        deepest = max(deepest, depth)
+        pending.extend((child, depth + 1) for child in children)
+    return deepest
+
+
+def _stored_metadata(metadata: object, limits: JobsConfig) -> str | None:
+    """The metadata as the JSON text to store, checked against the limits."""
+    if metadata is None:
+        return None
+    depth = nesting_depth(metadata)
+    if depth > limits.max_metadata_depth:
+        raise MetadataTooDeep(
+            f"event metadata nests {depth} levels of arrays and objects; at most "
+            f"{limits.max_metadata_depth} are accepted",
+            field="event_metadata",
+        )
+    try:
+        text = json.dumps(metadata)
+    except (TypeError, ValueError) as exc:
+        raise InvalidJobRequest(f"event metadata must be JSON: {exc}") from exc
+    size = len(text.encode("utf-8"))
+    if size > limits.max_metadata_bytes:
+        raise MetadataTooLarge(
+            f"event metadata of {size} bytes (as JSON) is over the limit of "
+            f"{limits.max_metadata_bytes} bytes",
+            field="event_metadata",
+        )
+    return text
+
+
 def record_event(
     catalog: Catalog,
     *,
@@ -407,12 +464,19 @@ def record_event(
     metadata: object = None,
     event_id: str,
     as_customer: str | None = None,
+    limits: JobsConfig = DEFAULT_LIMITS,
 ) -> dict:
     """Record an event of a job and move its progress; return the event.
 
     ``step`` adds the step's points the first time that step is reported, ``complete`` sets
     the job to 100 % and complete, ``error`` marks it failed. An ``event_id`` seen before for
     the job changes nothing: the stored event is returned with ``"duplicate": True``.
+
+    ``limits`` bound what is stored: metadata nested deeper than ``max_metadata_depth`` is
+    :class:`MetadataTooDeep`, larger than ``max_metadata_bytes`` :class:`MetadataTooLarge`;
+    once the job holds ``max_events`` events, a new one is :class:`TooManyEvents` unless it
+    moves the job (a step's first report, ``complete`` or ``error`` of a running job), so a
+    job can always finish.
 
     Example: ``record_event(catalog, provider_job_id="42", kind="step", tag="say_hello", event_id=uuid.uuid4().hex)``.
     """
@@ -421,10 +485,7 @@ def record_event(
     if kind not in KINDS:
         raise InvalidJobRequest(f"kind must be one of {', '.join(KINDS)}, not {kind!r:.40}")
     tag = _identifier(tag, "tag", optional=kind != "step")
-    try:
-        stored_metadata = None if metadata is None else json.dumps(metadata)
-    except (TypeError, ValueError) as exc:
-        raise InvalidJobRequest(f"event metadata must be JSON: {exc}") from exc
+    stored_metadata = _stored_metadata(metadata, limits)
     try:
         with catalog.writing() as conn:
             # The job row is locked first (on PostgreSQL), so events of one job queue here.
@@ -460,6 +521,17 @@ def record_event(
                     "status": kind,
                     "points_done": job.points_done + points,
                 }
+            if not changes:
+                held = conn.execute(
+                    select(func.count())
+                    .select_from(job_events)
+                    .where(job_events.c.provider_job_id == job_id)
+                ).scalar_one()
+                if held >= limits.max_events:
+                    raise TooManyEvents(
+                        f"job {job_id!r} holds {held} events, the limit; only events that "
+                        "move it (a step's first report, complete, error) are still taken"
+                    )
             now = now_ms()
             conn.execute(
                 job_events.insert().values(
@@ -531,7 +603,7 @@ def get_job(
     as_customer: str | None = None,
 ) -> dict:
     """A job with its progress (0..1), its steps (each ``done`` or not) and, unless ``events``
-    is False, its events in the order they arrived.
+    is False, all its events in the order they arrived (:func:`events_page` reads a page).
 
     Example: ``get_job(catalog, "42")["progress"]`` → ``0.2857…``.
     """
@@ -541,13 +613,23 @@ def get_job(
         if row is None or (as_customer and row.customer_id != as_customer):
             raise UnknownJob(f"no job {job_id!r}")
         config = _saved_config(conn, row.tag)
-        found = conn.execute(
-            select(job_events)
-            .where(job_events.c.provider_job_id == job_id)
-            .order_by(job_events.c.id)
-        ).all()
+        done = set(
+            conn.execute(
+                select(job_events.c.tag)
+                .where(job_events.c.provider_job_id == job_id, job_events.c.kind == "step")
+                .distinct()
+            ).scalars()
+        )
+        found = (
+            conn.execute(
+                select(job_events)
+                .where(job_events.c.provider_job_id == job_id)
+                .order_by(job_events.c.id)
+            ).all()
+            if events
+            else []
+        )
     job = _job_dict(row, config)
-    done = {e.tag for e in found if e.kind == "step"}
     job["steps"] = [
         {"tag": s.tag, "name": s.name, "points": s.points, "done": s.tag in done}
         for s in (config.step_configurations if config else [])
@@ -555,6 +637,47 @@ def get_job(
     if events:
         job["events"] = [_event_dict(e) for e in found]
     return job
+
+
+def events_page(
+    catalog: Catalog,
+    provider_job_id: str,
+    *,
+    after: str | None = None,
+    limit: int = 100,
+    as_customer: str | None = None,
+) -> tuple[list[dict], str | None]:
+    """Up to ``limit`` events of a job, in the order they arrived, after the event whose
+    ``event_id`` is ``after`` (from the first without it); and the event id to pass as
+    ``after`` for the next page, None when there is none.
+
+    Example: ``page, following = events_page(catalog, "42", limit=50)``.
+    """
+    job_id = _identifier(provider_job_id, "provider_job_id")
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+        raise InvalidJobRequest(f"limit must be a whole number of at least 1, not {limit!r:.40}")
+    with catalog.engine.connect() as conn:
+        row = conn.execute(
+            select(jobs.c.customer_id).where(jobs.c.provider_job_id == job_id)
+        ).first()
+        if row is None or (as_customer and row.customer_id != as_customer):
+            raise UnknownJob(f"no job {job_id!r}")
+        query = select(job_events).where(job_events.c.provider_job_id == job_id)
+        if after is not None:
+            after = _identifier(after, "after")
+            start = conn.execute(
+                select(job_events.c.id).where(
+                    job_events.c.provider_job_id == job_id, job_events.c.event_id == after
+                )
+            ).scalar()
+            if start is None:
+                raise InvalidJobRequest(
+                    f"job {job_id!r} has no event {after!r} to page after", field="after"
+                )
+            query = query.where(job_events.c.id > start)
+        found = conn.execute(query.order_by(job_events.c.id).limit(limit + 1)).all()
+    page = [_event_dict(e) for e in found[:limit]]
+    return page, (page[-1]["event_id"] if len(found) > limit else None)
 
 
 def list_jobs(catalog: Catalog, *, limit: int = 50) -> list[dict]:

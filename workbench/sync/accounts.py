@@ -261,12 +261,14 @@ def start_link(
 
 
 def complete_link(config: Config, catalog: Catalog, state: str, code: str) -> Account:
-    """Exchange the authorization code of a callback for tokens and activate the account."""
+    """Exchange the authorization code of a callback for tokens and activate the account.
+
+    The state is used up first, by one conditional DELETE: of two callbacks with the same
+    state, however close, exactly one goes on; the other gets :class:`AuthorizationFailed`.
+    A state whose code the provider then refuses is used up too (start the link again).
+    """
     settings = sync_settings(config)
-    with catalog.engine.connect() as conn:
-        pending = conn.execute(
-            select(sync_auth_states).where(sync_auth_states.c.state == state)
-        ).first()
+    pending = _use_up_state(catalog, state)
     if pending is None or pending.created_at < now_ms() - STATE_TTL_MS:
         raise AuthorizationFailed("unknown or expired authorization state; start the link again")
     account = get_account(catalog, pending.account_id)
@@ -291,10 +293,21 @@ def complete_link(config: Config, catalog: Catalog, state: str, code: str) -> Ac
             .where(sync_accounts.c.id == account.id)
             .values(status="active", linked_at=now_ms(), external_id=external, error=None)
         )
-        conn.execute(delete(sync_auth_states).where(sync_auth_states.c.state == state))
         _close_alerts(conn, account)
     log.info("account %d linked to %s", account.id, provider.name)
     return get_account(catalog, account.id)
+
+
+def _use_up_state(catalog: Catalog, state: str):
+    """Delete the authorization state and return its row, or None when it is unknown or was
+    used up already (by a concurrent callback too: the DELETE decides, not a prior read)."""
+    table = sync_auth_states
+    with catalog.writing() as conn:
+        return conn.execute(
+            delete(table)
+            .where(table.c.state == state)
+            .returning(table.c.account_id, table.c.redirect_uri, table.c.created_at)
+        ).first()
 
 
 def _identify(provider: Provider, token: str) -> str | None:
