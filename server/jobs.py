@@ -24,6 +24,7 @@ from workbench import jobs
 from workbench.catalog import Catalog
 from workbench.config import JobsConfig
 from workbench.errors import BodyTooLarge, WorkbenchError
+from workbench.json_limits import decode_checked
 
 MAX_BODY = 1024 * 1024  # configurations and events are small
 CHUNK = 64 * 1024
@@ -177,10 +178,7 @@ def _json_body() -> dict:
                 raise BodyTooLarge(f"body is over the tracker's limit of {MAX_BODY} bytes")
             parts.append(chunk)
         raw = b"".join(parts)
-    try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise jobs.InvalidJobRequest(f"the body is not JSON: {exc}") from None
+    body = decode_checked(raw, error=jobs.InvalidJobRequest)
     if not isinstance(body, dict):
         raise jobs.InvalidJobRequest("the body must be a JSON object")
     return body

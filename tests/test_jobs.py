@@ -593,7 +593,7 @@ def test_tracking_over_http(api, configured):
 @pytest.mark.parametrize(
     "path, body, status, message",
     [
-        ("/jobs", b"not json", 400, "the body is not JSON"),
+        ("/jobs", b"not json", 400, "the body is not valid JSON"),
         ("/jobs", b"[1, 2]", 400, "the body must be a JSON object"),
         ("/jobs", {"customer_id": 1, "tag": "my_job"}, 400, "provider_job_id must be"),
         ("/jobs", {"provider_job_id": "k", "tag": "nope"}, 400, "known tags: my_job"),
@@ -1030,3 +1030,30 @@ def test_the_default_spool_is_in_the_users_cache(tmp_path, monkeypatch):
     spool = tmp_path / ".cache" / "workbench" / "tracker-spool.jsonl"
     assert json.loads(spool.read_text())["body"]["provider_job_id"] == "j"
     assert spool.stat().st_mode & 0o777 == 0o600
+
+
+@pytest.mark.parametrize(
+    ("metadata", "words"),
+    [
+        (b"[" * 1000 + b"]" * 1000, "too deeply"),
+        (b"1180591620717411303424", "signed 64-bit"),
+        (b"1e400", "overflows a double"),
+        (b'"\xff"', "not valid JSON"),
+    ],
+)
+def test_hostile_json_on_the_job_api_is_a_400(api, key, configured, metadata, words):
+    job = api.post(
+        "/jobs",
+        json={"provider_job_id": "hostile", "customer_id": 1, "tag": "my_job"},
+        headers={"x-api_key": key},
+    )
+    assert job.status_code in (200, 201), job.text
+    body = (
+        b'{"kind": "step", "tag": "say_hello", "provider_job_id": "hostile", '
+        b'"event_metadata": ' + metadata + b"}"
+    )
+    answer = api.post(
+        "/events", content=body, headers={"x-api_key": key, "Content-Type": "application/json"}
+    )
+    assert answer.status_code == 400 and words in answer.json()["message"], answer.text
+    assert api.get("/jobs/hostile", headers={"x-api_key": key}).status_code == 200

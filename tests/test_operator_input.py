@@ -54,6 +54,6 @@ def test_a_study_file_naming_a_folder_outside_the_home_is_refused(home, tmp_path
     path = tmp_path / "ema.json"
     path.write_text(json.dumps(definition))
     result = CliRunner().invoke(
-        cli, ["--home", str(home.home), "study", "create", "ema", "--from-file", str(path)]
+        cli, ["--home", str(home.home), "study", "create", "ema", "--from", str(path)]
     )
     assert result.exit_code == 2 and "inside the workbench home" in result.output

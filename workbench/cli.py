@@ -544,7 +544,7 @@ def status(ctx, study_id, all_studies, fmt, out, history, subject) -> None:
     import polars as pl
 
     from workbench.status import refresh_status, render, status_history_table, study_status
-    from workbench.studies import list_studies
+    from workbench.studies import get_study, list_studies
 
     if bool(study_id) == all_studies:
         raise click.UsageError("name one STUDY, or give --all")
@@ -553,6 +553,8 @@ def status(ctx, study_id, all_studies, fmt, out, history, subject) -> None:
     config = _config(ctx)
     catalog = _catalog(ctx)
     try:
+        if study_id:
+            get_study(catalog, study_id)  # a name that is no study changes nothing
         refresh_status(config, catalog=catalog)
         ids = [s.id for s in list_studies(catalog)] if all_studies else [study_id]
         tables = []

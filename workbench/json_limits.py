@@ -63,3 +63,32 @@ def _explain(exc: msgspec.ValidationError) -> str:
     if "got `array`" in text or "got `object`" in text:
         return f"values nest deeper than {MAX_DEPTH} levels at {where[:120]}"
     return text[:300]
+
+
+def decode_checked(body: bytes, *, error: type[Exception] = BadRequest) -> object:
+    """Decode ``body`` (any depth up to Python's own limit) and check what
+    :func:`check_json` checks but depth, which the caller limits itself: valid UTF-8, no number
+    outside signed 64-bit or a double. Raises ``error`` with the reason.
+
+    Example: ``decode_checked(b'{"a": 1}')``.
+    """
+    try:
+        value = msgspec.json.decode(body)
+    except msgspec.ValidationError as exc:
+        raise error(f"the body is outside the server's JSON limits: {_explain(exc)}") from None
+    except msgspec.DecodeError as exc:
+        raise error(f"the body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise error("the body nests arrays and objects too deeply") from None
+    pending = [value]
+    while pending:  # without recursion, so any depth is walked
+        item = pending.pop()
+        if isinstance(item, dict):
+            pending.extend(item.values())
+        elif isinstance(item, list):
+            pending.extend(item)
+        elif type(item) is int and not INT64_MIN <= item <= INT64_MAX:
+            raise error(
+                "the body is outside the server's JSON limits: an integer is outside signed 64-bit"
+            )
+    return value

@@ -21,7 +21,7 @@ from sqlalchemy import func, select
 
 from workbench.catalog import Catalog, devices, now_ms, subjects
 from workbench.errors import UnknownSubject
-from workbench.identifiers import check_identifier
+from workbench.identifiers import check_name
 from workbench.studies import get_study
 
 REMOVED = 3
@@ -111,8 +111,8 @@ def reset_devices(catalog: Catalog, study: str, subject: str) -> SubjectStanding
 
 
 def _checked(catalog: Catalog, study: str, subject: str) -> tuple[str, str]:
-    study = check_identifier("study", study)
-    subject = check_identifier("subject", subject)
+    study = check_name("study", study)
+    subject = check_name("subject", subject)
     get_study(catalog, study)  # UnknownStudy with a hint
     return study, subject
 
