@@ -50,7 +50,7 @@ def test_names_that_leave_their_folder_are_refused(home, study, subjects, comman
 
 
 def test_a_study_file_naming_a_folder_outside_the_home_is_refused(home, tmp_path):
-    definition = {"id": "ema", "sensors": {"ema": {}}, "resources": "../../etc"}
+    definition = {"id": "ema", "duration_days": 7, "sensors": {"ema": {}}, "resources": "../../etc"}
     path = tmp_path / "ema.json"
     path.write_text(json.dumps(definition))
     result = CliRunner().invoke(
