@@ -4,7 +4,7 @@ slowly, or stop half-way, neither hold the threads that answer phones nor stay o
 from __future__ import annotations
 
 import re
-import select
+import selectors
 import socket
 import threading
 import time
@@ -74,7 +74,10 @@ class SlowClients:
         next_byte = time.monotonic() + 1
         while not self.stop.is_set() and self.still_open():
             live = [s for s in self.sockets if s not in self.closed]
-            readable, _, _ = select.select(live, [], [], 0.5)
+            with selectors.DefaultSelector() as selector:  # epoll: any descriptor number
+                for sock in live:
+                    selector.register(sock, selectors.EVENT_READ)
+                readable = [key.fileobj for key, _ in selector.select(0.5)]
             for sock in readable:
                 try:
                     data = sock.recv(65536)

@@ -113,7 +113,7 @@ def test_create_from_a_workbench_definition_file(home, tmp_path, catalog):
 
 def test_invalid_study_id_is_refused(home):
     result = run(home, "study", "create", "../etc")
-    assert result.exit_code != 0 and "invalid study identifier" in result.output
+    assert result.exit_code == 2 and "invalid study name" in result.output
 
 
 def test_list_is_sorted(catalog):
