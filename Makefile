@@ -7,7 +7,7 @@ PORT   ?= 8080
 DASHBOARDS_PORT ?= 8866
 HOME_DIR ?= demo-home
 
-.PHONY: run test lint format bench hooks clean system-deps
+.PHONY: run test lint docs format bench hooks clean system-deps
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -m venv $(VENV) 2>/dev/null || { \
@@ -47,6 +47,10 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
+## docs: the documentation site (docs/, mkdocs.yml) into site/; warnings are errors
+docs: $(STAMP)
+	$(BIN)/mkdocs build --strict --quiet
+
 format: $(STAMP)
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
@@ -60,4 +64,4 @@ hooks: $(STAMP)
 	$(BIN)/nbstripout --install --attributes .gitattributes
 
 clean:
-	rm -rf $(VENV) $(HOME_DIR) .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(HOME_DIR) .pytest_cache .ruff_cache site
