@@ -60,3 +60,32 @@ def test_public_api_example_runs(tmp_path):
     assert workbench.list_alerts(catalog, "sleep") == []  # enrolled just now: nothing overdue
     assert workbench.sanity_check(config).ok
     assert set(workbench.__all__) <= set(dir(workbench))
+
+
+def test_import_workbench_leaves_heavy_libraries_until_used():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, workbench; heavy = ['polars', 'sqlalchemy', 'jsonschema', 'httpx', 'msgspec']; "
+        "print(','.join(m for m in heavy if m in sys.modules))"
+    )
+    loaded = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT
+    ).stdout.strip()
+    assert loaded == ""
+
+
+def test_every_public_name_and_error_type_is_exported():
+    import workbench
+    from workbench import errors
+
+    missing = [name for name in workbench.__all__ if not hasattr(workbench, name)]
+    assert missing == []
+    error_types = {
+        name
+        for name, value in vars(errors).items()
+        if isinstance(value, type) and issubclass(value, errors.WorkbenchError)
+    }
+    assert error_types <= set(workbench.__all__)
+    assert workbench.UnknownStudy is errors.UnknownStudy

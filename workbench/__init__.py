@@ -19,62 +19,93 @@ The public API, for notebooks and scripts::
     record = workbench.run_pipeline(config, "status")   # a notebook run, tracked as a job
 """
 
-from workbench.alerts import ack_alert, list_alerts
-from workbench.catalog import Catalog, open_catalog
-from workbench.config import Config, init_home, load_config
-from workbench.enrollment import enroll
-from workbench.errors import WorkbenchError
-from workbench.export import combine_table, export_sources, rebuild_decoded
-from workbench.ingest import recover_incoming
-from workbench.instruments import instrument, score
-from workbench.jobs import JobConfigManager, get_job
-from workbench.ledger import ledger_counts, verify
-from workbench.pipelines import list_runs, run_pipeline
-from workbench.reports import attrition, participant_report, questionnaire_report
-from workbench.sanity import sanity_check
-from workbench.simulator import simulate
-from workbench.status import refresh_status, status_history_table, study_status
-from workbench.studies import (
-    archive_study,
-    create_study,
-    definition_from_options,
-    get_study,
-    list_studies,
-)
+import importlib
+from typing import TYPE_CHECKING
 
-__all__ = [
-    "Catalog",
-    "Config",
-    "JobConfigManager",
-    "WorkbenchError",
-    "ack_alert",
-    "attrition",
-    "combine_table",
-    "archive_study",
-    "create_study",
-    "definition_from_options",
-    "enroll",
-    "export_sources",
-    "get_job",
-    "get_study",
-    "init_home",
-    "instrument",
-    "ledger_counts",
-    "list_alerts",
-    "list_runs",
-    "list_studies",
-    "load_config",
-    "open_catalog",
-    "participant_report",
-    "questionnaire_report",
-    "rebuild_decoded",
-    "recover_incoming",
-    "run_pipeline",
-    "refresh_status",
-    "sanity_check",
-    "score",
-    "simulate",
-    "status_history_table",
-    "study_status",
-    "verify",
-]
+from workbench import errors as _errors
+from workbench.errors import WorkbenchError
+
+# Every error type, so `except workbench.UnknownStudy:` works (errors imports nothing heavy).
+_ERRORS = sorted(
+    name
+    for name, value in vars(_errors).items()
+    if isinstance(value, type) and issubclass(value, WorkbenchError)
+)
+globals().update({name: getattr(_errors, name) for name in _ERRORS})
+
+# What each public name is imported from. `import workbench` stays fast: a module (and the
+# heavy libraries it needs, polars or SQLAlchemy) is imported when one of its names is first used.
+_LAZY = {
+    "ack_alert": "workbench.alerts",
+    "archive_study": "workbench.studies",
+    "attrition": "workbench.reports",
+    "Catalog": "workbench.catalog",
+    "combine_table": "workbench.export",
+    "Config": "workbench.config",
+    "create_study": "workbench.studies",
+    "definition_from_options": "workbench.studies",
+    "enroll": "workbench.enrollment",
+    "export_sources": "workbench.export",
+    "get_job": "workbench.jobs",
+    "get_study": "workbench.studies",
+    "init_home": "workbench.config",
+    "instrument": "workbench.instruments",
+    "JobConfigManager": "workbench.jobs",
+    "ledger_counts": "workbench.ledger",
+    "list_alerts": "workbench.alerts",
+    "list_runs": "workbench.pipelines",
+    "list_studies": "workbench.studies",
+    "load_config": "workbench.config",
+    "open_catalog": "workbench.catalog",
+    "participant_report": "workbench.reports",
+    "questionnaire_report": "workbench.reports",
+    "rebuild_decoded": "workbench.export",
+    "recover_incoming": "workbench.ingest",
+    "refresh_status": "workbench.status",
+    "run_pipeline": "workbench.pipelines",
+    "sanity_check": "workbench.sanity",
+    "score": "workbench.instruments",
+    "simulate": "workbench.simulator",
+    "status_history_table": "workbench.status",
+    "study_status": "workbench.status",
+    "verify": "workbench.ledger",
+}
+
+if TYPE_CHECKING:  # for type checkers and the API reference
+    from workbench.alerts import ack_alert, list_alerts
+    from workbench.catalog import Catalog, open_catalog
+    from workbench.config import Config, init_home, load_config
+    from workbench.enrollment import enroll
+    from workbench.export import combine_table, export_sources, rebuild_decoded
+    from workbench.ingest import recover_incoming
+    from workbench.instruments import instrument, score
+    from workbench.jobs import JobConfigManager, get_job
+    from workbench.ledger import ledger_counts, verify
+    from workbench.pipelines import list_runs, run_pipeline
+    from workbench.reports import attrition, participant_report, questionnaire_report
+    from workbench.sanity import sanity_check
+    from workbench.simulator import simulate
+    from workbench.status import refresh_status, status_history_table, study_status
+    from workbench.studies import (
+        archive_study,
+        create_study,
+        definition_from_options,
+        get_study,
+        list_studies,
+    )
+
+__all__ = sorted([*_LAZY, *_ERRORS])
+
+
+def __getattr__(name: str):
+    """Import a public name on first use (PEP 562)."""
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'workbench' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
