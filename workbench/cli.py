@@ -899,7 +899,8 @@ def combine(ctx, table, source, fmt, out) -> None:
     "--instrument",
     "name",
     required=True,
-    help="Instrument id, e.g. phq9 (see data_templates/instruments/).",
+    help="Instrument id, e.g. phq9 (shipped in data_templates/instruments/, or the home's "
+    "own in <home>/instruments/).",
 )
 @click.option("--source", help="Source of the table (default: the only one configured).")
 @click.option(
@@ -916,7 +917,8 @@ def combine(ctx, table, source, fmt, out) -> None:
 @click.pass_context
 def score(ctx, table, name, source, last_per_session, fmt, out) -> None:
     """Score a decoded questionnaire table with an instrument: adds <id>_total, one column per
-    subscale, <id>_band, <id>_missing and <id>_valid.
+    subscale, <id>_band, <id>_missing and <id>_valid. The table must hold every item column of
+    the instrument (a PHQ-8 table is scored as phq8, not phq9).
 
     \b
     Example:
@@ -936,8 +938,8 @@ def score(ctx, table, name, source, last_per_session, fmt, out) -> None:
     frame = combine_table(config, source, table)
     if last_per_session:
         frame = last(frame)
-    inst = instrument(name)
-    scored = score_table(frame, inst)
+    inst = instrument(name, config=config)
+    scored = score_table(frame, inst, config=config)
     if fmt == "parquet":
         if not out:
             raise click.UsageError("--format parquet needs --out FILE")

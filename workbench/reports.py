@@ -67,12 +67,12 @@ def _tables(config: Config, source: str | None) -> dict[tuple[str, str], pl.Data
     return found
 
 
-def instrument_for(table: pl.DataFrame) -> Instrument | None:
+def instrument_for(table: pl.DataFrame, *, config: Config | None = None) -> Instrument | None:
     """The instrument whose item columns the table holds (the largest such, e.g. PHQ-9 over
-    PHQ-8), or None."""
+    PHQ-8 and PHQ-2; ties to the first id), or None. ``config`` adds the home's instruments."""
     best = None
-    for name in list_instruments():
-        inst = instrument(name)
+    for name in list_instruments(config=config):
+        inst = instrument(name, config=config)
         if set(inst.items) <= set(table.columns) and (
             best is None or len(inst.items) > len(best.items)
         ):
@@ -87,7 +87,7 @@ def questionnaire_report(config: Config, source: str | None = None) -> pl.DataFr
     """
     rows = []
     for (src, table), frame in _tables(config, source).items():
-        inst = instrument_for(frame)
+        inst = instrument_for(frame, config=config)
         items = set(inst.items) if inst else set()
         for column in frame.columns:
             values = frame[column]
