@@ -14,7 +14,8 @@ The public API, for notebooks and scripts::
     report = workbench.sanity_check(config)
     workbench.export_sources(config)                    # questionnaires, decrypted
     phq9 = workbench.combine_table(config, "mindtrails", "PHQ9")
-    scored = workbench.score(phq9, "phq9")              # phq9_total, phq9_band, ...
+    scored = workbench.score(phq9, "phq9", config=config)  # phq9_total, phq9_band, ...
+    change = workbench.change_over_time(scored, "phq9")  # response, remission, RCI
     retention = workbench.attrition(config, "sleep").retention
     record = workbench.run_pipeline(config, "status")   # a notebook run, tracked as a job
 """
@@ -26,10 +27,11 @@ from workbench.enrollment import enroll
 from workbench.errors import WorkbenchError
 from workbench.export import combine_table, export_sources, rebuild_decoded
 from workbench.ingest import recover_incoming
-from workbench.instruments import instrument, score
+from workbench.instruments import instrument, list_instruments, score
 from workbench.jobs import JobConfigManager, get_job
 from workbench.ledger import ledger_counts, verify
 from workbench.pipelines import list_runs, run_pipeline
+from workbench.psychometrics import change_over_time
 from workbench.reports import attrition, participant_report, questionnaire_report
 from workbench.sanity import sanity_check
 from workbench.simulator import simulate
@@ -49,6 +51,7 @@ __all__ = [
     "WorkbenchError",
     "ack_alert",
     "attrition",
+    "change_over_time",
     "combine_table",
     "archive_study",
     "create_study",
@@ -61,6 +64,7 @@ __all__ = [
     "instrument",
     "ledger_counts",
     "list_alerts",
+    "list_instruments",
     "list_runs",
     "list_studies",
     "load_config",

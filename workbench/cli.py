@@ -980,21 +980,38 @@ def report() -> None:
 @click.pass_context
 def report_questionnaire(ctx, source) -> None:
     """Per questionnaire and column: % blank, special codes, out-of-range answers and invalid
-    choices (checked against the instrument whose items the table holds).
+    choices (checked against the instrument whose items the table holds); per instrument and
+    session: Cronbach's alpha and corrected item-total correlations; per participant: change
+    from first to last score, response, remission and reliable change. The page ends with a
+    methods paragraph naming the rules and their sources.
 
     \b
     Example:
         workbench report questionnaire mindtrails
     """
-    from workbench.reports import questionnaire_report, write_report
+    import polars as pl
+
+    from workbench.instruments import instrument
+    from workbench.reports import (
+        change_report,
+        questionnaire_methods,
+        questionnaire_report,
+        reliability_report,
+        write_report,
+    )
 
     config = _config(ctx)
     table = questionnaire_report(config, source)
+    psychometrics = reliability_report(config, source)
+    change = change_report(config, source)
+    used = sorted(set(table["instrument"].drop_nulls().to_list()))
+    instruments = [instrument(name, config=config) for name in used]
     paths = write_report(
         config.pool / "reports" / "questionnaires",
         f"quality_{source or 'all'}",
-        {"columns": table},
+        {"columns": table, **psychometrics, "change": change},
         title=f"Questionnaire data quality: {source or 'all sources'}",
+        methods=questionnaire_methods(instruments) if instruments else None,
     )
     flagged = table.filter(
         (table["pct_blank"] > 0)
@@ -1004,6 +1021,10 @@ def report_questionnaire(ctx, source) -> None:
     )
     click.echo(
         f"{table.height} columns checked, {flagged.height} with blanks, codes or invalid answers"
+    )
+    low = psychometrics["reliability"].filter(pl.col("alpha") < 0.7)
+    click.echo(
+        f"{psychometrics['reliability'].height} scale-sessions, {low.height} with alpha below 0.7"
     )
     click.echo(f"report: {paths[-1]}")
 
