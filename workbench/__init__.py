@@ -15,6 +15,7 @@ The public API, for notebooks and scripts::
     workbench.export_sources(config)                    # questionnaires, decrypted
     phq9 = workbench.combine_table(config, "mindtrails", "PHQ9")
     scored = workbench.score(phq9, "phq9")              # phq9_total, phq9_band, ...
+    change = workbench.change_over_time(scored, "phq9")  # response, remission, RCI
     retention = workbench.attrition(config, "sleep").retention
     record = workbench.run_pipeline(config, "status")   # a notebook run, tracked as a job
 """
@@ -40,6 +41,7 @@ _LAZY = {
     "archive_study": "workbench.studies",
     "attrition": "workbench.reports",
     "Catalog": "workbench.catalog",
+    "change_over_time": "workbench.psychometrics",
     "combine_table": "workbench.export",
     "Config": "workbench.config",
     "create_study": "workbench.studies",
@@ -53,6 +55,7 @@ _LAZY = {
     "JobConfigManager": "workbench.jobs",
     "ledger_counts": "workbench.ledger",
     "list_alerts": "workbench.alerts",
+    "list_instruments": "workbench.instruments",
     "list_runs": "workbench.pipelines",
     "list_studies": "workbench.studies",
     "load_config": "workbench.config",
@@ -78,7 +81,8 @@ if TYPE_CHECKING:  # for type checkers and the API reference
     from workbench.enrollment import enroll
     from workbench.export import combine_table, export_sources, rebuild_decoded
     from workbench.ingest import recover_incoming
-    from workbench.instruments import instrument, score
+    from workbench.instruments import instrument, list_instruments, score
+    from workbench.psychometrics import change_over_time
     from workbench.jobs import JobConfigManager, get_job
     from workbench.ledger import ledger_counts, verify
     from workbench.pipelines import list_runs, run_pipeline

@@ -899,7 +899,8 @@ def combine(ctx, table, source, fmt, out) -> None:
     "--instrument",
     "name",
     required=True,
-    help="Instrument id, e.g. phq9 (see data_templates/instruments/).",
+    help="Instrument id, e.g. phq9 (shipped in data_templates/instruments/, or the home's "
+    "own in <home>/instruments/).",
 )
 @click.option("--source", help="Source of the table (default: the only one configured).")
 @click.option(
@@ -916,7 +917,8 @@ def combine(ctx, table, source, fmt, out) -> None:
 @click.pass_context
 def score(ctx, table, name, source, last_per_session, fmt, out) -> None:
     """Score a decoded questionnaire table with an instrument: adds <id>_total, one column per
-    subscale, <id>_band, <id>_missing and <id>_valid.
+    subscale, <id>_band, <id>_missing and <id>_valid. The table must hold every item column of
+    the instrument (a PHQ-8 table is scored as phq8, not phq9).
 
     \b
     Example:
@@ -936,8 +938,8 @@ def score(ctx, table, name, source, last_per_session, fmt, out) -> None:
     frame = combine_table(config, source, table)
     if last_per_session:
         frame = last(frame)
-    inst = instrument(name)
-    scored = score_table(frame, inst)
+    inst = instrument(name, config=config)
+    scored = score_table(frame, inst, config=config)
     if fmt == "parquet":
         if not out:
             raise click.UsageError("--format parquet needs --out FILE")
@@ -978,21 +980,38 @@ def report() -> None:
 @click.pass_context
 def report_questionnaire(ctx, source) -> None:
     """Per questionnaire and column: % blank, special codes, out-of-range answers and invalid
-    choices (checked against the instrument whose items the table holds).
+    choices (checked against the instrument whose items the table holds); per instrument and
+    session: Cronbach's alpha and corrected item-total correlations; per participant: change
+    from first to last score, response, remission and reliable change. The page ends with a
+    methods paragraph naming the rules and their sources.
 
     \b
     Example:
         workbench report questionnaire mindtrails
     """
-    from workbench.reports import questionnaire_report, write_report
+    import polars as pl
+
+    from workbench.instruments import instrument
+    from workbench.reports import (
+        change_report,
+        questionnaire_methods,
+        questionnaire_report,
+        reliability_report,
+        write_report,
+    )
 
     config = _config(ctx)
     table = questionnaire_report(config, source)
+    psychometrics = reliability_report(config, source)
+    change = change_report(config, source)
+    used = sorted(set(table["instrument"].drop_nulls().to_list()))
+    instruments = [instrument(name, config=config) for name in used]
     paths = write_report(
         config.pool / "reports" / "questionnaires",
         f"quality_{source or 'all'}",
-        {"columns": table},
+        {"columns": table, **psychometrics, "change": change},
         title=f"Questionnaire data quality: {source or 'all sources'}",
+        methods=questionnaire_methods(instruments) if instruments else None,
     )
     flagged = table.filter(
         (table["pct_blank"] > 0)
@@ -1002,6 +1021,10 @@ def report_questionnaire(ctx, source) -> None:
     )
     click.echo(
         f"{table.height} columns checked, {flagged.height} with blanks, codes or invalid answers"
+    )
+    low = psychometrics["reliability"].filter(pl.col("alpha") < 0.7)
+    click.echo(
+        f"{psychometrics['reliability'].height} scale-sessions, {low.height} with alpha below 0.7"
     )
     click.echo(f"report: {paths[-1]}")
 

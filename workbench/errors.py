@@ -46,7 +46,8 @@ upload server into an HTTP status and a JSON body (``status`` and ``code`` attri
     ├── JobLimitExceeded           a job-tracking limit of [jobs] is reached (HTTP 413, exit 2)
     │   ├── TooManyEvents          the job holds [jobs] max_events events already
     │   └── MetadataTooLarge       event metadata over [jobs] max_metadata_bytes
-    └── UnprotectedDashboards      dashboards without sign-in on a non-loopback address (exit 2)
+    ├── UnprotectedDashboards      dashboards without sign-in on a non-loopback address (exit 2)
+    └── InstrumentMismatch         a table lacks item columns of the instrument it is scored with (exit 2)
 """
 
 from __future__ import annotations
@@ -287,3 +288,8 @@ class MetadataTooLarge(JobLimitExceeded):
 class UnprotectedDashboards(WorkbenchError):
     exit_code = 2
     code = "unprotected_dashboards"
+
+
+class InstrumentMismatch(WorkbenchError):
+    exit_code = 2
+    code = "instrument_mismatch"

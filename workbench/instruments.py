@@ -1,34 +1,51 @@
 """Questionnaire instruments as data, and scoring them.
 
-An instrument is a JSON file in ``data_templates/instruments/`` (schema:
-``data_templates/schemas/instrument.schema.json``): its items and the columns they are read
-from, the response range, reverse-keyed items, codes that mean missing, the minimum number of
-answered items and the proration rule, subscales, severity bands, citation and licence. Adding
-an instrument needs no code.
+An instrument is a JSON file (schema: ``data_templates/schemas/instrument.schema.json``): its
+items and the columns they are read from, the response range, reverse-keyed items, codes that
+mean missing, the minimum number of answered items and the proration rule, subscales, severity
+bands, what counts as change (remission, reliability, normative SD), citation and licence.
+The workbench ships some in ``data_templates/instruments/``; a study team adds its own, or
+overrides a shipped one, with ``<home>/instruments/<id>.json`` (pass the home's ``config``).
+Adding an instrument needs no code.
 
 Scoring adds, for instrument ``phq9``: ``phq9_total``, ``phq9_<subscale>`` for each subscale
 (with ``phq9_<subscale>_band`` when it has bands), ``phq9_band``, ``phq9_missing`` (items blank,
-coded missing, out of range or not whole) and ``phq9_valid``.
+coded missing, out of range or not whole) and ``phq9_valid``. A table that lacks any of the
+instrument's item columns is refused (:class:`InstrumentMismatch`): a PHQ-8 table is scored as
+``phq8``, never as a PHQ-9 with one item "missing".
+
+Bands are half-open: a band runs from its ``min`` up to, not including, the next band's ``min``;
+the last band includes its ``max``. Every score in the instrument's range has exactly one band,
+whole or not (a PHQ-9 of 4.5 is "minimal", below the cut-off 5).
 
 Example::
 
-    scored = score(combine_table(config, "mindtrails", "PHQ9"), "phq9")
+    scored = score(combine_table(config, "mindtrails", "PHQ9"), "phq9", config=config)
     instrument("phq9").items  # ['interest', 'depressed', ...]
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import math
+import re
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import polars as pl
 
-from workbench.errors import InvalidDefinition, UnknownInstrument, WorkbenchError
+from workbench.errors import InstrumentMismatch, InvalidDefinition, UnknownInstrument
 from workbench.templates import TEMPLATES_DIR, load_schema, schema_validator
 
+if TYPE_CHECKING:
+    from workbench.config import Config
+
 INSTRUMENTS_DIR = TEMPLATES_DIR / "instruments"
+HOME_FOLDER = "instruments"  # <home>/instruments/<id>.json
+INSTRUMENT_ID = re.compile(r"[a-z][a-z0-9_]{0,31}")
 
 
 @dataclass(frozen=True)
@@ -40,6 +57,15 @@ class Scale:
     min_answered: int
     bands: tuple[tuple[float, float, str], ...] = ()
 
+    def band_intervals(self) -> list[tuple[float, float, bool, str]]:
+        """Each band as (lower, upper, upper included, label): [min, next min), the last
+        [min, max]."""
+        out = []
+        for i, (low, high, label) in enumerate(self.bands):
+            last = i == len(self.bands) - 1
+            out.append((low, high if last else self.bands[i + 1][0], last, label))
+        return out
+
 
 @dataclass(frozen=True)
 class Instrument:
@@ -49,6 +75,7 @@ class Instrument:
     name: str
     definition: dict
     scales: tuple[Scale, ...]  # the total first, when the instrument has one
+    path: Path | None = None  # the file it was read from
 
     @property
     def items(self) -> list[str]:
@@ -75,6 +102,21 @@ class Instrument:
     def has_total(self) -> bool:
         return self.definition["scoring"].get("total", True)
 
+    @property
+    def change(self) -> dict:
+        """What counts as change: ``better``, ``response_drop_pct``, ``remission_below``,
+        ``reliability`` and ``sd`` (each optional; see the schema)."""
+        return self.definition.get("change", {})
+
+    def scale(self, name: str) -> Scale:
+        """The scale ``name`` ("total" or a subscale id)."""
+        for s in self.scales:
+            if s.id == name:
+                return s
+        raise UnknownInstrument(
+            f"{self.id} has no scale {name!r}; it has {', '.join(s.id for s in self.scales)}"
+        )
+
     def score_range(self, scale: Scale) -> tuple[float, float]:
         """Lowest and highest possible score of a scale."""
         rule = self.definition["scoring"]
@@ -83,28 +125,59 @@ class Instrument:
         return self.minimum * n * factor, self.maximum * n * factor
 
 
-def list_instruments() -> list[str]:
-    """Ids of the instruments in ``data_templates/instruments/``."""
-    return sorted(p.stem for p in INSTRUMENTS_DIR.glob("*.json"))
+def home_instruments_dir(config: Config) -> Path:
+    """The home's folder of instrument definitions, ``<home>/instruments``."""
+    return Path(config.home) / HOME_FOLDER
 
 
-@functools.cache
-def instrument(name: str) -> Instrument:
-    """The instrument ``name`` (e.g. ``"phq9"``), validated against its schema.
+def _folders(config: Config | None) -> list[Path]:
+    """Where definitions are looked up, the first found winning: the home, then shipped."""
+    return ([home_instruments_dir(config)] if config is not None else []) + [INSTRUMENTS_DIR]
+
+
+def list_instruments(*, config: Config | None = None) -> list[str]:
+    """Ids of the shipped instruments and, with ``config``, those in ``<home>/instruments/``.
+
+    Example: ``list_instruments(config=load_config("~/lab"))``.
+    """
+    return sorted(
+        {p.stem for folder in _folders(config) if folder.is_dir() for p in folder.glob("*.json")}
+    )
+
+
+def instrument(name: str, *, config: Config | None = None) -> Instrument:
+    """The instrument ``name`` (e.g. ``"phq9"``), validated against its schema; with
+    ``config``, ``<home>/instruments/<name>.json`` overrides the shipped definition.
 
     Example: ``instrument("gad7").items``.
     """
-    path = INSTRUMENTS_DIR / f"{name}.json"
-    if not path.is_file():
-        raise UnknownInstrument(
-            f"no instrument {name!r}; known: {', '.join(list_instruments()) or 'none'}"
-        )
-    definition = json.loads(path.read_text(encoding="utf-8"))
+    if INSTRUMENT_ID.fullmatch(name or ""):
+        for folder in _folders(config):
+            path = folder / f"{name}.json"
+            if path.is_file():
+                stat = path.stat()
+                return _load(str(path), stat.st_mtime_ns, stat.st_size)
+    raise UnknownInstrument(
+        f"no instrument {name[:40]!r}; known: "
+        f"{', '.join(list_instruments(config=config)) or 'none'}"
+    )
+
+
+@functools.lru_cache(maxsize=256)
+def _load(location: str, _mtime_ns: int, _size: int) -> Instrument:
+    """Read and check one definition (cached while the file is unchanged)."""
+    path = Path(location)
+    name = path.stem
+    try:
+        definition = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InvalidDefinition(f"{path}: not a readable JSON file ({exc})") from exc
     errors = list(schema_validator(load_schema("instrument")).iter_errors(definition))
     if errors:
-        raise InvalidDefinition(f"{path.name}: {errors[0].message}")
+        where = "/".join(str(p) for p in errors[0].absolute_path) or "top level"
+        raise InvalidDefinition(f"{path}: {where}: {errors[0].message}")
     if definition["id"] != name:
-        raise InvalidDefinition(f"{path.name}: its id is {definition['id']!r}, not {name!r}")
+        raise InvalidDefinition(f"{path}: its id is {definition['id']!r}, not {name!r}")
     columns = [i["column"] for i in definition["items"]]
     rule = definition["scoring"]
     scales = []
@@ -118,38 +191,81 @@ def instrument(name: str) -> Instrument:
         unknown = set(sub["items"]) - set(columns)
         if unknown:
             raise InvalidDefinition(
-                f"{path.name}: subscale {sub['id']} names unknown items {sorted(unknown)}"
+                f"{path}: subscale {sub['id']} names unknown items {sorted(unknown)}"
             )
         scales.append(
             Scale(sub["id"], tuple(sub["items"]), sub["min_answered"], _bands(sub.get("bands", [])))
         )
     if not scales:
-        raise InvalidDefinition(f"{path.name}: neither a total nor subscales to score")
-    return Instrument(id=name, name=definition["name"], definition=definition, scales=tuple(scales))
+        raise InvalidDefinition(f"{path}: neither a total nor subscales to score")
+    inst = Instrument(
+        id=name, name=definition["name"], definition=definition, scales=tuple(scales), path=path
+    )
+    for scale in scales:
+        _check_bands(inst, scale, path)
+    return inst
 
 
 def _bands(raw: list[dict]) -> tuple[tuple[float, float, str], ...]:
     return tuple((b["min"], b["max"], b["label"]) for b in raw)
 
 
-def score(table, name: str | Instrument):
+def _check_bands(inst: Instrument, scale: Scale, path: Path) -> None:
+    """Bands in order, not overlapping, covering the scale's whole range."""
+    if not scale.bands:
+        return
+    low, high = inst.score_range(scale)
+    where = f"{path}: bands of {scale.id}"
+    for (a_min, a_max, a_label), (b_min, _b_max, b_label) in itertools.pairwise(scale.bands):
+        if not a_min <= a_max < b_min:
+            raise InvalidDefinition(
+                f"{where}: {a_label!r} ({a_min}-{a_max}) must end before {b_label!r} ({b_min})"
+            )
+    if scale.bands[0][0] > low or scale.bands[-1][1] < high or scale.bands[-1][0] > high:
+        raise InvalidDefinition(
+            f"{where}: must cover the possible scores {low:g}-{high:g}, "
+            f"not {scale.bands[0][0]:g}-{scale.bands[-1][1]:g}"
+        )
+
+
+def score(table, name: str | Instrument, *, config: Config | None = None):
     """``table`` with the instrument's score columns added (see the module docstring).
 
-    Takes a polars or a pandas DataFrame and returns the same kind. Item columns the table
-    lacks count as unanswered; a table with none of them is an error.
+    Takes a polars or a pandas DataFrame and returns the same kind. Every item column of the
+    instrument must be in the table (blank answers are fine): a table that lacks one raises
+    :class:`InstrumentMismatch` naming them. ``config`` finds the home's own instruments.
 
     Example: ``score(pl.DataFrame({"interest": [1], ...}), "phq9")["phq9_total"]``.
     """
-    inst = name if isinstance(name, Instrument) else instrument(name)
+    inst = name if isinstance(name, Instrument) else instrument(name, config=config)
     was_pandas = not isinstance(table, pl.DataFrame)
     frame = _from_pandas(table) if was_pandas else table
-    present = [c for c in inst.items if c in frame.columns]
-    if not present:
-        raise WorkbenchError(
-            f"the table has none of {inst.id}'s item columns ({', '.join(inst.items)})"
-        )
+    check_columns(frame.columns, inst, config=config)
     scored = _score_frame(frame, inst)
     return _to_pandas(scored) if was_pandas else scored
+
+
+def check_columns(columns, inst: Instrument, *, config: Config | None = None) -> None:
+    """Raise :class:`InstrumentMismatch` unless every item column of ``inst`` is present,
+    naming the missing ones and the instruments the columns do fit."""
+    have = set(columns)
+    missing = [c for c in inst.items if c not in have]
+    if not missing:
+        return
+    fits = []
+    for other in list_instruments(config=config):
+        try:
+            if set(instrument(other, config=config).items) <= have:
+                fits.append(other)
+        except InvalidDefinition:
+            continue  # a broken definition is reported when it is used, not here
+    hint = f"; the table fits {', '.join(fits)}" if fits else ""
+    raise InstrumentMismatch(
+        f"the table lacks {len(missing)} of {inst.id}'s {len(inst.items)} item columns: "
+        f"{', '.join(missing)}{hint}",
+        missing=missing,
+        fits=fits,
+    )
 
 
 def _from_pandas(table) -> pl.DataFrame:
@@ -229,11 +345,9 @@ def _score_frame(frame: pl.DataFrame, inst: Instrument) -> pl.DataFrame:
     )
 
 
-def _code(inst: Instrument, column: str, dtype, big: int) -> pl.Expr:
-    """An item's usable answer (reverse-keyed if need be) as ``answer - min + big``, or 0 when
-    it is missing: blank, a missing code, out of range or not a whole number."""
-    if dtype is None:
-        return pl.lit(0, dtype=pl.Int64)
+def _usable(inst: Instrument, column: str, dtype) -> tuple[pl.Expr, pl.Expr]:
+    """(is the answer usable, the answer reverse-keyed if need be) for one item column; an
+    answer is unusable when blank, a missing code, out of range or not a whole number."""
     if dtype.is_integer():
         value = pl.col(column).cast(pl.Int64)
         usable = value.is_between(inst.minimum, inst.maximum)
@@ -246,21 +360,47 @@ def _code(inst: Instrument, column: str, dtype, big: int) -> pl.Expr:
         usable = usable & ~value.cast(pl.Float64).is_in(codes)
     if column in inst.reverse:
         value = inst.minimum + inst.maximum - value
+    return usable.fill_null(False), value
+
+
+def _code(inst: Instrument, column: str, dtype, big: int) -> pl.Expr:
+    """An item's usable answer as ``answer - min + big``, or 0 when it is missing."""
+    usable, value = _usable(inst, column, dtype)
     return pl.when(usable).then(value - inst.minimum + big).otherwise(0)
+
+
+def usable_answers(table: pl.DataFrame, inst: Instrument) -> pl.DataFrame:
+    """The item columns of ``table`` as scored: reverse-keyed where the instrument says so,
+    null where the answer is blank, coded missing, out of range or not whole.
+
+    Example: ``usable_answers(phq9_table, instrument("phq9")).drop_nulls()``.
+    """
+    check_columns(table.columns, inst)
+    return table.select(
+        pl.when(usable).then(value).otherwise(None).alias(c)
+        for c in inst.items
+        for usable, value in [_usable(inst, c, table.schema[c])]
+    )
 
 
 def _band(inst: Instrument, scale: Scale, value: pl.Expr, whole: bool) -> pl.Expr:
     labels = list(dict.fromkeys(label for _low, _high, label in scale.bands))
+    intervals = scale.band_intervals()
+
+    def label_of(x: float) -> str | None:
+        return next(
+            (b for lo, up, closed, b in intervals if lo <= x and (x < up or (closed and x == up))),
+            None,
+        )
+
     if whole:  # whole scores: one lookup per row, into an enum of the band labels
         low, high = inst.score_range(scale)
-        mapping = {
-            k: next((b[2] for b in scale.bands if b[0] <= k <= b[1]), None)
-            for k in range(int(math.floor(low)), int(math.ceil(high)) + 1)
-        }
+        mapping = {k: label_of(k) for k in range(int(math.floor(low)), int(math.ceil(high)) + 1)}
         return value.replace_strict(mapping, default=None, return_dtype=pl.Enum(labels))
     band = pl.lit(None, dtype=pl.String)
-    for low, high, label in reversed(scale.bands):
-        band = pl.when(value.is_between(low, high)).then(pl.lit(label)).otherwise(band)
+    for low, up, closed, label in reversed(intervals):
+        inside = (value >= low) & ((value <= up) if closed else (value < up))
+        band = pl.when(inside).then(pl.lit(label)).otherwise(band)
     return band.cast(pl.Enum(labels))
 
 

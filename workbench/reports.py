@@ -3,6 +3,10 @@
 - :func:`questionnaire_report`: per decoded questionnaire table and column, the share of blank
   answers, special codes, out-of-range answers and invalid choices (against the instrument
   whose items the table holds).
+- :func:`reliability_report`: Cronbach's alpha and corrected item-total correlations per
+  instrument, scale and session; :func:`change_report`: per participant, first-to-last change,
+  response, remission and the reliable change index; :func:`questionnaire_methods`: the
+  methods paragraph naming the rules applied and their sources.
 - :func:`participant_report`: per participant, the questionnaires and sessions missing against
   the study schedule (``schedule`` of the source, else every session seen in each table).
 - :func:`attrition`: one disposition per participant (enrolled, started, active, completed,
@@ -33,7 +37,7 @@ import polars as pl
 from workbench.catalog import now_ms, open_catalog
 from workbench.config import Config
 from workbench.errors import InvalidName, WorkbenchError
-from workbench.instruments import Instrument, instrument, list_instruments
+from workbench.instruments import Instrument, instrument, last_per_session, list_instruments
 from workbench.pool import make_folders, write_file_atomically, write_parquet_atomically
 from workbench.tables_csv import csv_bytes
 
@@ -67,12 +71,12 @@ def _tables(config: Config, source: str | None) -> dict[tuple[str, str], pl.Data
     return found
 
 
-def instrument_for(table: pl.DataFrame) -> Instrument | None:
+def instrument_for(table: pl.DataFrame, *, config: Config | None = None) -> Instrument | None:
     """The instrument whose item columns the table holds (the largest such, e.g. PHQ-9 over
-    PHQ-8), or None."""
+    PHQ-8 and PHQ-2; ties to the first id), or None. ``config`` adds the home's instruments."""
     best = None
-    for name in list_instruments():
-        inst = instrument(name)
+    for name in list_instruments(config=config):
+        inst = instrument(name, config=config)
         if set(inst.items) <= set(table.columns) and (
             best is None or len(inst.items) > len(best.items)
         ):
@@ -87,7 +91,7 @@ def questionnaire_report(config: Config, source: str | None = None) -> pl.DataFr
     """
     rows = []
     for (src, table), frame in _tables(config, source).items():
-        inst = instrument_for(frame)
+        inst = instrument_for(frame, config=config)
         items = set(inst.items) if inst else set()
         for column in frame.columns:
             values = frame[column]
@@ -121,6 +125,178 @@ def questionnaire_report(config: Config, source: str | None = None) -> pl.DataFr
                 )
             rows.append(entry)
     return pl.DataFrame(rows, infer_schema_length=None)
+
+
+def _instrument_tables(
+    config: Config, source: str | None
+) -> list[tuple[str, str, Instrument, pl.DataFrame]]:
+    """(source, table, instrument, rows) for each decoded table that holds an instrument."""
+    found = []
+    for (src, table), frame in _tables(config, source).items():
+        inst = instrument_for(frame, config=config)
+        if inst is not None:
+            found.append((src, table, inst, frame))
+    return found
+
+
+def reliability_report(config: Config, source: str | None = None) -> dict[str, pl.DataFrame]:
+    """Cronbach's alpha (``reliability``) and corrected item-total correlations
+    (``item_total``) per questionnaire table, instrument scale and session, on each
+    participant's last answer per session; answers as scored (reverse-keyed, invalid dropped).
+
+    Example: ``reliability_report(config, "mindtrails")["reliability"]``.
+    """
+    from workbench.psychometrics import (
+        ITEM_TOTAL_SCHEMA,
+        RELIABILITY_SCHEMA,
+        item_total,
+        reliability,
+    )
+
+    head = {"source": pl.String, "table": pl.String, "instrument": pl.String}
+    alphas, items = [], []
+    for src, table, inst, frame in _instrument_tables(config, source):
+        rows = _one_per_session(frame)
+        tag = [pl.lit(src).alias("source"), pl.lit(table).alias("table")]
+        tag.append(pl.lit(inst.id).alias("instrument"))
+        alphas.append(reliability(rows, inst).select(*tag, pl.all()))
+        items.append(item_total(rows, inst).select(*tag, pl.all()))
+    return {
+        "reliability": pl.concat(alphas)
+        if alphas
+        else pl.DataFrame(schema=head | RELIABILITY_SCHEMA),
+        "item_total": pl.concat(items) if items else pl.DataFrame(schema=head | ITEM_TOTAL_SCHEMA),
+    }
+
+
+def _one_per_session(frame: pl.DataFrame) -> pl.DataFrame:
+    if {"participant", "session"} <= set(frame.columns):
+        order = "date" if "date" in frame.columns else "id" if "id" in frame.columns else None
+        if order:
+            return last_per_session(frame, order=order)
+    return frame
+
+
+def change_report(config: Config, source: str | None = None) -> pl.DataFrame:
+    """Per questionnaire table with an instrument total and participant: first-to-last change,
+    response, remission and reliable change (see :func:`workbench.change_over_time`).
+
+    Example: ``change_report(config).filter(pl.col("reliable_change") == "improved")``.
+    """
+    from workbench.psychometrics import CHANGE_SCHEMA, change_over_time
+
+    frames = []
+    for src, table, inst, frame in _instrument_tables(config, source):
+        if not inst.has_total or "participant" not in frame.columns:
+            continue
+        order = "date" if "date" in frame.columns else "id"
+        change = change_over_time(frame, inst, order=order)
+        frames.append(
+            change.select(
+                pl.lit(src).alias("source"),
+                pl.lit(table).alias("table"),
+                pl.lit(inst.id).alias("instrument"),
+                pl.all(),
+            )
+        )
+    head = {"source": pl.String, "table": pl.String, "instrument": pl.String}
+    return pl.concat(frames) if frames else pl.DataFrame(schema=head | CHANGE_SCHEMA)
+
+
+def questionnaire_methods(instruments: list[Instrument]) -> str:
+    """A methods paragraph, ready to paste into a paper, naming the scoring, proration, band,
+    reliability and change rules applied to ``instruments`` and their sources; paragraphs are
+    separated by blank lines, references numbered at the end.
+
+    Example: ``questionnaire_methods([instrument("phq9"), instrument("gad7")])``.
+    """
+    references: list[str] = []
+
+    def cite(text: str) -> str:
+        if text not in references:
+            references.append(text)
+        return f"[{references.index(text) + 1}]"
+
+    parts = []
+    for inst in instruments:
+        rule = inst.definition["scoring"]
+        n = len(inst.items)
+        factor = rule.get("multiplier", 1)
+        what = f"The {inst.name} {cite(inst.definition['citation'])}"
+        scales = ", ".join(
+            f"{'total' if s.id == 'total' else s.id} "
+            f"{inst.score_range(s)[0]:g}-{inst.score_range(s)[1]:g}"
+            for s in inst.scales
+        )
+        sentence = (
+            f"{what} was scored from {n} items answered {inst.minimum}-{inst.maximum}"
+            + (f" ({', '.join(sorted(inst.reverse))} reverse-keyed)" if inst.reverse else "")
+            + (f", each scale's item sum multiplied by {factor:g}" if factor != 1 else "")
+            + f" (range: {scales}). "
+        )
+        rules = sorted({(s.min_answered, len(s.columns)) for s in inst.scales})
+        if rule.get("proration", "mean") == "mean" and any(m < k for m, k in rules):
+            sentence += (
+                "A scale with at least "
+                + " or ".join(f"{m} of its {k}" for m, k in rules)
+                + " items answered was prorated as the mean of the answered items times the "
+                "number of items"
+                + (", rounded half up" if rule.get("round", True) else "")
+                + "; with fewer it was not scored (the workbench's rule, not part of the "
+                "published scoring). "
+            )
+        elif any(m < k for m, k in rules):
+            sentence += (
+                "A scale with at least "
+                + " or ".join(f"{m} of its {k}" for m, k in rules)
+                + " items answered was scored as the sum of the answered items; with fewer it "
+                "was not scored. "
+            )
+        else:
+            sentence += "A scale was scored only with all its items answered. "
+        sentence += (
+            "Blank answers, 'prefer not to answer' codes and answers outside the response "
+            "range counted as missing. "
+        )
+        for s in inst.scales:
+            if s.bands:
+                bands = "; ".join(
+                    f"{label} {lo:g} to {'' if closed else 'below '}{up:g}"
+                    for lo, up, closed, label in s.band_intervals()
+                )
+                name = "Bands" if s.id == "total" else f"Bands of {s.id}"
+                sentence += f"{name}: {bands}. "
+        change = inst.change
+        if change.get("reliability") and change.get("sd"):
+            r, sd = change["reliability"], change["sd"]
+            sentence += (
+                f"Reliable change used SD = {sd['value']:g} {cite(sd['source'])} and "
+                f"{r['kind']} reliability r = {r['value']:g} {cite(r['source'])}. "
+            )
+        if "remission_below" in change:
+            source = change.get("remission_source")
+            sentence += f"Remission: last score below {change['remission_below']:g}" + (
+                f" {cite(source)}. " if source else ". "
+            )
+        if "response_drop_pct" in change:
+            sentence += (
+                f"Response: an improvement of at least {change['response_drop_pct']:g} % "
+                "of the first score. "
+            )
+        parts.append(sentence.strip())
+    general = (
+        "Internal consistency was estimated with Cronbach's alpha "
+        f"{cite('Cronbach LJ. Coefficient alpha and the internal structure of tests. Psychometrika. 1951;16(3):297-334. doi:10.1007/BF02310555')}"
+        " on complete cases per instrument scale and session, using each participant's last "
+        "answer per session; corrected item-total correlations are the Pearson correlation of "
+        "each item with the sum of the other items of its scale. Change was taken from each "
+        "participant's first to last valid score; the reliable change index "
+        f"{cite('Jacobson NS, Truax P. Clinical significance: a statistical approach to defining meaningful change in psychotherapy research. Journal of Consulting and Clinical Psychology. 1991;59(1):12-19. doi:10.1037/0022-006X.59.1.12')}"
+        " is RCI = (last - first) / S_diff with S_diff = sqrt(2) * SD * sqrt(1 - r), and "
+        "|RCI| > 1.96 counts as reliable improvement or deterioration."
+    )
+    listed = "\n".join(f"[{i}] {text}" for i, text in enumerate(references, 1))
+    return "\n\n".join([*parts, general, "References:\n" + listed])
 
 
 def participant_report(
@@ -556,11 +732,18 @@ def _summarise(name: str, kind: str, people: pl.DataFrame, compliance: pl.DataFr
 
 
 def write_report(
-    folder: Path, name: str, tables: dict[str, pl.DataFrame], *, title: str, notes: list[str] = ()
+    folder: Path,
+    name: str,
+    tables: dict[str, pl.DataFrame],
+    *,
+    title: str,
+    notes: list[str] = (),
+    methods: str | None = None,
 ) -> list[Path]:
     """Write each table as ``<name>_<table>.csv`` and ``.parquet`` and all of them on one HTML
     page ``<name>.html`` in ``folder``; return the paths. ``name`` (a study or source, often
-    typed by an operator) is checked before anything is written."""
+    typed by an operator) is checked before anything is written. ``methods`` (paragraphs
+    separated by blank lines) ends the page as its "Methods" section."""
     if not REPORT_NAME.fullmatch(name) or (folder / name).resolve().parent != folder.resolve():
         raise InvalidName(
             f"invalid report name {name[:80]!r}: use letters, digits, '_', '-' and '.', "
@@ -585,6 +768,13 @@ def write_report(
         if key == "retention" and table.height > 1:
             page.append(retention_svg(table))
         page.append(_html_table(table))
+    if methods:
+        page.append("<h2 id='methods'>Methods</h2>")
+        page += [
+            "<p>" + "<br>".join(html.escape(line) for line in para.splitlines()) + "</p>"
+            for para in methods.split("\n\n")
+            if para.strip()
+        ]
     page.append("</body></html>")
     written.append(write_file_atomically(folder / f"{name}.html", "\n".join(page).encode()))
     return written
