@@ -82,10 +82,10 @@ if TYPE_CHECKING:  # for type checkers and the API reference
     from workbench.export import combine_table, export_sources, rebuild_decoded
     from workbench.ingest import recover_incoming
     from workbench.instruments import instrument, list_instruments, score
-    from workbench.psychometrics import change_over_time
     from workbench.jobs import JobConfigManager, get_job
     from workbench.ledger import ledger_counts, verify
     from workbench.pipelines import list_runs, run_pipeline
+    from workbench.psychometrics import change_over_time
     from workbench.reports import attrition, participant_report, questionnaire_report
     from workbench.sanity import sanity_check
     from workbench.simulator import simulate
