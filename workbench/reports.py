@@ -647,6 +647,92 @@ def _questionnaire_attrition(config: Config, source: str, *, now: int) -> Attrit
     return _summarise(source, "questionnaire", people, pl.DataFrame())
 
 
+def attrition_methods(config: Config, result: Attrition) -> str:
+    """The methods paragraph of an attrition report (rules applied, with their sources), from
+    the study's definition or the source's schedule, ready to paste into a paper.
+
+    Example: ``write_report(..., methods=attrition_methods(config, result))``.
+    """
+    if result.kind == "questionnaire":
+        source = config.source(result.name)
+        return methods_text(result, session_days=source.session_days, grace_days=source.grace_days)
+    from workbench.studies import get_study
+
+    catalog = open_catalog(config)
+    try:
+        study = get_study(catalog, result.name)
+    finally:
+        catalog.dispose()
+    return methods_text(
+        result,
+        duration_days=study.definition["duration_days"],
+        staleness_hours=study.definition["staleness_hours"],
+        prompts_per_day=ema_prompts_per_day(study) if not result.compliance.is_empty() else None,
+    )
+
+
+def methods_text(
+    result: Attrition,
+    *,
+    duration_days: float | None = None,
+    staleness_hours: float | None = None,
+    session_days: dict[str, float] | None = None,
+    grace_days: float | None = None,
+    prompts_per_day: float | None = None,
+) -> str:
+    """A methods paragraph for an attrition report: the rules applied, with their sources,
+    ready to paste into a paper.
+
+    Example: ``methods_text(result, duration_days=28, staleness_hours=48)``.
+    """
+    if result.kind == "sensing":
+        rules = (
+            f"Each participant's disposition was derived from the uploaded data: withdrawn at "
+            f"the time every device left the study; completed when data reached the end of the "
+            f"{duration_days:g}-day protocol period, counted from the participant's first "
+            f"device registration, less a staleness allowance of {staleness_hours:g} hours; "
+            f"otherwise lost to follow-up at the time of the last data once no data had "
+            f"arrived for the staleness allowance. Participants still inside their protocol "
+            f"period were active and censored at the report date; participants who never sent "
+            f"data were counted as not started."
+        )
+    elif session_days:
+        listed = ", ".join(
+            f"{s} on day {d:g}" for s, d in sorted(session_days.items(), key=lambda x: x[1])
+        )
+        rules = (
+            f"Each participant's disposition followed the assessment schedule ({listed}, from "
+            f"the participant's first answer): completed when the last scheduled session was "
+            f"answered; lost to follow-up, at the last answer, when a scheduled session was "
+            f"missed by more than {grace_days:g} days of grace; otherwise active and censored "
+            f"at the report date."
+        )
+    else:
+        rules = (
+            "Each participant's disposition followed the questionnaire answers: completed when "
+            "the last scheduled session was answered; lost to follow-up, at the last answer, "
+            f"after {LOST_AFTER_DAYS} days without an answer; otherwise active and censored at "
+            "the report date."
+        )
+    text = (
+        f"{rules} Participant flow is reported following CONSORT 2010 (Schulz, Altman & Moher, "
+        "2010). Retention was estimated with the Kaplan-Meier product-limit estimator (Kaplan "
+        "& Meier, 1958), withdrawal and loss to follow-up being events and other participants "
+        "censored, with 95 % confidence bands from Greenwood's variance (Greenwood, 1926) on "
+        "the log(-log) scale (Kalbfleisch & Prentice, 2002); the usage half-life is the "
+        "median retention time."
+    )
+    if prompts_per_day:
+        text += (
+            f" EMA compliance was the number of distinct prompts answered (records grouped by "
+            f"survey and prompt start time) divided by the prompts due, {prompts_per_day:g} per "
+            f"day over each participant's whole days in the study, capped at 100 %; "
+            f"participants who never sent data were reported apart; {COMPLIANCE_TARGET:g} % is "
+            f"the usual threshold (Jones et al., 2019; Wrzus & Neubauer, 2023)."
+        )
+    return text
+
+
 def cohort_of(start: pl.Expr) -> pl.Expr:
     """The cohort of a participant: the calendar month (UTC) they started, e.g. "2026-11"."""
     return pl.from_epoch(start, time_unit="ms").dt.strftime("%Y-%m")
@@ -767,11 +853,18 @@ def _summarise(name: str, kind: str, people: pl.DataFrame, compliance: pl.DataFr
 
 
 def write_report(
-    folder: Path, name: str, tables: dict[str, pl.DataFrame], *, title: str, notes: list[str] = ()
+    folder: Path,
+    name: str,
+    tables: dict[str, pl.DataFrame],
+    *,
+    title: str,
+    notes: list[str] = (),
+    methods: str | None = None,
 ) -> list[Path]:
     """Write each table as ``<name>_<table>.csv`` and ``.parquet`` and all of them on one HTML
-    page ``<name>.html`` in ``folder``; return the paths. ``name`` (a study or source, often
-    typed by an operator) is checked before anything is written."""
+    page ``<name>.html`` in ``folder``, ending with a Methods section when ``methods`` is
+    given; return the paths. ``name`` (a study or source, often typed by an operator) is
+    checked before anything is written."""
     if not REPORT_NAME.fullmatch(name) or (folder / name).resolve().parent != folder.resolve():
         raise InvalidName(
             f"invalid report name {name[:80]!r}: use letters, digits, '_', '-' and '.', "
@@ -796,6 +889,8 @@ def write_report(
         if key == "retention" and table.height > 1:
             page.append(retention_svg(table))
         page.append(_html_table(table))
+    if methods:
+        page.append(f"<h2>Methods</h2><p>{html.escape(methods)}</p>")
     page.append("</body></html>")
     written.append(write_file_atomically(folder / f"{name}.html", "\n".join(page).encode()))
     return written
