@@ -112,8 +112,33 @@ def test_daily_completeness_counts_batches_by_day_of_their_data(catalog, scenari
         key = (dt.datetime(row["day"].year, row["day"].month, row["day"].day, tzinfo=dt.UTC)
                .timestamp() * 1000) // 86_400_000  # fmt: skip
         assert row["batches"] == expected.get(int(key), 0)
-        assert row["completeness"] == round(100 * row["batches"] / per_day, 1)
-    assert days.filter(pl.col("subject_name") == "nobody")["batches"].to_list() == [0, 0, 0]
+        # today is in the study only up to NOW: its expected batches are pro-rated
+        share = min(NOW - key * 86_400_000, 86_400_000) / 86_400_000
+        assert row["completeness"] == min(100.0, round(100 * row["batches"] / (per_day * share), 1))
+    nobody = days.filter(pl.col("subject_name") == "nobody")
+    assert nobody["batches"].to_list() == [0, 0, 0]
+    assert nobody["completeness"].to_list() == [None, None, None]  # never in the study
+
+
+def test_daily_completeness_of_a_leaver_stops_at_time_left_and_never_passes_100(
+    catalog, people, study
+):
+    from tests.conftest import HOUR, T0, Scenario
+
+    s = Scenario(catalog, people[:1])
+    subject = people[0].subject
+    day0 = (T0 // 86_400_000 + 1) * 86_400_000  # a midnight after T0
+    s.device(subject, "x1", registered=day0, status=1, time_left=day0 + 36 * HOUR)
+    # 48 batches a day expected (24 per sensor): day 0 gets 60 (over), day 1 (half of it
+    # in the study) gets 18 of its 24
+    s.batches(subject, "x1", "location", [day0 + LAG + i * 1_440_000 for i in range(60)])
+    day1 = day0 + 86_400_000
+    s.batches(subject, "x1", "location", [day1 + LAG + i * HOUR for i in range(12)])
+    s.batches(subject, "x1", "accelerometer", [day1 + LAG + i * HOUR for i in range(6)])
+    days = daily_completeness(catalog, study, [subject], days=5, now=day0 + 3 * 86_400_000 + HOUR)
+    by_day = list(days.select("batches", "completeness").iter_rows())
+    # the day before joining and the days after leaving: not in the study
+    assert by_day == [(0, None), (60, 100.0), (18, 75.0), (0, None), (0, None)]
 
 
 @pytest.fixture(scope="module")

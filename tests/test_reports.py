@@ -6,7 +6,7 @@ import httpx
 import polars as pl
 import pytest
 
-from tests.conftest import DAY, NOW, T0
+from tests.conftest import NOW
 from workbench.export import export_source
 from workbench.reports import (
     attrition,
@@ -126,32 +126,6 @@ def test_questionnaire_attrition_and_the_html_page(exported, tmp_path):
     assert len(paths) == 2 * len(result.tables()) + 1
 
 
-def test_ema_compliance_flags_subjects_under_80_percent(home, catalog, study, people):
-    from tests.conftest import Scenario
-    from workbench.catalog import studies
-
-    with catalog.writing() as conn:
-        definition = conn.execute(studies.select()).one().definition
-        conn.execute(
-            studies.update().values(
-                definition=definition.replace(
-                    '"location": {', '"ema": {"batches_per_day": 2}, "location": {'
-                ),
-                revision=studies.c.revision + 1,
-            )
-        )
-    s = Scenario(catalog, people[:2])
-    s.device(people[0].subject, "a1", registered=T0)
-    s.device(people[1].subject, "b1", registered=T0)
-    s.batches(people[0].subject, "a1", "ema", [T0 + i * DAY // 2 + 1 for i in range(19)])  # 19/20
-    s.batches(people[1].subject, "b1", "ema", [T0 + i * DAY + 1 for i in range(10)])  # 10/20
-    result = attrition(home, "demo", now=T0 + 10 * DAY)
-    compliance = dict(result.compliance.select("participant", "compliance_pct").iter_rows())
-    assert compliance == {people[0].subject: 95.0, people[1].subject: 50.0}
-    flags = dict(result.compliance.select("participant", "below_80_pct").iter_rows())
-    assert flags == {people[0].subject: False, people[1].subject: True}
-
-
 def test_cli_score_and_reports(exported, home, scenario, tmp_path):
     from click.testing import CliRunner
 
@@ -177,4 +151,14 @@ def test_cli_score_and_reports(exported, home, scenario, tmp_path):
     assert (
         "| enrolled" in sensing and (config.pool / "reports" / "attrition" / "demo.html").exists()
     )
+    page = (config.pool / "reports" / "attrition" / "demo.html").read_text()
+    methods = page[page.index("<h2>Methods</h2>") :]
+    assert methods.endswith("</p>\n</body></html>")  # the last section of the page
+    for rule in ("14-day protocol period", "staleness allowance of 48 hours", "censored"):
+        assert rule in methods
+    for source in ("Kaplan &amp; Meier, 1958", "Greenwood, 1926", "Kalbfleisch &amp; Prentice"):
+        assert source in methods
+    assert "CONSORT 2010" in methods and "EMA compliance" not in methods  # no EMA here
     assert "questionnaire study" in run("report", "attrition", "mindtrails")
+    page = (config.pool / "reports" / "attrition" / "mindtrails.html").read_text()
+    assert "14 days without an answer" in page  # no session_days: the fallback rule is named

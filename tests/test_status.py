@@ -321,3 +321,67 @@ def test_refreshes_keep_the_csv_equal_to_a_full_recomputation(catalog, study, pe
         full = study_status(catalog, "demo", now=now, from_ledger=True)
         assert pl.read_csv(path.read_bytes()).equals(pl.read_csv(render(full, "csv"))), step
         assert len(list((pool.cache / "status").glob("demo@*.parquet"))) == 1
+
+
+# ---------------------------------------------------------------------------- completeness per app
+
+
+def _add_ema_sensor(catalog) -> None:
+    from workbench.catalog import studies
+
+    with catalog.writing() as conn:
+        definition = conn.execute(studies.select()).one().definition
+        conn.execute(
+            studies.update().values(
+                definition=definition.replace(
+                    '"location": {', '"ema": {"batches_per_day": 24}, "location": {'
+                ),
+                revision=studies.c.revision + 1,
+            )
+        )
+
+
+def test_each_app_counts_only_its_sensors_and_a_full_subject_gets_no_alert(catalog, study, people):
+    from workbench.alerts import alert_conditions
+    from workbench.studies import get_study
+
+    _add_ema_sensor(catalog)
+    s = Scenario(catalog, people[:1])
+    subject = people[0].subject
+    s.device(subject, "phone", registered=T0)
+    s.device(subject, "ema-app", registered=T0, app="ema")
+    hours = [T0 + LAG + i * HOUR for i in range(1, 241)]  # 24 a day for ten days: 100 %
+    for sensor in ("accelerometer", "location"):
+        s.batches(subject, "phone", sensor, hours)
+    s.batches(subject, "ema-app", "ema", hours)
+    table = study_status(catalog, "demo", now=NOW + LAG)
+    rows = {r["app"]: r for r in table.iter_rows(named=True)}
+    assert rows["main"]["accelerometer_completeness"] == rows["main"]["location_completeness"]
+    assert rows["main"]["location_completeness"] == 100.0
+    assert rows["main"]["ema_completeness"] is None  # the main app does not record ema
+    assert rows["ema"]["ema_completeness"] == 100.0
+    assert rows["ema"]["accelerometer_completeness"] is None  # nor the EMA app sensors
+    found = alert_conditions(get_study(catalog, "demo"), table, now=NOW + LAG)
+    assert not [key for key in found if key[2] == "low_completeness"]
+
+
+def test_completeness_of_a_subject_who_left_never_passes_100(catalog, study, people):
+    s = Scenario(catalog, people[:1])
+    subject = people[0].subject
+    # left after a day and a half; the phone sent the batch it was filling when it left
+    s.device(subject, "x1", registered=T0, status=1, time_left=T0 + 36 * HOUR)
+    s.batches(subject, "x1", "location", [T0 + (i + 1) * HOUR for i in range(37)])
+    s.batches(subject, "x1", "accelerometer", [T0 + (i + 1) * HOUR for i in range(40)])
+    row = study_status(catalog, "demo", now=NOW).row(0, named=True)
+    assert row["location_completeness"] == 100.0  # 37 of ceil(36): not 102.8 %
+    assert row["accelerometer_completeness"] == 100.0  # 40 of 36: capped
+
+
+def test_an_active_device_is_due_only_its_full_batches(catalog, study, people):
+    s = Scenario(catalog, people[:1])
+    subject = people[0].subject
+    s.device(subject, "x1", registered=T0)
+    s.batches(subject, "x1", "location", [T0 + (i + 1) * HOUR for i in range(30)])
+    # 30.5 hours in: 30 full hourly batches are due
+    row = study_status(catalog, "demo", now=T0 + 30 * HOUR + HOUR // 2).row(0, named=True)
+    assert row["location_completeness"] == 100.0

@@ -1066,7 +1066,7 @@ def report_attrition(ctx, name) -> None:
         workbench report attrition demo
         workbench report attrition mindtrails
     """
-    from workbench.reports import attrition, write_report
+    from workbench.reports import attrition, attrition_methods, write_report
     from workbench.status import render
 
     config = _config(ctx)
@@ -1074,14 +1074,19 @@ def report_attrition(ctx, name) -> None:
     half = "not reached" if result.half_life_days is None else f"{result.half_life_days:.1f} days"
     notes = [f"{result.kind} study; usage half-life (median retention): {half}"]
     if not result.compliance.is_empty():
-        below = int(result.compliance["below_80_pct"].sum())
-        notes.append(f"EMA compliance below 80 %: {below} of {result.compliance.height} subjects")
+        started = result.compliance.filter("started")
+        below = int(started["below_80_pct"].sum())
+        notes.append(
+            f"EMA compliance below 80 %: {below} of {started.height} subjects who started "
+            f"({result.compliance.height - started.height} never started, counted apart)"
+        )
     paths = write_report(
         config.pool / "reports" / "attrition",
         name,
         result.tables(),
         title=f"Attrition: {name}",
         notes=notes,
+        methods=attrition_methods(config, result),
     )
     click.echo(render(result.consort, "table").decode(), nl=False)
     for line in notes:

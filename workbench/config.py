@@ -84,6 +84,10 @@ class SourceConfig:
     max_id_jump: int = 1_000_000  # a row id this far above the last one does not move the mark
     # The sessions each table is expected to hold per participant: {"PHQ9": ["PRE", "POST"]}.
     schedule: dict = field(default_factory=dict)
+    # Each session's due day from the participant's first answer: {"PRE": 0, "POST": 56}; a
+    # participant who misses a due session by more than grace_days is lost to follow-up.
+    session_days: dict = field(default_factory=dict)
+    grace_days: float = 7.0
 
     def credentials(self) -> tuple[str, str]:
         """(user, password) from the environment, or :class:`ConfigError`."""
@@ -291,6 +295,7 @@ def _sources(raw: object, home: Path) -> tuple[SourceConfig, ...]:
             isinstance(v, list) and all(isinstance(x, str) for x in v) for v in schedule.values()
         ):
             raise ConfigError(f"source {name!r}: schedule maps tables to lists of sessions")
+        _check_session_days(name, values, schedule)
         for key in ("include", "exclude"):
             values[key] = tuple(values.get(key, ()))
         if values.get("private_key"):
@@ -310,6 +315,28 @@ def _sources(raw: object, home: Path) -> tuple[SourceConfig, ...]:
     if len(set(names)) != len(names):
         raise ConfigError("two [[sources]] share a name")
     return tuple(found)
+
+
+def _check_session_days(name: str, values: dict, schedule: dict) -> None:
+    """``session_days`` maps sessions to due days (numbers >= 0) and names every session of
+    ``schedule``; ``grace_days`` is a number >= 0."""
+    days = values.get("session_days", {})
+    number = (int, float)
+    if not isinstance(days, dict) or not all(
+        isinstance(v, number) and not isinstance(v, bool) and v >= 0 for v in days.values()
+    ):
+        raise ConfigError(
+            f"source {name!r}: session_days maps sessions to due days (numbers >= 0), "
+            "e.g. {PRE = 0, POST = 56}"
+        )
+    undated = sorted({s for v in schedule.values() for s in v} - set(days)) if days else []
+    if undated:
+        raise ConfigError(
+            f"source {name!r}: session_days gives no due day for {', '.join(undated)}"
+        )
+    grace = values.get("grace_days", 7.0)
+    if not isinstance(grace, number) or isinstance(grace, bool) or grace < 0:
+        raise ConfigError(f"source {name!r}: grace_days must be a number >= 0")
 
 
 def _smtp(section: dict) -> SmtpConfig | None:

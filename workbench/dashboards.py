@@ -43,7 +43,7 @@ import polars as pl
 from sqlalchemy import func, literal, select
 
 from workbench.alerts import Alert, list_alerts
-from workbench.catalog import Catalog, fetch_tuples, now_ms, open_catalog, uploads
+from workbench.catalog import Catalog, devices, fetch_tuples, now_ms, open_catalog, uploads
 from workbench.config import HOME_ENV, Config
 from workbench.errors import UnprotectedDashboards, WorkbenchError
 from workbench.pool import make_folders, modes_in, open_new_file
@@ -59,6 +59,7 @@ from workbench.status import (
     DAY_MS,
     HOUR_MS,
     LEFT_EARLY,
+    LEFT_STATUSES,
     study_status,
 )
 from workbench.studies import Study, get_study, list_studies
@@ -187,9 +188,14 @@ def daily_completeness(
     now: int | None = None,
 ) -> pl.DataFrame:
     """Per subject of ``subjects`` and UTC day of the last ``days``: the percentage of the
-    study's expected batches (all sensors together) whose newest sample is from that day.
+    study's expected batches (all sensors, from all the subject's devices) whose newest
+    sample is from that day, capped at 100.
 
-    Columns subject_name, day (a date), batches, completeness (0 when nothing came).
+    A day's expected batches are pro-rated to the part of it the subject spent in the study
+    (from the first device's joining to now, or to the last ``time_left`` once every device
+    left); days outside the study have no completeness (null).
+
+    Columns subject_name, day (a date), batches, completeness.
     """
     now = now_ms() if now is None else now
     today = now // DAY_MS
@@ -197,8 +203,9 @@ def daily_completeness(
     expected = sum(s["batches_per_day"] for s in study.sensors.values())
     c = uploads.c
     day = c.last_ts.op("/")(literal(DAY_MS))  # integer division in SQLite and PostgreSQL
-    rows = []
+    rows, spans = [], []
     if subjects:
+        d = devices.c
         with catalog.engine.connect() as conn:
             rows = fetch_tuples(
                 conn,
@@ -211,20 +218,62 @@ def daily_completeness(
                 )
                 .group_by(c.subject_id, day),
             )
+            spans = fetch_tuples(
+                conn,
+                select(
+                    d.subject_id,
+                    d.status,
+                    d.time_left,
+                    func.coalesce(d.time_joined, d.registered_at),
+                ).where(d.study_id == study.id, d.subject_id.in_(subjects)),
+            )
     counts = pl.DataFrame(
         rows, schema={"subject_name": pl.String, "day": pl.Int64, "batches": pl.Int64}, orient="row"
+    )
+    stays = (
+        pl.DataFrame(
+            spans,
+            schema={
+                "subject_name": pl.String,
+                "status": pl.Int64,
+                "time_left": pl.Int64,
+                "joined": pl.Int64,
+            },
+            orient="row",
+        )
+        .group_by("subject_name")
+        .agg(
+            pl.col("joined").min().alias("_from"),
+            pl.when(pl.col("status").is_in(LEFT_STATUSES).all())
+            .then(pl.col("time_left").max())
+            .otherwise(None)
+            .alias("_left"),
+        )
+        .with_columns(pl.min_horizontal(pl.col("_left").fill_null(now), pl.lit(now)).alias("_to"))
     )
     grid = pl.DataFrame({"subject_name": subjects}, schema={"subject_name": pl.String}).join(
         pl.DataFrame({"day": list(range(first, today + 1))}, schema={"day": pl.Int64}),
         how="cross",
     )
+    day_start = pl.col("day") * DAY_MS
+    inside = pl.when(pl.col("_from").is_not_null()).then(
+        (
+            pl.min_horizontal(day_start + DAY_MS, pl.col("_to"))
+            - pl.max_horizontal(day_start, pl.col("_from"))
+        ).clip(lower_bound=0)
+    )
+    due = expected * inside / DAY_MS
     return (
         grid.join(counts, on=["subject_name", "day"], how="left")
+        .join(stays, on="subject_name", how="left")
         .with_columns(pl.col("batches").fill_null(0))
         .with_columns(
-            (100 * pl.col("batches") / max(expected, 1)).round(1).alias("completeness"),
+            pl.when(due > 0)
+            .then((100 * pl.col("batches") / due).clip(upper_bound=100).round(1))
+            .alias("completeness"),
             pl.from_epoch(pl.col("day") * DAY_MS, time_unit="ms").dt.date().alias("day"),
         )
+        .select("subject_name", "day", "batches", "completeness")
     )
 
 

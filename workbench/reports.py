@@ -39,12 +39,13 @@ from workbench.config import Config
 from workbench.errors import InvalidName, WorkbenchError
 from workbench.instruments import Instrument, instrument, last_per_session, list_instruments
 from workbench.pool import make_folders, write_file_atomically, write_parquet_atomically
+from workbench.status import HOUR_MS, LEFT_STATUSES
 from workbench.tables_csv import csv_bytes
 
 DAY_MS = 86_400_000
 Z95 = 1.959963984540054  # the normal quantile of a two-sided 95 % interval
 COMPLIANCE_TARGET = 80.0  # % of expected EMA prompts answered, the usual threshold
-LOST_AFTER_DAYS = 14  # a questionnaire participant silent this long is lost to follow-up
+LOST_AFTER_DAYS = 14  # without session_days, a participant silent this long is lost
 DATE_FORMATS = ("%Y-%m-%d %H:%M:%S%.f", "%Y-%m-%d %H:%M:%S", "%Y-%m-%d %H:%M", "%Y-%m-%d")
 log = logging.getLogger("workbench.reports")
 STUDY_OR_SOURCE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
@@ -470,6 +471,10 @@ class Attrition:
 def attrition(config: Config, name: str, *, now: int | None = None) -> Attrition:
     """Attrition of a sensing study (by its id) or a questionnaire source (by its name).
 
+    Dispositions follow the data and the schedule, not the report date: a subject whose
+    outcome is settled (completed, withdrawn, lost) keeps it whatever ``now`` is; only those
+    still inside their protocol period are active, censored at ``now`` (docs/outcomes.md).
+
     Example: ``attrition(config, "demo").consort``.
     """
     if not STUDY_OR_SOURCE.fullmatch(name):  # the name becomes the report's file name
@@ -487,13 +492,29 @@ def attrition(config: Config, name: str, *, now: int | None = None) -> Attrition
     try:
         study = get_study(catalog, name)
         status = study_status(catalog, name, now=now)
+        prompts = answered_prompts(config, catalog, name) if ema_prompts_per_day(study) else None
     finally:
         catalog.dispose()
-    return _sensing_attrition(study, status, now=now)
+    return _sensing_attrition(study, status, now=now, prompts=prompts)
 
 
-def _sensing_attrition(study, status: pl.DataFrame, *, now: int) -> Attrition:
-    duration_days = study.definition["duration_days"]
+def sensing_dispositions(
+    status: pl.DataFrame, *, duration_days: float, staleness_hours: float, now: int
+) -> pl.DataFrame:
+    """One row per subject of a study status table: participant, disposition, days (to the
+    event or censoring), dropped (an event for Kaplan-Meier), start, end (ms).
+
+    - not started: no data from any device;
+    - completed: the newest data reached the end of the protocol period (start + duration)
+      less the staleness allowance;
+    - withdrawn: every device left before the end of the period, at the latest ``time_left``;
+    - lost to follow-up: silent for the staleness allowance or longer, at the newest data;
+    - active: none of these yet (inside the protocol period), censored at ``now``.
+
+    Example: ``sensing_dispositions(status, duration_days=28, staleness_hours=48, now=now)``.
+    """
+    duration = duration_days * DAY_MS
+    allowance = staleness_hours * HOUR_MS
     t = status.with_columns(
         pl.col("date_registered", "date_left_study", "last_data").cast(pl.Int64)
     )
@@ -501,54 +522,262 @@ def _sensing_attrition(study, status: pl.DataFrame, *, now: int) -> Attrition:
         pl.col("date_registered").min().alias("start"),
         pl.col("last_data").max().alias("last_data"),
         pl.col("date_left_study").max().alias("left"),
-        pl.col("activity_code").alias("codes"),
+        (
+            pl.col("status_code").is_not_null().any()
+            & pl.col("status_code").is_in(LEFT_STATUSES).all()
+        ).alias("all_left"),
     )
+    period_end = pl.col("start") + duration
     disposition = (
-        pl.when(pl.col("last_data").is_null())
+        pl.when(pl.col("last_data").is_null() | pl.col("start").is_null())
         .then(pl.lit("not started"))
-        .when(pl.col("codes").list.contains(3) | pl.col("codes").list.contains(2))
+        .when(pl.col("last_data") >= period_end - allowance)
         .then(pl.lit("completed"))
-        .when(
-            pl.col("codes").list.contains(1)
-            & ~pl.col("codes").list.contains(5)
-            & ~pl.col("codes").list.contains(4)
-        )
+        .when(pl.col("all_left") & (pl.coalesce("left", "last_data") < period_end))
         .then(pl.lit("withdrawn"))
-        .when(pl.col("codes").list.contains(5) | pl.col("codes").list.contains(4))
-        .then(pl.lit("active"))
-        .otherwise(pl.lit("lost to follow-up"))
+        .when(now - pl.col("last_data") >= allowance)
+        .then(pl.lit("lost to follow-up"))
+        .otherwise(pl.lit("active"))
     )
     end = (
         pl.when(pl.col("disposition") == "withdrawn")
-        .then(pl.col("left"))
+        .then(pl.coalesce("left", "last_data"))
         .when(pl.col("disposition") == "lost to follow-up")
         .then(pl.col("last_data"))
         .when(pl.col("disposition") == "completed")
-        .then(pl.min_horizontal(pl.col("start") + duration_days * DAY_MS, pl.lit(now)))
-        .otherwise(pl.lit(now))
+        .then(period_end)
+        .when(pl.col("disposition") == "active")
+        .then(pl.min_horizontal(pl.lit(now), period_end))
     )
-    people = (
+    return (
         per.with_columns(disposition.alias("disposition"))
-        .with_columns(((end - pl.col("start")) / DAY_MS).clip(lower_bound=0).alias("days"))
+        .with_columns(end.alias("end"))
         .with_columns(
-            pl.col("disposition").is_in(["withdrawn", "lost to follow-up"]).alias("dropped")
+            ((pl.col("end") - pl.col("start")) / DAY_MS)
+            .clip(lower_bound=0, upper_bound=duration_days)
+            .alias("days"),
+            pl.col("disposition").is_in(["withdrawn", "lost to follow-up"]).alias("dropped"),
         )
         .select(
-            pl.col("subject_name").alias("participant"), "disposition", "days", "dropped", "start"
+            pl.col("subject_name").alias("participant"),
+            "disposition",
+            "days",
+            "dropped",
+            "start",
+            "end",
         )
         .sort("participant")
     )
+
+
+def _sensing_attrition(
+    study, status: pl.DataFrame, *, now: int, prompts: pl.DataFrame | None = None
+) -> Attrition:
+    definition = study.definition
+    people = sensing_dispositions(
+        status,
+        duration_days=definition["duration_days"],
+        staleness_hours=definition["staleness_hours"],
+        now=now,
+    )
     compliance = pl.DataFrame()
-    if "ema_completeness" in status.columns:
-        compliance = (
-            status.filter(pl.col("date_registered").is_not_null())
-            .group_by("subject_name")
-            .agg(pl.col("ema_completeness").max().alias("compliance_pct"))
-            .with_columns((pl.col("compliance_pct") < COMPLIANCE_TARGET).alias("below_80_pct"))
-            .rename({"subject_name": "participant"})
-            .sort("participant")
+    per_day = ema_prompts_per_day(study)
+    if per_day and prompts is not None:
+        compliance = ema_compliance(people, prompts, prompts_per_day=per_day)
+    return _summarise(study.id, "sensing", people.drop("end"), compliance)
+
+
+# ---------------------------------------------------------------------------- EMA compliance
+
+
+def ema_prompts_per_day(study) -> float | None:
+    """The EMA prompts a subject of ``study`` is given per day: ``ema_prompts_per_day`` of
+    the definition, else the ``ema`` sensor's ``batches_per_day``; None without EMA."""
+    definition = study.definition
+    if definition.get("ema_prompts_per_day"):
+        return float(definition["ema_prompts_per_day"])
+    if "ema" in definition["sensors"]:
+        return float(definition["sensors"]["ema"]["batches_per_day"])
+    return None
+
+
+def prompt_key(record: dict) -> tuple[str, int] | None:
+    """The answered prompt an ``ema`` record belongs to: (survey version, start time in ms).
+
+    The EMA app uploads one record per answered question; the records of one prompt share
+    the survey (``surveyVersion``) and the moment the prompt was opened (``startTime``,
+    epoch ms as a string). A record without ``startTime`` is a prompt of its own, at its
+    ``timestamp``. None for a record with neither.
+    """
+    start = record.get("startTime")
+    try:
+        at = int(start) if start not in (None, "") else int(record["timestamp"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    survey = record.get("surveyVersion") if start not in (None, "") else "record"
+    return str(survey), at
+
+
+def answered_prompts(config: Config, catalog, study_id: str) -> pl.DataFrame:
+    """Every answered EMA prompt of a study, from the stored ``ema`` batches of all the
+    subjects' devices (both apps), once each: columns participant, survey, at (ms).
+
+    Example: ``answered_prompts(config, catalog, "demo").group_by("participant").len()``.
+    """
+    import orjson
+    from sqlalchemy import select
+
+    from workbench.catalog import uploads
+
+    u = uploads.c
+    with catalog.engine.connect() as conn:
+        stored = conn.execute(
+            select(u.subject_id, u.path)
+            .where(u.study_id == study_id, u.sensor == "ema")
+            .order_by(u.id)
+        ).all()
+    found: set[tuple[str, str, int]] = set()
+    for subject, path in stored:
+        try:
+            records = orjson.loads((config.pool / path).read_bytes())
+        except (OSError, orjson.JSONDecodeError) as exc:
+            log.warning("EMA batch %s left out of compliance: %s", path, exc)
+            continue
+        for record in records if isinstance(records, list) else ():
+            key = prompt_key(record) if isinstance(record, dict) else None
+            if key is not None:
+                found.add((subject, *key))
+    return pl.DataFrame(
+        sorted(found),
+        schema={"participant": pl.String, "survey": pl.String, "at": pl.Int64},
+        orient="row",
+    )
+
+
+def ema_compliance(
+    people: pl.DataFrame, prompts: pl.DataFrame, *, prompts_per_day: float
+) -> pl.DataFrame:
+    """EMA compliance per subject: answered prompts / prompts due, in %, capped at 100.
+
+    ``people`` has participant, disposition, start and end (ms; from
+    :func:`sensing_dispositions`), ``prompts`` participant and at (ms; from
+    :func:`answered_prompts`). Prompts due are ``prompts_per_day`` times the whole days
+    (24 h from the start) in the study up to ``end``; answered are the distinct prompts
+    opened between start and end. Subjects who never started get no percentage
+    (``started`` false): they are counted apart, not as 0 %.
+
+    Example: ``ema_compliance(people, prompts, prompts_per_day=5)``.
+    """
+    window = people.select("participant", "disposition", "start", "end")
+    answered = (
+        prompts.join(window, on="participant", how="inner")
+        .filter((pl.col("at") >= pl.col("start")) & (pl.col("at") < pl.col("end")))
+        .group_by("participant")
+        .agg(pl.len().cast(pl.Int64).alias("prompts_answered"))
+    )
+    started = pl.col("disposition") != "not started"
+    whole_days = ((pl.col("end") - pl.col("start")) // DAY_MS).clip(lower_bound=0)
+    due = (prompts_per_day * pl.col("days_in_study")).floor().cast(pl.Int64)
+    return (
+        window.join(answered, on="participant", how="left")
+        .with_columns(
+            started.alias("started"),
+            pl.when(started).then(whole_days).cast(pl.Int64).alias("days_in_study"),
+            pl.col("prompts_answered").fill_null(0),
         )
-    return _summarise(study.id, "sensing", people, compliance)
+        .with_columns(due.alias("prompts_due"))
+        .with_columns(
+            pl.when(pl.col("prompts_due") > 0)
+            .then(
+                (100 * pl.col("prompts_answered") / pl.col("prompts_due"))
+                .clip(upper_bound=100)
+                .round(1)
+            )
+            .alias("compliance_pct")
+        )
+        .with_columns((pl.col("compliance_pct") < COMPLIANCE_TARGET).alias("below_80_pct"))
+        .select(
+            "participant",
+            "started",
+            "days_in_study",
+            "prompts_due",
+            "prompts_answered",
+            "compliance_pct",
+            "below_80_pct",
+        )
+        .sort("participant")
+    )
+
+
+# ---------------------------------------------------------------------------- questionnaires
+
+
+def questionnaire_dispositions(
+    visits: pl.DataFrame,
+    *,
+    now: int,
+    session_days: dict[str, float] | None = None,
+    grace_days: float = 7.0,
+    final: str | None = None,
+) -> pl.DataFrame:
+    """One row per participant of ``visits`` (participant, session, at in ms): participant,
+    disposition, days, dropped, start.
+
+    With ``session_days`` (each session's due day from the participant's first answer):
+    completed = the last scheduled session answered; lost to follow-up = a scheduled session
+    unanswered more than ``grace_days`` after it was due (the event at the last answer);
+    active = waiting for the next session (censored at ``now``). Without it: completed =
+    ``final`` answered, lost = silent for more than 14 days.
+
+    Example: ``questionnaire_dispositions(visits, now=now, session_days={"PRE": 0, "POST": 56})``.
+    """
+    rows = []
+    grace = grace_days * DAY_MS
+    ordered = sorted((session_days or {}).items(), key=lambda item: (item[1], item[0]))
+    last_session = ordered[-1][0] if ordered else final
+    per = visits.group_by("participant").agg(
+        pl.col("at").min().alias("start"),
+        pl.col("at").max().alias("last"),
+        pl.col("session").drop_nulls().unique().alias("sessions"),
+    )
+    for person, start, last, sessions in per.sort("participant").iter_rows():
+        done = set(sessions)
+        if last_session is not None and last_session in done:
+            disposition, end = "completed", last
+        elif ordered:
+            missed = any(s not in done and start + day * DAY_MS + grace < now for s, day in ordered)
+            disposition, end = ("lost to follow-up", last) if missed else ("active", now)
+        else:
+            silent = last < now - LOST_AFTER_DAYS * DAY_MS
+            disposition, end = ("lost to follow-up", last) if silent else ("active", now)
+        rows.append(
+            {
+                "participant": person,
+                "disposition": disposition,
+                "days": max(end - start, 0) / DAY_MS,
+                "dropped": disposition == "lost to follow-up",
+                "start": start,
+            }
+        )
+    return pl.DataFrame(
+        rows,
+        schema={
+            "participant": pl.String,
+            "disposition": pl.String,
+            "days": pl.Float64,
+            "dropped": pl.Boolean,
+            "start": pl.Int64,
+        },
+    )
+
+
+def _final_session(schedule: dict, seen: list[str]) -> str | None:
+    """Without due days: the session the schedule lists last (in its longest list), else
+    "POST" when answers hold one."""
+    lists = [v for v in schedule.values() if v]
+    if lists:
+        return max(lists, key=len)[-1]
+    return "POST" if "POST" in seen else None
 
 
 def _questionnaire_attrition(config: Config, source: str, *, now: int) -> Attrition:
@@ -577,39 +806,107 @@ def _questionnaire_attrition(config: Config, source: str, *, now: int) -> Attrit
     if undated:
         log.warning("%s: %d answers without a readable date are left out", source, undated)
     visits = visits.drop_nulls("at")
-    sessions = [s for s in visits["session"].drop_nulls().unique().to_list()]
-    final = "POST" if "POST" in sessions else None
-    per = visits.group_by("participant").agg(
-        pl.col("at").min().alias("start"),
-        pl.col("at").max().alias("last"),
-        pl.col("session").alias("sessions"),
-    )
-    lost_before = now - LOST_AFTER_DAYS * DAY_MS
-    disposition = (
-        pl.when(pl.col("sessions").list.contains(final) if final else pl.lit(False))
-        .then(pl.lit("completed"))
-        .when(pl.col("last") < lost_before)
-        .then(pl.lit("lost to follow-up"))
-        .otherwise(pl.lit("active"))
-    )
-    people = (
-        per.with_columns(disposition.alias("disposition"))
-        .with_columns(
-            (
-                (
-                    pl.when(pl.col("disposition") == "active")
-                    .then(pl.lit(now))
-                    .otherwise(pl.col("last"))
-                    - pl.col("start")
-                )
-                / DAY_MS
-            ).alias("days"),
-            (pl.col("disposition") == "lost to follow-up").alias("dropped"),
+    settings = config.source(source)
+    if not settings.session_days:
+        log.info(
+            "%s: no session_days in workbench.toml; lost to follow-up means %d days silent",
+            source,
+            LOST_AFTER_DAYS,
         )
-        .select("participant", "disposition", "days", "dropped", "start")
-        .sort("participant")
+    people = questionnaire_dispositions(
+        visits,
+        now=now,
+        session_days=settings.session_days,
+        grace_days=settings.grace_days,
+        final=_final_session(settings.schedule, visits["session"].drop_nulls().to_list()),
     )
     return _summarise(source, "questionnaire", people, pl.DataFrame())
+
+
+def attrition_methods(config: Config, result: Attrition) -> str:
+    """The methods paragraph of an attrition report (rules applied, with their sources), from
+    the study's definition or the source's schedule, ready to paste into a paper.
+
+    Example: ``write_report(..., methods=attrition_methods(config, result))``.
+    """
+    if result.kind == "questionnaire":
+        source = config.source(result.name)
+        return methods_text(result, session_days=source.session_days, grace_days=source.grace_days)
+    from workbench.studies import get_study
+
+    catalog = open_catalog(config)
+    try:
+        study = get_study(catalog, result.name)
+    finally:
+        catalog.dispose()
+    return methods_text(
+        result,
+        duration_days=study.definition["duration_days"],
+        staleness_hours=study.definition["staleness_hours"],
+        prompts_per_day=ema_prompts_per_day(study) if not result.compliance.is_empty() else None,
+    )
+
+
+def methods_text(
+    result: Attrition,
+    *,
+    duration_days: float | None = None,
+    staleness_hours: float | None = None,
+    session_days: dict[str, float] | None = None,
+    grace_days: float | None = None,
+    prompts_per_day: float | None = None,
+) -> str:
+    """A methods paragraph for an attrition report: the rules applied, with their sources,
+    ready to paste into a paper.
+
+    Example: ``methods_text(result, duration_days=28, staleness_hours=48)``.
+    """
+    if result.kind == "sensing":
+        rules = (
+            f"Each participant's disposition was derived from the uploaded data: withdrawn at "
+            f"the time every device left the study; completed when data reached the end of the "
+            f"{duration_days:g}-day protocol period, counted from the participant's first "
+            f"device registration, less a staleness allowance of {staleness_hours:g} hours; "
+            f"otherwise lost to follow-up at the time of the last data once no data had "
+            f"arrived for the staleness allowance. Participants still inside their protocol "
+            f"period were active and censored at the report date; participants who never sent "
+            f"data were counted as not started."
+        )
+    elif session_days:
+        listed = ", ".join(
+            f"{s} on day {d:g}" for s, d in sorted(session_days.items(), key=lambda x: x[1])
+        )
+        rules = (
+            f"Each participant's disposition followed the assessment schedule ({listed}, from "
+            f"the participant's first answer): completed when the last scheduled session was "
+            f"answered; lost to follow-up, at the last answer, when a scheduled session was "
+            f"missed by more than {grace_days:g} days of grace; otherwise active and censored "
+            f"at the report date."
+        )
+    else:
+        rules = (
+            "Each participant's disposition followed the questionnaire answers: completed when "
+            "the last scheduled session was answered; lost to follow-up, at the last answer, "
+            f"after {LOST_AFTER_DAYS} days without an answer; otherwise active and censored at "
+            "the report date."
+        )
+    text = (
+        f"{rules} Participant flow is reported following CONSORT 2010 (Schulz, Altman & Moher, "
+        "2010). Retention was estimated with the Kaplan-Meier product-limit estimator (Kaplan "
+        "& Meier, 1958), withdrawal and loss to follow-up being events and other participants "
+        "censored, with 95 % confidence bands from Greenwood's variance (Greenwood, 1926) on "
+        "the log(-log) scale (Kalbfleisch & Prentice, 2002); the usage half-life is the "
+        "median retention time."
+    )
+    if prompts_per_day:
+        text += (
+            f" EMA compliance was the number of distinct prompts answered (records grouped by "
+            f"survey and prompt start time) divided by the prompts due, {prompts_per_day:g} per "
+            f"day over each participant's whole days in the study, capped at 100 %; "
+            f"participants who never sent data were reported apart; {COMPLIANCE_TARGET:g} % is "
+            f"the usual threshold (Jones et al., 2019; Wrzus & Neubauer, 2023)."
+        )
+    return text
 
 
 def cohort_of(start: pl.Expr) -> pl.Expr:

@@ -32,6 +32,7 @@ DAY_MS = 86_400_000
 SILENT_SHARE = 0.15
 LEAVING_SHARE = 0.15
 RETRY_SHARE = 0.05
+EMA_QUESTIONS = 3  # an ema batch is one answered prompt of this many questions
 
 
 @dataclass
@@ -93,8 +94,26 @@ def make_batch(
             "id": i,
         }
         record.update(_sensor_fields(sensor, ts, rng))
+        if sensor == "ema":  # the EMA app: one record per answered question of one prompt
+            record.update(_ema_fields(subject, i, start_ms, span_ms, rng))
         records.append(record)
     return records
+
+
+def _ema_fields(subject: str, question: int, opened: int, span_ms: int, rng: random.Random):
+    answer = rng.randint(1, 5)
+    return {
+        "subjectId": subject,
+        "questionId": question + 1,
+        "answerId": answer,
+        "surveyVersion": 1,
+        "databaseId": 1,
+        "startTime": str(opened),
+        "endTime": str(opened + min(span_ms, 300_000)),
+        "answerText": str(answer),
+        "answer": None,
+        "freeText": "",
+    }
 
 
 def _sensor_fields(sensor: str, ts: int, rng: random.Random) -> dict:
@@ -230,7 +249,7 @@ def simulate(
                     sensor,
                     start,
                     span,
-                    records_per_batch,
+                    EMA_QUESTIONS if sensor == "ema" else records_per_batch,
                     local,
                 )
                 body = orjson.dumps(records)

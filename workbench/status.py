@@ -77,6 +77,8 @@ JTRACK_COLUMNS = [
 FOLDED = "status.last_upload_id"  # keys in the catalog's state table
 GENERATION = "status.generation"
 LEFT_STATUSES = (1, 2, 3)
+EMA_APP = "ema"  # the app of devices registered with deviceid_ema (workbench.ingest)
+EMA_SENSOR = "ema"  # the one sensor the EMA app records
 ACTIVE_DEVICE = 0
 _TIME = pl.Datetime("ms", "UTC")
 CSV_TIME = "%Y-%m-%dT%H:%M:%SZ"
@@ -493,14 +495,20 @@ def compute_status(
         .then(silent_since + stale_after)
         .otherwise(silent_since)
     )
+    # Completeness: batches received / batches due over the device's time in the study. A
+    # phone uploads a batch when it is full, so only whole batches are due while it takes
+    # part; on leaving it sends the partial one too. A device counts only the sensors its
+    # app records: the EMA app's only ema, the main app's all but ema. Never above 100 %.
     per_sensor = []
     for sensor in sensors:
-        expected = definition["sensors"][sensor]["batches_per_day"] * pl.col("_window_days")
+        slots = definition["sensors"][sensor]["batches_per_day"] * pl.col("_window_days")
+        expected = pl.when(left).then(slots.ceil()).otherwise(slots.floor())
+        recorded = (pl.col("app") == EMA_APP) == (sensor == EMA_SENSOR)
         n = pl.col(f"{sensor}_n_batches").fill_null(0)
         per_sensor += [
             n.alias(f"{sensor}_n_batches"),
-            pl.when(expected > 0)
-            .then((100 * n / expected).round(1))
+            pl.when(recorded & (expected > 0))
+            .then((100 * n / expected).clip(upper_bound=100).round(1))
             .alias(f"{sensor}_completeness"),
         ]
     base = base.with_columns(

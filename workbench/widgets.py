@@ -371,6 +371,7 @@ class StatusDashboard(_Dashboard):
             scales={"row": self.heat_rows, "column": self.heat_columns, "color": colors},
             tooltip=bq.Tooltip(fields=["row", "column", "color"], labels=["subject", "day", "%"]),
             anchor_style={"fill": "none"},
+            null_color="#f0f0f0",  # days outside the subject's time in the study
         )
         return bq.Figure(
             marks=[self.heat_map],
@@ -399,8 +400,8 @@ class StatusDashboard(_Dashboard):
             "colour: share of the expected batches whose data is from that day, "
             "<span style='background:#fff5eb'>&nbsp;0 %&nbsp;</span> "
             "<span style='background:#fd8d3c'>&nbsp;50 %&nbsp;</span> "
-            "<span style='background:#238b45;color:white'>&nbsp;100 %&nbsp;</span> "
-            "(hover a cell for its value).</div>"
+            "<span style='background:#238b45;color:white'>&nbsp;100 %&nbsp;</span>, "
+            "grey: not in the study that day (hover a cell for its value).</div>"
         )
         self.heat_box.children = [self.heat_note, self.heat]
         labels = [str(d) for d in days["day"].unique(maintain_order=True).to_list()]
