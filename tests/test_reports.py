@@ -152,7 +152,7 @@ def test_cli_score_and_reports(exported, home, scenario, tmp_path):
         "| enrolled" in sensing and (config.pool / "reports" / "attrition" / "demo.html").exists()
     )
     page = (config.pool / "reports" / "attrition" / "demo.html").read_text()
-    methods = page[page.index("<h2>Methods</h2>") :]
+    methods = page[page.index("<h2 id='methods'>Methods</h2>") :]
     assert methods.endswith("</p>\n</body></html>")  # the last section of the page
     for rule in ("14-day protocol period", "staleness allowance of 48 hours", "censored"):
         assert rule in methods

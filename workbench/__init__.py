@@ -46,6 +46,7 @@ _LAZY = {
     "Config": "workbench.config",
     "create_study": "workbench.studies",
     "definition_from_options": "workbench.studies",
+    "ema_compliance": "workbench.reports",
     "enroll": "workbench.enrollment",
     "export_sources": "workbench.export",
     "get_job": "workbench.jobs",
@@ -61,6 +62,7 @@ _LAZY = {
     "load_config": "workbench.config",
     "open_catalog": "workbench.catalog",
     "participant_report": "workbench.reports",
+    "questionnaire_dispositions": "workbench.reports",
     "questionnaire_report": "workbench.reports",
     "rebuild_decoded": "workbench.export",
     "recover_incoming": "workbench.ingest",
@@ -68,10 +70,14 @@ _LAZY = {
     "run_pipeline": "workbench.pipelines",
     "sanity_check": "workbench.sanity",
     "score": "workbench.instruments",
+    "sensing_dispositions": "workbench.reports",
     "simulate": "workbench.simulator",
     "status_history_table": "workbench.status",
     "study_status": "workbench.status",
     "verify": "workbench.ledger",
+    "write_attrition_report": "workbench.reports",
+    "write_participant_report": "workbench.reports",
+    "write_questionnaire_report": "workbench.reports",
 }
 
 if TYPE_CHECKING:  # for type checkers and the API reference
@@ -86,7 +92,17 @@ if TYPE_CHECKING:  # for type checkers and the API reference
     from workbench.ledger import ledger_counts, verify
     from workbench.pipelines import list_runs, run_pipeline
     from workbench.psychometrics import change_over_time
-    from workbench.reports import attrition, participant_report, questionnaire_report
+    from workbench.reports import (
+        attrition,
+        ema_compliance,
+        participant_report,
+        questionnaire_dispositions,
+        questionnaire_report,
+        sensing_dispositions,
+        write_attrition_report,
+        write_participant_report,
+        write_questionnaire_report,
+    )
     from workbench.sanity import sanity_check
     from workbench.simulator import simulate
     from workbench.status import refresh_status, status_history_table, study_status

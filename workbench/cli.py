@@ -989,44 +989,12 @@ def report_questionnaire(ctx, source) -> None:
     Example:
         workbench report questionnaire mindtrails
     """
-    import polars as pl
+    from workbench.reports import write_questionnaire_report
 
-    from workbench.instruments import instrument
-    from workbench.reports import (
-        change_report,
-        questionnaire_methods,
-        questionnaire_report,
-        reliability_report,
-        write_report,
-    )
-
-    config = _config(ctx)
-    table = questionnaire_report(config, source)
-    psychometrics = reliability_report(config, source)
-    change = change_report(config, source)
-    used = sorted(set(table["instrument"].drop_nulls().to_list()))
-    instruments = [instrument(name, config=config) for name in used]
-    paths = write_report(
-        config.pool / "reports" / "questionnaires",
-        f"quality_{source or 'all'}",
-        {"columns": table, **psychometrics, "change": change},
-        title=f"Questionnaire data quality: {source or 'all sources'}",
-        methods=questionnaire_methods(instruments) if instruments else None,
-    )
-    flagged = table.filter(
-        (table["pct_blank"] > 0)
-        | (table["special_codes"].fill_null(0) > 0)
-        | (table["out_of_range"].fill_null(0) > 0)
-        | (table["invalid_choices"].fill_null(0) > 0)
-    )
-    click.echo(
-        f"{table.height} columns checked, {flagged.height} with blanks, codes or invalid answers"
-    )
-    low = psychometrics["reliability"].filter(pl.col("alpha") < 0.7)
-    click.echo(
-        f"{psychometrics['reliability'].height} scale-sessions, {low.height} with alpha below 0.7"
-    )
-    click.echo(f"report: {paths[-1]}")
+    written = write_questionnaire_report(_config(ctx), source)
+    for line in written.lines:
+        click.echo(line)
+    click.echo(f"report: {written.page}")
 
 
 @report.command("participant")
@@ -1039,19 +1007,12 @@ def report_participant(ctx, source) -> None:
     Example:
         workbench report participant mindtrails
     """
-    from workbench.reports import participant_report, write_report
+    from workbench.reports import write_participant_report
 
-    config = _config(ctx)
-    table = participant_report(config, source)
-    paths = write_report(
-        config.pool / "reports" / "questionnaires",
-        f"participants_{source or 'all'}",
-        {"participants": table},
-        title=f"Missing questionnaires per participant: {source or 'all sources'}",
-    )
-    incomplete = table.filter(table["missing"] > 0).height
-    click.echo(f"{table.height} participants, {incomplete} with missing questionnaires or sessions")
-    click.echo(f"report: {paths[-1]}")
+    written = write_participant_report(_config(ctx), source)
+    for line in written.lines:
+        click.echo(line)
+    click.echo(f"report: {written.page}")
 
 
 @report.command("attrition")
@@ -1066,32 +1027,14 @@ def report_attrition(ctx, name) -> None:
         workbench report attrition demo
         workbench report attrition mindtrails
     """
-    from workbench.reports import attrition, attrition_methods, write_report
+    from workbench.reports import write_attrition_report
     from workbench.status import render
 
-    config = _config(ctx)
-    result = attrition(config, name)
-    half = "not reached" if result.half_life_days is None else f"{result.half_life_days:.1f} days"
-    notes = [f"{result.kind} study; usage half-life (median retention): {half}"]
-    if not result.compliance.is_empty():
-        started = result.compliance.filter("started")
-        below = int(started["below_80_pct"].sum())
-        notes.append(
-            f"EMA compliance below 80 %: {below} of {started.height} subjects who started "
-            f"({result.compliance.height - started.height} never started, counted apart)"
-        )
-    paths = write_report(
-        config.pool / "reports" / "attrition",
-        name,
-        result.tables(),
-        title=f"Attrition: {name}",
-        notes=notes,
-        methods=attrition_methods(config, result),
-    )
+    result, written = write_attrition_report(_config(ctx), name)
     click.echo(render(result.consort, "table").decode(), nl=False)
-    for line in notes:
+    for line in written.lines:
         click.echo(line)
-    click.echo(f"report: {paths[-1]}")
+    click.echo(f"report: {written.page}")
 
 
 @cli.command("run")

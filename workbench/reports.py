@@ -1114,3 +1114,100 @@ def retention_svg(curve: pl.DataFrame, width: int = 480, height: int = 240) -> s
         f"<text x='40' y='{height - 8}' font-size='11'>days in study (0 to {end:.0f}); "
         "survival with 95 % band</text></svg>"
     )
+
+
+@dataclass(frozen=True)
+class WrittenReport:
+    """A report written to the pool: its files (the HTML page last) and summary lines."""
+
+    paths: list[Path]
+    lines: list[str]
+
+    @property
+    def page(self) -> Path:
+        return self.paths[-1]
+
+
+def write_questionnaire_report(config: Config, source: str | None = None) -> WrittenReport:
+    """Write the questionnaire data-quality report of ``source`` (or all): column checks,
+    reliability per instrument and session, change over time, and its methods paragraph.
+
+    Example: ``write_questionnaire_report(config, "mindtrails").page``.
+    """
+    from workbench.instruments import instrument
+
+    table = questionnaire_report(config, source)
+    psychometrics = reliability_report(config, source)
+    change = change_report(config, source)
+    used = sorted(set(table["instrument"].drop_nulls().to_list()))
+    instruments = [instrument(name, config=config) for name in used]
+    paths = write_report(
+        config.pool / "reports" / "questionnaires",
+        f"quality_{source or 'all'}",
+        {"columns": table, **psychometrics, "change": change},
+        title=f"Questionnaire data quality: {source or 'all sources'}",
+        methods=questionnaire_methods(instruments) if instruments else None,
+    )
+    flagged = table.filter(
+        (pl.col("pct_blank") > 0)
+        | (pl.col("special_codes").fill_null(0) > 0)
+        | (pl.col("out_of_range").fill_null(0) > 0)
+        | (pl.col("invalid_choices").fill_null(0) > 0)
+    )
+    reliability = psychometrics["reliability"]
+    low = reliability.filter(pl.col("alpha") < 0.7)
+    return WrittenReport(
+        paths,
+        [
+            f"{table.height} columns checked, {flagged.height} with blanks, codes or invalid answers",
+            f"{reliability.height} scale-sessions, {low.height} with alpha below 0.7",
+        ],
+    )
+
+
+def write_participant_report(config: Config, source: str | None = None) -> WrittenReport:
+    """Write the report of questionnaires and sessions each participant is missing.
+
+    Example: ``write_participant_report(config, "mindtrails").page``.
+    """
+    table = participant_report(config, source)
+    paths = write_report(
+        config.pool / "reports" / "questionnaires",
+        f"participants_{source or 'all'}",
+        {"participants": table},
+        title=f"Missing questionnaires per participant: {source or 'all sources'}",
+    )
+    incomplete = table.filter(pl.col("missing") > 0).height
+    return WrittenReport(
+        paths,
+        [f"{table.height} participants, {incomplete} with missing questionnaires or sessions"],
+    )
+
+
+def write_attrition_report(
+    config: Config, name: str, *, now: int | None = None
+) -> tuple[Attrition, WrittenReport]:
+    """Write the attrition report of a sensing study or questionnaire source (dispositions,
+    CONSORT counts, retention, dropout, compliance) with its methods paragraph.
+
+    Example: ``result, written = write_attrition_report(config, "demo")``.
+    """
+    result = attrition(config, name, now=now)
+    half = "not reached" if result.half_life_days is None else f"{result.half_life_days:.1f} days"
+    notes = [f"{result.kind} study; usage half-life (median retention): {half}"]
+    if not result.compliance.is_empty():
+        started = result.compliance.filter("started")
+        below = int(started["below_80_pct"].sum())
+        notes.append(
+            f"EMA compliance below 80 %: {below} of {started.height} subjects who started "
+            f"({result.compliance.height - started.height} never started, counted apart)"
+        )
+    paths = write_report(
+        config.pool / "reports" / "attrition",
+        name,
+        result.tables(),
+        title=f"Attrition: {name}",
+        notes=notes,
+        methods=attrition_methods(config, result),
+    )
+    return result, WrittenReport(paths, notes)
