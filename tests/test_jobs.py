@@ -343,9 +343,20 @@ def test_creating_a_job_again(saved):
 
 
 def test_a_job_needs_a_saved_configuration(saved):
-    with pytest.raises(UnknownJobConfig, match="'My Job' is the name of 'my_job': pass its tag"):
-        create_job(saved, provider_job_id=new_id(), customer_id=1, tag="My Job")
+    with pytest.raises(UnknownJobConfig, match="no job configuration tagged 'nope'.*: my_job$"):
+        create_job(saved, provider_job_id=new_id(), customer_id=1, tag="nope")
     assert list_jobs(saved) == []
+
+
+def test_a_job_may_name_its_configuration_by_its_display_name(saved):
+    # trackerapi's README creates the job with tag=job_config.name.
+    job = create_job(saved, provider_job_id="j", customer_id=1, tag="My Job")
+    assert (job["tag"], job["points_total"]) == ("my_job", 35)
+    assert create_job(saved, provider_job_id="j", customer_id=1, tag="my_job") == job
+    # A name two configurations share names neither.
+    save_job_configs(saved, JobConfigManager({"job_configs": [{**_job(README), "tag": "twin"}]}))
+    with pytest.raises(UnknownJobConfig, match="no job configuration tagged 'My Job'"):
+        create_job(saved, provider_job_id="k", customer_id=1, tag="My Job")
 
 
 @pytest.mark.parametrize(
@@ -684,9 +695,8 @@ def test_refusals_are_logged_not_spooled(home, catalog, key, tmp_path, caplog):
     app = tracker_app(home)
     spool = tmp_path / "spool.jsonl"
     with _tracker(app, key, spool) as tracker:
-        # The README passes the job's name as its tag.
-        tracker.create_job(provider_job_id="j1", customer_id=142, tag="My Job")
-        assert "'My Job' is the name of 'my_job': pass its tag" in caplog.text
+        tracker.create_job(provider_job_id="j1", customer_id=142, tag="their_job")
+        assert "no job configuration tagged 'their_job'" in caplog.text
         job = tracker.create_job(provider_job_id="j2", customer_id=142, tag="my_job")
         assert job.send_event(kind="step", tag="say_goodnight") is None
         assert "has no step 'say_goodnight'" in caplog.text
