@@ -1105,6 +1105,16 @@ def test_cli_errors_are_one_line_with_exit_codes(home, tmp_path):
     assert loaded.output.startswith(f"error: {bad}: $.job_configs[0]: 'step_configurations'")
     missing = run(home, "show", "nope")
     assert (missing.exit_code, missing.output) == (4, "error: no job 'nope'\n")
+    versioned_file = tmp_path / "v1.json"
+    versioned_file.write_text(json.dumps(versioned("1.0.0").as_dict()))
+    assert run(home, "load", str(versioned_file)).output.startswith("saved my_job version 1.0.0 ")
+    versioned_file.write_text(json.dumps(versioned("1.0.0", _steps(README)[:1]).as_dict()))
+    changed = run(home, "load", str(versioned_file))
+    assert changed.exit_code == 4
+    assert changed.output == (
+        "error: job configuration 'my_job' version '1.0.0' is already registered with other "
+        "steps or another name; give the changed configuration a new version\n"
+    )
 
 
 def _commands(group: click.Group, prefix=()):

@@ -1,12 +1,15 @@
 """Job tracking (the trackerapi model): job configurations, jobs, their events, API keys.
 
 A job configuration names a job's steps and the points of work each stands for; it is read
-from a JSON file in the trackerapi format, checked against ``job-configurations.schema.json``
-and saved in the catalog by tag. A job is created with the provider's id for it and the tag
-of its configuration; ``step`` events add their step's points once, ``complete`` brings it to
-100 %, ``error`` marks it failed. Events carry an ``event_id`` chosen by the sender, so a
-resent event changes nothing. Once a job is complete or failed, later events are recorded
-but change nothing.
+(by :mod:`workbench.tracker`, which owns the file format) from a JSON file in the trackerapi
+format and saved in the catalog by tag. A configuration with a ``version`` is registered
+once: the same tag and version again changes nothing if it is the same and is a
+:class:`JobConfigConflict` if it is not; without a version, it replaces its tag's. A job is
+created with the provider's id for it and the tag (or display name) of its configuration,
+and keeps that configuration's version; ``step`` events add their step's points once,
+``complete`` brings it to 100 %, ``error`` marks it failed. Events carry an ``event_id``
+chosen by the sender, so a resent event changes nothing. Once a job is complete or failed,
+later events are recorded but change nothing.
 
 What a job stores is bounded by ``[jobs]`` in workbench.toml (:class:`~workbench.config.JobsConfig`):
 events per job, the size and nesting depth of an event's metadata. Its events are read a
@@ -19,6 +22,7 @@ Errors raised here (all :class:`~workbench.errors.WorkbenchError`)::
     UnknownJobConfig         no job configuration of that tag (HTTP 400, exit 4)
     UnknownJob               no job of that provider_job_id (HTTP 404, exit 4)
     JobConflict              the provider_job_id is taken by another job (HTTP 409, exit 4)
+    JobConfigConflict        a changed configuration under a registered tag and version (HTTP 409, exit 4)
     InvalidApiKey            missing, wrong or revoked API key (HTTP 401, exit 2)
     NotAllowed               the API key's customer may not do this (HTTP 403, exit 2)
     MetadataTooDeep          metadata nested deeper than max_metadata_depth (HTTP 400, exit 2)
@@ -221,6 +225,9 @@ def create_job(
     as_customer: str | None = None,
 ) -> dict:
     """Start tracking a job of a saved configuration; return it as :func:`get_job` does.
+
+    ``tag`` is the configuration's tag, or the display name of exactly one configuration
+    (trackerapi's README passes ``job_config.name``); the job is stored with the tag.
 
     Creating the same ``provider_job_id`` again with the same tag and customer returns the
     existing job; with another one it is a :class:`JobConflict`. ``as_customer``: the customer
