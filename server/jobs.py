@@ -1,14 +1,19 @@
 """The job tracking API (trackerapi-compatible) on the upload server's Bottle app.
 
-``POST /job_configurations`` saves configurations (the trackerapi file format),
-``POST /jobs`` creates a job, ``POST /events`` records a ``step``, ``complete`` or ``error``,
-``GET /jobs/<provider_job_id>`` answers the job with its progress and a page of its events
-(``?after=<event_id>&limit=<n>``; ``next`` in the answer links the following page). What a
-job stores and an answer carries is bounded by ``[jobs]`` in workbench.toml. Every request
-carries an API key (``workbench jobs apikey create``) in ``x-api_key``, as trackerapi sends it,
-or as ``Authorization: Bearer <key>``: gunicorn drops header names containing ``_`` unless
-told otherwise, so ``workbench.tracker`` sends both. Answers are JSON; refusals have the shape
-``{"ok": false, "error": <code>, "message": <sentence>}``. The logic is in :mod:`workbench.jobs`.
+``GET /api-keys/protected`` answers whether the key is valid (trackerapi's check on
+construction), ``POST /job_configurations`` saves configurations: a ``{"job_configs": [...]}``
+file, or one configuration as trackerapi's ``register_job_config`` sends it (with its
+``version``), ``POST /jobs`` creates a job, ``POST /events`` records a ``step``, ``complete``
+or ``error``, ``GET /jobs/<provider_job_id>`` answers the job with its progress and a page of
+its events (``?after=<event_id>&limit=<n>``; ``next`` in the answer links the following page).
+The answers to ``POST /jobs`` and ``POST /events`` also carry, at the top, what trackerapi
+reads from them: ``provider_job_id`` and the event's ``id``. What a job stores and an answer
+carries is bounded by ``[jobs]`` in workbench.toml. Every request carries an API key
+(``workbench jobs apikey create``) in ``x-api_key``, as trackerapi sends it (the server's
+worker passes header names with underscores through, as ``HTTP_X_API_KEY``), in
+``x-api-key``, or as ``Authorization: Bearer <key>`` for proxies that drop underscores.
+Answers are JSON; refusals have the shape ``{"ok": false, "error": <code>, "message":
+<sentence>}``. The logic is in :mod:`workbench.jobs`.
 """
 
 from __future__ import annotations
@@ -63,8 +68,18 @@ def install_job_routes(app: Bottle, catalog: Catalog, *, limits: JobsConfig | No
                 "job configurations are shared by all customers: change them with a key "
                 "that belongs to no customer"
             )
-        manager = jobs.JobConfigManager(_json_body(), source="the request body")
-        return 200, {"saved": jobs.save_job_configs(catalog, manager)}
+        body = _json_body()
+        if "job_configs" not in body and "tag" in body:  # one, as trackerapi registers it
+            config = jobs.parse_job_config(body, source="the request body")
+            saved = jobs.save_job_configs(catalog, [config])
+            return 200, {"saved": saved, "tag": config.tag, "version": config.version}
+        configs = jobs.parse_job_configs(body, source="the request body")
+        return 200, {"saved": jobs.save_job_configs(catalog, configs)}
+
+    @app.get("/api-keys/protected")
+    @route
+    def get_api_key_check(customer):
+        return 200, {"customer_id": customer or None}
 
     @app.post("/jobs")
     @route
@@ -77,7 +92,7 @@ def install_job_routes(app: Bottle, catalog: Catalog, *, limits: JobsConfig | No
             tag=body.get("tag"),
             as_customer=customer,
         )
-        return 200, {"job": job}
+        return 200, {"provider_job_id": job["provider_job_id"], "job": job}
 
     @app.post("/events")
     @route
@@ -96,7 +111,7 @@ def install_job_routes(app: Bottle, catalog: Catalog, *, limits: JobsConfig | No
             limits=limits,
         )
         job = jobs.get_job(catalog, job_id, events=False, as_customer=customer)
-        return 200, {"event": event, "job": job}
+        return 200, {"id": event["event_id"], "event": event, "job": job}
 
     @app.get("/jobs/<provider_job_id>")
     @route
@@ -147,8 +162,8 @@ def _authorize(catalog: Catalog) -> str:
     key = header or bearer
     if not key:
         raise jobs.InvalidApiKey(
-            "missing API key: send it as Authorization: Bearer <key>, in x-api-key or in "
-            "x-api_key (which gunicorn drops); make one with `workbench jobs apikey create`"
+            "missing API key: send it in x-api_key, in x-api-key or as Authorization: "
+            "Bearer <key>; make one with `workbench jobs apikey create`"
         )
     customer = jobs.check_api_key(catalog, key)
     if customer is None:

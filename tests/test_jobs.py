@@ -18,7 +18,7 @@ import httpx
 import jsonschema
 import pytest
 from click.testing import CliRunner
-from sqlalchemy import select, update
+from sqlalchemy import select, text, update
 
 from server.jobs import install_job_routes
 from tests.conftest import ServerProcess
@@ -29,6 +29,7 @@ from workbench.errors import ConfigError
 from workbench.jobs import (
     InvalidJobConfig,
     InvalidJobRequest,
+    JobConfigConflict,
     JobConfigManager,
     JobConflict,
     MetadataTooDeep,
@@ -44,6 +45,7 @@ from workbench.jobs import (
     generate_schema,
     get_job,
     job_config_schema,
+    list_job_configs,
     list_jobs,
     nesting_depth,
     record_event,
@@ -282,6 +284,66 @@ def test_configurations_are_saved_by_tag(catalog):
     assert [(r.tag, r.total_points) for r in rows] == [("my_job", 55)]
 
 
+def versioned(version, steps=None):
+    """The README's configuration with a version (and other steps)."""
+    job = {**copy.deepcopy(_job(README)), "version": version}
+    if steps is not None:
+        job["step_configurations"] = steps
+    return JobConfigManager({"job_configs": [job]})
+
+
+def test_a_version_is_registered_once_and_jobs_keep_theirs(catalog):
+    save_job_configs(catalog, versioned("1.0.0"))
+    save_job_configs(catalog, versioned("1.0.0"))  # the same again: fine
+    old = create_job(catalog, provider_job_id="old", customer_id=1, tag="my_job")
+    shorter = _steps(README)[1:]
+    with pytest.raises(JobConfigConflict, match="'my_job' version '1.0.0' is already registered"):
+        save_job_configs(catalog, versioned("1.0.0", shorter))
+    assert [(c.version, c.total_points) for c in list_job_configs(catalog)] == [("1.0.0", 35)]
+
+    save_job_configs(catalog, versioned("2.0.0", shorter))
+    save_job_configs(catalog, versioned("1.0.0"))  # an old version again: 2.0.0 stays current
+    [current] = list_job_configs(catalog)
+    assert (current.version, current.total_points) == ("2.0.0", 25)
+    new = create_job(catalog, provider_job_id="new", customer_id=1, tag="my_job")
+    assert (old["points_total"], new["points_total"]) == (35, 25)
+    # The job of 1.0.0 still takes its step that 2.0.0 dropped.
+    record_event(catalog, provider_job_id="old", kind="step", tag="say_hello", event_id="a")
+    assert get_job(catalog, "old")["points_done"] == 10
+    assert [s["tag"] for s in get_job(catalog, "new")["steps"]] == ["random_number", "say_bye"]
+    with pytest.raises(InvalidJobRequest, match="has no step 'say_hello'"):
+        record_event(catalog, provider_job_id="new", kind="step", tag="say_hello", event_id="a")
+
+
+def test_a_conflicting_version_in_a_file_saves_none_of_it(catalog):
+    save_job_configs(catalog, versioned("1.0.0"))
+    other = {"name": "Other", "tag": "other", "step_configurations": _steps(README)}
+    changed = {**_job(versioned("1.0.0", _steps(README)[:1]).as_dict()), "name": "Renamed"}
+    with pytest.raises(JobConfigConflict):
+        save_job_configs(catalog, JobConfigManager({"job_configs": [other, changed]}))
+    assert [c.tag for c in list_job_configs(catalog)] == ["my_job"]
+
+
+def test_a_schema_6_catalog_gains_configuration_versions(home):
+    catalog = tables.open_catalog(home)
+    save_job_configs(catalog, JobConfigManager(README))
+    create_job(catalog, provider_job_id="kept", customer_id=1, tag="my_job")
+    with catalog.writing() as conn:  # as schema 6 left it
+        conn.execute(text("DROP TABLE job_config_versions"))
+        conn.execute(text("ALTER TABLE jobs DROP COLUMN config_version"))
+        conn.execute(text("ALTER TABLE job_configurations DROP COLUMN version"))
+        conn.execute(text("UPDATE schema_info SET value = '6' WHERE key = 'version'"))
+    catalog.dispose()
+    catalog = tables.open_catalog(home)
+    assert catalog.version() == tables.SCHEMA_VERSION
+    tables._add_job_config_versions(catalog.engine.connect())  # a second run changes nothing
+    record_event(catalog, provider_job_id="kept", kind="step", tag="say_bye", event_id="a")
+    assert get_job(catalog, "kept")["points_done"] == 10
+    save_job_configs(catalog, versioned("1.0.0"))
+    assert [c.version for c in list_job_configs(catalog)] == ["1.0.0"]
+    catalog.dispose()
+
+
 def test_steps_move_progress_by_their_points_once(saved):
     job_id = new_id()
     job = create_job(saved, provider_job_id=job_id, customer_id=142, tag="my_job")
@@ -343,9 +405,20 @@ def test_creating_a_job_again(saved):
 
 
 def test_a_job_needs_a_saved_configuration(saved):
-    with pytest.raises(UnknownJobConfig, match="'My Job' is the name of 'my_job': pass its tag"):
-        create_job(saved, provider_job_id=new_id(), customer_id=1, tag="My Job")
+    with pytest.raises(UnknownJobConfig, match="no job configuration tagged 'nope'.*: my_job$"):
+        create_job(saved, provider_job_id=new_id(), customer_id=1, tag="nope")
     assert list_jobs(saved) == []
+
+
+def test_a_job_may_name_its_configuration_by_its_display_name(saved):
+    # trackerapi's README creates the job with tag=job_config.name.
+    job = create_job(saved, provider_job_id="j", customer_id=1, tag="My Job")
+    assert (job["tag"], job["points_total"]) == ("my_job", 35)
+    assert create_job(saved, provider_job_id="j", customer_id=1, tag="my_job") == job
+    # A name two configurations share names neither.
+    save_job_configs(saved, JobConfigManager({"job_configs": [{**_job(README), "tag": "twin"}]}))
+    with pytest.raises(UnknownJobConfig, match="no job configuration tagged 'My Job'"):
+        create_job(saved, provider_job_id="k", customer_id=1, tag="My Job")
 
 
 @pytest.mark.parametrize(
@@ -684,9 +757,8 @@ def test_refusals_are_logged_not_spooled(home, catalog, key, tmp_path, caplog):
     app = tracker_app(home)
     spool = tmp_path / "spool.jsonl"
     with _tracker(app, key, spool) as tracker:
-        # The README passes the job's name as its tag.
-        tracker.create_job(provider_job_id="j1", customer_id=142, tag="My Job")
-        assert "'My Job' is the name of 'my_job': pass its tag" in caplog.text
+        tracker.create_job(provider_job_id="j1", customer_id=142, tag="their_job")
+        assert "no job configuration tagged 'their_job'" in caplog.text
         job = tracker.create_job(provider_job_id="j2", customer_id=142, tag="my_job")
         assert job.send_event(kind="step", tag="say_goodnight") is None
         assert "has no step 'say_goodnight'" in caplog.text
@@ -696,6 +768,34 @@ def test_refusals_are_logged_not_spooled(home, catalog, key, tmp_path, caplog):
     assert {r.levelno for r in caplog.records} == {logging.ERROR}
     assert not spool.exists()
     assert [j["provider_job_id"] for j in list_jobs(catalog)] == ["j2"]
+
+
+def test_the_client_registers_the_configuration_the_tracker_lacks(
+    home, catalog, key, tmp_path, caplog
+):
+    caplog.set_level(logging.INFO, logger="workbench.tracker")
+    app = tracker_app(home)
+    spool = tmp_path / "spool.jsonl"
+    given = versioned("1.0.0")
+    with _tracker(app, key, spool, configurations=given) as tracker:
+        job = tracker.create_job(provider_job_id="j1", customer_id=142, tag="My Job")
+        assert job.tag == "my_job"
+        assert job.send_event(kind="complete")["job"]["progress"] == 1.0
+        assert "registered the job configuration 'my_job'" in caplog.text
+    [saved] = list_job_configs(catalog)
+    assert (saved.tag, saved.version) == ("my_job", "1.0.0")
+
+    # A client holding a changed configuration under the same version is refused: the
+    # tracker keeps what it has and says why.
+    caplog.clear()
+    changed = versioned("1.0.0", _steps(README)[:1])
+    with _tracker(app, key, spool, configurations=changed) as tracker:
+        assert tracker.register_job_config(changed.get_job_config("my_job")) is None
+        assert "give the changed configuration a new version" in caplog.text
+        assert tracker.create_job(provider_job_id="j2", customer_id=142, tag="my_job")
+    assert get_job(catalog, "j2")["points_total"] == 35  # the tracker's configuration
+    assert list_job_configs(catalog) == [saved]
+    assert not spool.exists()
 
 
 def test_the_constructor_makes_no_request(tmp_path):
@@ -1005,6 +1105,16 @@ def test_cli_errors_are_one_line_with_exit_codes(home, tmp_path):
     assert loaded.output.startswith(f"error: {bad}: $.job_configs[0]: 'step_configurations'")
     missing = run(home, "show", "nope")
     assert (missing.exit_code, missing.output) == (4, "error: no job 'nope'\n")
+    versioned_file = tmp_path / "v1.json"
+    versioned_file.write_text(json.dumps(versioned("1.0.0").as_dict()))
+    assert run(home, "load", str(versioned_file)).output.startswith("saved my_job version 1.0.0 ")
+    versioned_file.write_text(json.dumps(versioned("1.0.0", _steps(README)[:1]).as_dict()))
+    changed = run(home, "load", str(versioned_file))
+    assert changed.exit_code == 4
+    assert changed.output == (
+        "error: job configuration 'my_job' version '1.0.0' is already registered with other "
+        "steps or another name; give the changed configuration a new version\n"
+    )
 
 
 def _commands(group: click.Group, prefix=()):

@@ -116,6 +116,7 @@ BUDGET = {
     ("GET", "/resources/{study}"): (25, 10),
     ("GET", "/health"): (3, 0),
     ("GET", "/openapi.yaml"): (2, 0),
+    ("GET", "/api-keys/protected"): (3, 2),
     ("POST", "/job_configurations"): (10, 5),
     ("POST", "/jobs"): (10, 5),
     ("POST", "/events"): (10, 5),

@@ -43,7 +43,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from workbench.errors import CatalogError
 from workbench.pool import make_folders, open_new_file, secure_file
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 
 # A migration upgrades the catalog from version N-1 to N; it is keyed by N.
 MIGRATIONS: dict[int, Callable[[Connection], None]] = {}
@@ -311,6 +311,7 @@ job_configurations = Table(
     Column("steps", Text, nullable=False),  # JSON list of {name, tag, points}
     Column("total_points", Integer, nullable=False),
     Column("updated_at", BigInteger, nullable=False),
+    Column("version", String(128)),  # version 7: the tag's current version (None: unversioned)
 )
 
 jobs = Table(
@@ -325,6 +326,7 @@ jobs = Table(
     Column("points_total", Integer, nullable=False),
     Column("created_at", BigInteger, nullable=False),
     Column("updated_at", BigInteger, nullable=False),
+    Column("config_version", String(128)),  # version 7: the configuration's version it runs
 )
 
 job_events = Table(
@@ -561,6 +563,35 @@ def _add_hardening(conn: Connection) -> None:
 
 
 MIGRATIONS[6] = _add_hardening
+
+
+# --- version 7: versioned job configurations -------------------------------------------
+
+# Every version of a configuration ever registered: a (tag, version) never changes, and a job
+# created under a version keeps its steps when a newer version becomes the tag's current one.
+job_config_versions = Table(
+    "job_config_versions",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("tag", String(128), nullable=False),
+    Column("version", String(128), nullable=False),
+    Column("name", String(256), nullable=False),
+    Column("steps", Text, nullable=False),  # JSON list of {name, tag, points}
+    Column("total_points", Integer, nullable=False),
+    Column("created_at", BigInteger, nullable=False),
+    UniqueConstraint("tag", "version", name="uq_job_config_version"),
+)
+
+
+def _add_job_config_versions(conn: Connection) -> None:
+    metadata.create_all(conn, tables=[job_config_versions])
+    inspector = inspect(conn)
+    for table, column in (("job_configurations", "version"), ("jobs", "config_version")):
+        if column not in {c["name"] for c in inspector.get_columns(table)}:
+            conn.exec_driver_sql(f"ALTER TABLE {table} ADD COLUMN {column} VARCHAR(128)")
+
+
+MIGRATIONS[7] = _add_job_config_versions
 
 
 def dialect_insert(engine: Engine, table: Table):

@@ -121,7 +121,9 @@ def jobs_schema(location: str, name: str) -> None:
 def jobs_load(ctx: click.Context, file: str) -> None:
     """Check a job configurations FILE and save its configurations in the catalog.
 
-    Configurations of the same tags are replaced; jobs already created keep their totals.
+    A configuration without a version replaces the one of its tag; one with a version is
+    saved once (the same tag and version with other steps is refused: give it a new
+    version). Jobs already created keep their steps and totals.
 
     \b
     Example:
@@ -136,9 +138,10 @@ def jobs_load(ctx: click.Context, file: str) -> None:
     finally:
         catalog.dispose()
     for config in manager:
+        version = "" if config.version is None else f" version {config.version}"
         click.echo(
-            f"saved {config.tag} ({config.name}): {len(config.step_configurations)} steps, "
-            f"{config.total_points} points"
+            f"saved {config.tag}{version} ({config.name}): "
+            f"{len(config.step_configurations)} steps, {config.total_points} points"
         )
 
 

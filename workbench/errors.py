@@ -34,6 +34,7 @@ upload server into an HTTP status and a JSON body (``status`` and ``code`` attri
     ├── UnknownJobConfig           no job configuration of that tag (HTTP 400, exit 4)
     ├── UnknownJob                 no tracked job of that id (HTTP 404, exit 4)
     ├── JobConflict                a job id already used with another tag (HTTP 409, exit 4)
+    ├── JobConfigConflict          a changed configuration under a tag and version already registered (HTTP 409, exit 4)
     ├── InvalidApiKey              missing or wrong tracking API key (HTTP 401, exit 2)
     ├── NotAllowed                 the API key's customer may not do this (HTTP 403, exit 2)
     ├── UnknownProvider            no sync provider of that name (exit 4)
@@ -293,3 +294,9 @@ class UnprotectedDashboards(WorkbenchError):
 class InstrumentMismatch(WorkbenchError):
     exit_code = 2
     code = "instrument_mismatch"
+
+
+class JobConfigConflict(WorkbenchError):
+    status = 409
+    exit_code = 4
+    code = "job_config_conflict"

@@ -1,12 +1,15 @@
 """Job tracking (the trackerapi model): job configurations, jobs, their events, API keys.
 
 A job configuration names a job's steps and the points of work each stands for; it is read
-from a JSON file in the trackerapi format, checked against ``job-configurations.schema.json``
-and saved in the catalog by tag. A job is created with the provider's id for it and the tag
-of its configuration; ``step`` events add their step's points once, ``complete`` brings it to
-100 %, ``error`` marks it failed. Events carry an ``event_id`` chosen by the sender, so a
-resent event changes nothing. Once a job is complete or failed, later events are recorded
-but change nothing.
+(by :mod:`workbench.tracker`, which owns the file format) from a JSON file in the trackerapi
+format and saved in the catalog by tag. A configuration with a ``version`` is registered
+once: the same tag and version again changes nothing if it is the same and is a
+:class:`JobConfigConflict` if it is not; without a version, it replaces its tag's. A job is
+created with the provider's id for it and the tag (or display name) of its configuration,
+and keeps that configuration's version; ``step`` events add their step's points once,
+``complete`` brings it to 100 %, ``error`` marks it failed. Events carry an ``event_id``
+chosen by the sender, so a resent event changes nothing. Once a job is complete or failed,
+later events are recorded but change nothing.
 
 What a job stores is bounded by ``[jobs]`` in workbench.toml (:class:`~workbench.config.JobsConfig`):
 events per job, the size and nesting depth of an event's metadata. Its events are read a
@@ -19,6 +22,7 @@ Errors raised here (all :class:`~workbench.errors.WorkbenchError`)::
     UnknownJobConfig         no job configuration of that tag (HTTP 400, exit 4)
     UnknownJob               no job of that provider_job_id (HTTP 404, exit 4)
     JobConflict              the provider_job_id is taken by another job (HTTP 409, exit 4)
+    JobConfigConflict        a changed configuration under a registered tag and version (HTTP 409, exit 4)
     InvalidApiKey            missing, wrong or revoked API key (HTTP 401, exit 2)
     NotAllowed               the API key's customer may not do this (HTTP 403, exit 2)
     MetadataTooDeep          metadata nested deeper than max_metadata_depth (HTTP 400, exit 2)
@@ -28,15 +32,11 @@ Errors raised here (all :class:`~workbench.errors.WorkbenchError`)::
 
 from __future__ import annotations
 
-import copy
-import functools
 import hashlib
 import hmac
 import json
 import secrets
-from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Iterable
 
 from sqlalchemy import Connection, func, select, update
 from sqlalchemy.exc import IntegrityError
@@ -45,6 +45,7 @@ from workbench.catalog import (
     Catalog,
     api_keys,
     dialect_insert,
+    job_config_versions,
     job_configurations,
     job_events,
     jobs,
@@ -56,6 +57,7 @@ from workbench.errors import (  # noqa: F401  (re-exported: the job-tracking err
     InvalidApiKey,
     InvalidJobConfig,
     InvalidJobRequest,
+    JobConfigConflict,
     JobConflict,
     MetadataTooDeep,
     MetadataTooLarge,
@@ -65,241 +67,108 @@ from workbench.errors import (  # noqa: F401  (re-exported: the job-tracking err
     UnknownJobConfig,
     WorkbenchError,
 )
-from workbench.templates import load_schema, schema_validator
+from workbench.tracker import (  # noqa: F401  (re-exported: the configurations)
+    JobConfig,
+    JobConfigManager,
+    StepConfig,
+    check_unique,
+    find_config,
+    generate_schema,
+    job_config_schema,
+    parse_job_config,
+    parse_job_configs,
+    unknown_tag_message,
+)
 
 KINDS = ("step", "complete", "error")
 MAX_ID = 128  # characters of provider_job_id, customer_id, tags and event_id (catalog columns)
 DEFAULT_LIMITS = JobsConfig()  # the [jobs] defaults of workbench.toml
 
 
-# --- configurations ----------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class StepConfig:
-    """One step of a job: its tag, display name and the points of work it stands for."""
-
-    tag: str
-    name: str
-    points: int
-
-    def __post_init__(self) -> None:
-        if isinstance(self.points, bool) or not isinstance(self.points, int) or self.points < 1:
-            raise InvalidJobConfig(
-                f"step {self.tag!r}: points must be a whole number of at least 1, "
-                f"not {self.points!r}"
-            )
-
-
-@dataclass(frozen=True)
-class JobConfig:
-    """A job's tag, display name and steps.
-
-    Example: ``JobConfig("my_job", "My Job", [StepConfig("say_hello", "Say Hello", 10)])``.
-    """
-
-    tag: str
-    name: str
-    step_configurations: list[StepConfig]
-
-    @property
-    def total_points(self) -> int:
-        """The points of all steps: what 100 % stands for."""
-        return sum(step.points for step in self.step_configurations)
-
-    def step(self, tag: str) -> StepConfig:
-        """The step of that tag, or :class:`InvalidJobRequest` naming the job's steps."""
-        for step in self.step_configurations:
-            if step.tag == tag:
-                return step
-        known = ", ".join(s.tag for s in self.step_configurations)
-        raise InvalidJobRequest(f"job {self.tag!r} has no step {tag!r}; its steps: {known}")
-
-    def as_dict(self) -> dict:
-        """The configuration in the file format."""
-        return {
-            "name": self.name,
-            "tag": self.tag,
-            "step_configurations": [
-                {"name": s.name, "tag": s.tag, "points": s.points} for s in self.step_configurations
-            ],
-        }
-
-
-def job_config_schema() -> dict:
-    """The JSON Schema (draft 2020-12) of a job configurations file.
-
-    Example: ``job_config_schema()["required"]`` → ``["job_configs"]``.
-    """
-    return copy.deepcopy(load_schema("job-configurations"))
-
-
-def generate_schema(location: Path = Path("."), name: str = "job-configurations-schema") -> Path:
-    """Write the schema to ``<location>/<name>.generated.json`` (creating the folder); return
-    its path. A configurations file then points at it with ``"$schema"``.
-
-    Example: ``generate_schema(Path("configs"))`` → ``configs/job-configurations-schema.generated.json``.
-    """
-    folder = Path(location)
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{name}.generated.json"
-    path.write_text(json.dumps(job_config_schema(), indent=2) + "\n", encoding="utf-8")
-    return path
-
-
-@functools.cache
-def _validator():
-    return schema_validator(load_schema("job-configurations"))
-
-
-def parse_job_configs(
-    document: object, *, source: str = "the job configurations"
-) -> list[JobConfig]:
-    """Check a parsed configurations document and return its configurations.
-
-    Errors name ``source`` and the JSON path of what is wrong, e.g.
-    ``jobs.json: $.job_configs[0].step_configurations[1].points: 0 is less than the minimum of 1``.
-    """
-    errors = sorted(_validator().iter_errors(document), key=lambda e: list(e.absolute_path))
-    if errors:
-        shown = "; ".join(f"{e.json_path}: {e.message}" for e in errors[:5])
-        more = f" (and {len(errors) - 5} more problems)" if len(errors) > 5 else ""
-        raise InvalidJobConfig(f"{source}: {shown}{more}")
-    configs = [
-        JobConfig(
-            tag=job["tag"],
-            name=job["name"],
-            # JSON Schema counts 10.0 as an integer; it is stored as 10.
-            step_configurations=[
-                StepConfig(s["tag"], s["name"], int(s["points"]))
-                for s in job["step_configurations"]
-            ],
-        )
-        for job in document["job_configs"]
-    ]
-    _check_unique(configs, source)
-    return configs
-
-
-def _check_unique(configs: list[JobConfig], source: str) -> None:
-    first: dict[str, int] = {}
-    for i, config in enumerate(configs):
-        if config.tag in first:
-            raise InvalidJobConfig(
-                f"{source}: job tag {config.tag!r} is used twice "
-                f"($.job_configs[{first[config.tag]}] and $.job_configs[{i}]); tags must be unique"
-            )
-        first[config.tag] = i
-        steps: dict[str, int] = {}
-        for j, step in enumerate(config.step_configurations):
-            if step.tag in steps:
-                raise InvalidJobConfig(
-                    f"{source}: step tag {step.tag!r} is used twice in job {config.tag!r} "
-                    f"($.job_configs[{i}].step_configurations[{steps[step.tag]}] and "
-                    f"[{j}]); step tags must be unique within a job"
-                )
-            steps[step.tag] = j
-
-
-class JobConfigManager:
-    """The job configurations of one file (or of an already parsed dict), checked and in memory.
-
-    Example::
-
-        manager = JobConfigManager(configurations_file="./job_configurations.json")
-        job_config = manager.get_job_config("my_job")
-        job_config.step_configurations[0].tag   # "say_hello"
-    """
-
-    def __init__(
-        self, configurations_file: str | Path | Mapping, *, source: str | None = None
-    ) -> None:
-        if isinstance(configurations_file, Mapping):
-            document = configurations_file
-            self.source = source or "the job configurations"
-        else:
-            path = Path(configurations_file)
-            self.source = source or str(path)
-            try:
-                text = path.read_text(encoding="utf-8")
-            except (OSError, UnicodeDecodeError) as exc:
-                raise InvalidJobConfig(f"cannot read job configurations {path}: {exc}") from exc
-            try:
-                document = json.loads(text)
-            except json.JSONDecodeError as exc:
-                raise InvalidJobConfig(
-                    f"{path} is not JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
-                ) from exc
-        self.job_configs: list[JobConfig] = parse_job_configs(document, source=self.source)
-
-    def __iter__(self) -> Iterator[JobConfig]:
-        return iter(self.job_configs)
-
-    @property
-    def tags(self) -> list[str]:
-        return [c.tag for c in self.job_configs]
-
-    def get_job_config(self, tag: str) -> JobConfig:
-        """The configuration of that tag, or :class:`UnknownJobConfig` listing the known tags."""
-        for config in self.job_configs:
-            if config.tag == tag:
-                return config
-        raise UnknownJobConfig(_unknown_tag_message(tag, self.job_configs, self.source))
-
-    def as_dict(self) -> dict:
-        """The configurations in the file format (without ``$schema``)."""
-        return {"job_configs": [c.as_dict() for c in self.job_configs]}
-
-
-def _unknown_tag_message(tag: object, configs: list[JobConfig], where: str) -> str:
-    known = ", ".join(c.tag for c in configs) or "none"
-    message = f"no job configuration tagged {tag!r} in {where}; known tags: {known}"
-    named = [c.tag for c in configs if c.name == tag]
-    if len(named) == 1:
-        message += f" ({tag!r} is the name of {named[0]!r}: pass its tag)"
-    return message
-
-
 # --- configurations in the catalog -------------------------------------------------------
 
 
 def save_job_configs(catalog: Catalog, configs: Iterable[JobConfig]) -> list[str]:
-    """Save configurations in the catalog, replacing those of the same tags; return the tags.
+    """Save configurations in the catalog; return their tags. All or none are saved.
 
-    A job keeps the total points it was created with; a changed configuration counts for the
-    jobs created after it.
+    A configuration without a version replaces the tag's configuration. One with a version
+    is registered once: the same tag and version again with the same name and steps changes
+    nothing, with other ones it is a :class:`JobConfigConflict`; a new version becomes the
+    tag's configuration for the jobs created after it. A job keeps the steps and total points
+    it was created with.
 
     Example: ``save_job_configs(catalog, JobConfigManager("job_configurations.json"))``.
     """
     configs = list(configs)
-    _check_unique(configs, "the job configurations")
+    check_unique(configs, "the job configurations")
     if not configs:
         return []
-    now = now_ms()
-    rows = [
-        {
-            "tag": c.tag,
-            "name": c.name,
-            "steps": json.dumps(c.as_dict()["step_configurations"]),
-            "total_points": c.total_points,
-            "updated_at": now,
-        }
-        for c in configs
-    ]
-    insert = dialect_insert(catalog.engine, job_configurations)
-    upsert = insert.on_conflict_do_update(
-        index_elements=["tag"],
-        set_={
-            name: insert.excluded[name] for name in ("name", "steps", "total_points", "updated_at")
-        },
-    )
-    with catalog.writing() as conn:
-        conn.execute(upsert, rows)
+    for attempt in range(2):
+        try:
+            with catalog.writing() as conn:
+                for config in configs:
+                    _save_config(catalog, conn, config)
+            break
+        except IntegrityError:
+            if attempt:  # pragma: no cover - a second concurrent registration of the same version
+                raise
+            # The same version, registered by a concurrent request: compare with it.
     return [c.tag for c in configs]
 
 
+def _save_config(catalog: Catalog, conn: Connection, config: JobConfig) -> None:
+    steps = json.dumps(config.as_dict()["step_configurations"])
+    now = now_ms()
+    if config.version is not None:
+        stored = conn.execute(
+            select(job_config_versions).where(
+                job_config_versions.c.tag == config.tag,
+                job_config_versions.c.version == config.version,
+            )
+        ).first()
+        if stored is not None:
+            if (stored.name, stored.steps) != (config.name, steps):
+                raise JobConfigConflict(
+                    f"job configuration {config.tag!r} version {config.version!r} is already "
+                    "registered with other steps or another name; give the changed "
+                    "configuration a new version",
+                    tag=config.tag,
+                    version=config.version,
+                )
+            return  # registered before: the tag's current version stays as it is
+        conn.execute(
+            job_config_versions.insert().values(
+                tag=config.tag,
+                version=config.version,
+                name=config.name,
+                steps=steps,
+                total_points=config.total_points,
+                created_at=now,
+            )
+        )
+    row = {
+        "tag": config.tag,
+        "name": config.name,
+        "steps": steps,
+        "total_points": config.total_points,
+        "updated_at": now,
+        "version": config.version,
+    }
+    insert = dialect_insert(catalog.engine, job_configurations)
+    conn.execute(
+        insert.on_conflict_do_update(
+            index_elements=["tag"],
+            set_={
+                name: insert.excluded[name]
+                for name in ("name", "steps", "total_points", "updated_at", "version")
+            },
+        ),
+        row,
+    )
+
+
 def list_job_configs(catalog: Catalog) -> list[JobConfig]:
-    """Every saved configuration, by tag."""
+    """Every saved configuration (the current version of each tag), by tag."""
     with catalog.engine.connect() as conn:
         rows = conn.execute(select(job_configurations).order_by(job_configurations.c.tag)).all()
     return [_config_from_row(row) for row in rows]
@@ -307,12 +176,26 @@ def list_job_configs(catalog: Catalog) -> list[JobConfig]:
 
 def _config_from_row(row) -> JobConfig:
     steps = [StepConfig(s["tag"], s["name"], s["points"]) for s in json.loads(row.steps)]
-    return JobConfig(tag=row.tag, name=row.name, step_configurations=steps)
+    return JobConfig(tag=row.tag, name=row.name, step_configurations=steps, version=row.version)
 
 
 def _saved_config(conn: Connection, tag: str) -> JobConfig | None:
     row = conn.execute(select(job_configurations).where(job_configurations.c.tag == tag)).first()
     return None if row is None else _config_from_row(row)
+
+
+def _job_config(conn: Connection, job) -> JobConfig | None:
+    """The configuration a job was created with: its version's, else the tag's current one."""
+    if job.config_version is not None:
+        row = conn.execute(
+            select(job_config_versions).where(
+                job_config_versions.c.tag == job.tag,
+                job_config_versions.c.version == job.config_version,
+            )
+        ).first()
+        if row is not None:
+            return _config_from_row(row)
+    return _saved_config(conn, job.tag)
 
 
 # --- jobs and events ---------------------------------------------------------------------
@@ -343,6 +226,9 @@ def create_job(
 ) -> dict:
     """Start tracking a job of a saved configuration; return it as :func:`get_job` does.
 
+    ``tag`` is the configuration's tag, or the display name of exactly one configuration
+    (trackerapi's README passes ``job_config.name``); the job is stored with the tag.
+
     Creating the same ``provider_job_id`` again with the same tag and customer returns the
     existing job; with another one it is a :class:`JobConflict`. ``as_customer``: the customer
     of the API key used, whose jobs alone it may create ("" or None: any customer).
@@ -363,7 +249,7 @@ def create_job(
     for attempt in range(2):
         try:
             with catalog.writing() as conn:
-                _insert_job(conn, job_id, customer, tag)
+                tag = _insert_job(conn, job_id, customer, tag)
             break
         except IntegrityError:
             if attempt:  # pragma: no cover - a second concurrent creation of the same id
@@ -372,7 +258,15 @@ def create_job(
     return get_job(catalog, job_id)
 
 
-def _insert_job(conn: Connection, job_id: str, customer: str | None, tag: str) -> None:
+def _insert_job(conn: Connection, job_id: str, customer: str | None, tag: str) -> str:
+    """Insert the job unless it exists; return its configuration's tag."""
+    config = _saved_config(conn, tag)
+    if config is None:
+        configs = [_config_from_row(r) for r in conn.execute(select(job_configurations))]
+        config = find_config(tag, configs)  # trackerapi's README passes the job's name
+        if config is None:
+            raise UnknownJobConfig(unknown_tag_message(tag, configs, "the catalog"))
+        tag = config.tag
     existing = conn.execute(select(jobs).where(jobs.c.provider_job_id == job_id)).first()
     if existing is not None:
         if existing.tag != tag or existing.customer_id != customer:
@@ -380,17 +274,14 @@ def _insert_job(conn: Connection, job_id: str, customer: str | None, tag: str) -
                 f"provider_job_id {job_id!r} is already a job of another configuration or "
                 "customer; use a new id for a new job"
             )
-        return
-    config = _saved_config(conn, tag)
-    if config is None:
-        configs = [_config_from_row(r) for r in conn.execute(select(job_configurations))]
-        raise UnknownJobConfig(_unknown_tag_message(tag, configs, "the catalog"))
+        return tag
     now = now_ms()
     conn.execute(
         jobs.insert().values(
             provider_job_id=job_id,
             customer_id=customer,
             tag=tag,
+            config_version=config.version,
             status="running",
             points_done=0,
             points_total=config.total_points,
@@ -398,6 +289,7 @@ def _insert_job(conn: Connection, job_id: str, customer: str | None, tag: str) -
             updated_at=now,
         )
     )
+    return tag
 
 
 def derived_event_id(provider_job_id: object, kind: object, tag: object) -> str:
@@ -499,7 +391,7 @@ def record_event(
                 return {**stored, "duplicate": True}
             points, changes = 0, {}
             if kind == "step":
-                config = _saved_config(conn, job.tag)
+                config = _job_config(conn, job)
                 if config is None:
                     raise UnknownJobConfig(
                         f"the configuration {job.tag!r} of job {job_id!r} is gone"
@@ -612,7 +504,7 @@ def get_job(
         row = conn.execute(select(jobs).where(jobs.c.provider_job_id == job_id)).first()
         if row is None or (as_customer and row.customer_id != as_customer):
             raise UnknownJob(f"no job {job_id!r}")
-        config = _saved_config(conn, row.tag)
+        config = _job_config(conn, row)
         done = set(
             conn.execute(
                 select(job_events.c.tag)
