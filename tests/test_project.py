@@ -89,3 +89,15 @@ def test_every_public_name_and_error_type_is_exported():
     }
     assert error_types <= set(workbench.__all__)
     assert workbench.UnknownStudy is errors.UnknownStudy
+
+
+def test_the_error_tree_names_every_error_type():
+    from workbench import errors
+
+    tree = errors.__doc__
+    types = [
+        name
+        for name, value in vars(errors).items()
+        if isinstance(value, type) and issubclass(value, errors.WorkbenchError)
+    ]
+    assert [name for name in types if f" {name} " not in tree] == []
