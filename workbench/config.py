@@ -84,6 +84,11 @@ class SourceConfig:
     max_id_jump: int = 1_000_000  # a row id this far above the last one does not move the mark
     # The sessions each table is expected to hold per participant: {"PHQ9": ["PRE", "POST"]}.
     schedule: dict = field(default_factory=dict)
+    # The instrument each table holds: {"PHQ9": "phq9"}. Tables of instruments with safety
+    # items (PHQ-9 item 9) are checked at each export and open safety alerts.
+    instruments: dict = field(default_factory=dict)
+    # Who is mailed a safety alert at once; empty: the [smtp] recipients.
+    safety_contacts: tuple[str, ...] = ()
 
     def credentials(self) -> tuple[str, str]:
         """(user, password) from the environment, or :class:`ConfigError`."""
@@ -291,6 +296,21 @@ def _sources(raw: object, home: Path) -> tuple[SourceConfig, ...]:
             isinstance(v, list) and all(isinstance(x, str) for x in v) for v in schedule.values()
         ):
             raise ConfigError(f"source {name!r}: schedule maps tables to lists of sessions")
+        instruments = values.get("instruments", {})
+        if not isinstance(instruments, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) and re.fullmatch(r"[a-z][a-z0-9_]{0,31}", v)
+            for k, v in instruments.items()
+        ):
+            raise ConfigError(
+                f"source {name!r}: instruments maps tables to instrument ids, e.g. "
+                '{PHQ9 = "phq9"}'
+            )
+        contacts = values.get("safety_contacts", [])
+        if not isinstance(contacts, list) or not all(
+            isinstance(c, str) and "@" in c for c in contacts
+        ):
+            raise ConfigError(f"source {name!r}: safety_contacts must list e-mail addresses")
+        values["safety_contacts"] = tuple(contacts)
         for key in ("include", "exclude"):
             values[key] = tuple(values.get(key, ()))
         if values.get("private_key"):
