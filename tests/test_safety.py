@@ -160,8 +160,8 @@ def test_export_opens_one_alert_per_participant_and_session_mailed_without_answe
     keys,
     monkeypatch,
     server,
-    smtp_server,
-    caplog,  # noqa: F811
+    smtp_server,  # noqa: F811
+    caplog,
 ):
     mailbox, port = smtp_server
     config = with_mail(home, keys, monkeypatch, port, safety_contacts='["clinician@lab.example"]')

@@ -673,8 +673,11 @@ def _scale_row(person, session, when, items, encrypt, rng: random.Random):
             row[item] = PREFER_NOT
         else:
             row[item] = min(3, max(0, round(rng.gauss(level, 0.7))))
-    if row.get(SAFETY_ITEM, PREFER_NOT) != PREFER_NOT:  # drawn all the same: other values stay
-        row[SAFETY_ITEM] = 2 if person.pid == AT_RISK and step == 0 else 0
+    if SAFETY_ITEM in row:  # drawn all the same, so that the other values stay as they were
+        if person.pid == AT_RISK and step == 0:
+            row[SAFETY_ITEM] = 2
+        elif row[SAFETY_ITEM] != PREFER_NOT:
+            row[SAFETY_ITEM] = 0
     row["time_on_page"] = round(rng.lognormvariate(math.log(45), 0.5), 3)
     return when, row
 
