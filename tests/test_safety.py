@@ -149,8 +149,10 @@ def safety_alerts(config, *, include_closed=True):
     return [a for a in found if a.kind == "safety"]
 
 
+# An answer, a total or a band: 555 is P0002's item 9, 18 its prorated total (mails only: a
+# log line may hold 18 in a duration), then each item followed by a number.
 ANSWER_TRACES = re.compile(
-    r"555|\b18\b|\btotal\b|\bband\b|minimal|mild|moderate|severe|"
+    r"555|total|\bband\b|phq9_|minimal|mild|moderate|severe|"
     + "|".join(rf"{c}\W{{0,3}}\d" for c in PHQ9)
 )
 
@@ -197,6 +199,7 @@ def test_export_opens_one_alert_per_participant_and_session_mailed_without_answe
     assert f"safety alert {positive.id} opened: source mindtrails, participant P0001" in logged
     for where in (*bodies, logged):
         assert not ANSWER_TRACES.search(where), ANSWER_TRACES.search(where)
+    assert not any(re.search(r"\b18\b", body) for body in bodies)
     catalog = open_catalog(config)
     try:
         assert mail_new_alerts(catalog, config.smtp) == 0  # never again in the digest
