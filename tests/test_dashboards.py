@@ -603,3 +603,84 @@ def test_automatic_refresh_reloads_when_the_interval_has_passed(pool, monkeypatc
     assert not worker.is_alive()
     if failures:
         raise failures[0]
+
+
+# ---------------------------------------------------------------------------- safety alerts
+
+
+@pytest.mark.slow
+def test_a_safety_alert_is_listed_first_and_needs_a_note(browser, tmp_path):
+    from workbench.alerts import open_safety_alerts
+
+    config = init_home(tmp_path / "safety")
+    synthetic_study(config, "gamma", subjects=8, seed=3)  # opens status alerts, older
+    catalog = open_catalog(config)
+    try:
+        assert list_alerts(catalog, "gamma")  # the study has alerts of its own
+        finding = {
+            "subject": "P0001",
+            "session": "PRE",
+            "since": 1_714_642_200_000,  # newer than the study's: listed first all the same
+            "detail": "Patient Health Questionnaire-9 (PHQ-9) (table PHQ9, session PRE): "
+            "thoughts that they would be better off dead: at or above the threshold",
+            "action": "contact the participant as the study's safety protocol says",
+        }
+        (alert,) = open_safety_alerts(catalog, "mindtrails", [finding])
+    finally:
+        catalog.dispose()
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    access = dashboard_access(environ={})
+    process = serve_dashboards(config, port=port, access=access)
+    try:
+        wait_for_dashboards(url, process=process, token=access.token)
+        page = Page(browser, dashboard_urls(url, access)["study status"])
+        page.wait_rendered(*STATUS_READY)
+        page.check_clean()
+        listed = page.page.query_selector_all(".wb-alert")
+        assert len(listed) > 1
+        first = listed[0]
+        assert first.get_attribute("data-id") == str(alert.id)
+        assert "wb-alert-safety" in first.get_attribute("class")
+        assert first.inner_text().startswith("SAFETY")
+        assert "P0001" in first.inner_text() and "mindtrails" in first.inner_text()
+        assert all("wb-alert-safety" not in e.get_attribute("class") for e in listed[1:])
+        assert page.page.evaluate(
+            "() => getComputedStyle(document.querySelector('.wb-alert-safety')).borderLeftWidth"
+        ) == "5px"  # fmt: skip
+        page.screenshot("study_status_safety")
+
+        # Acknowledge without a note is refused on the page; the alert stays open
+        page.page.click(f".wb-ack-{alert.id}")
+        page.page.wait_for_function(
+            "() => [...document.querySelectorAll('.wb-error')].some(e => /note/.test(e.innerText))",
+            timeout=60_000,
+        )
+        assert page.page.query_selector(f".wb-alert[data-id='{alert.id}']")
+        catalog = open_catalog(config)
+        try:
+            assert list_safety_alerts_of(catalog)[0].acked_at is None
+        finally:
+            catalog.dispose()
+
+        # with a note and a name: acknowledged, closed, who and when recorded
+        page.page.fill(f".wb-note-{alert.id} textarea", "called; safety plan agreed")
+        page.page.fill(f".wb-by-{alert.id} input", "dr-lee")
+        page.page.click(f".wb-ack-{alert.id}")
+        page.page.wait_for_selector(f".wb-alert[data-id='{alert.id}']", state="detached")
+        catalog = open_catalog(config)
+        try:
+            done = next(a for a in list_alerts(catalog, include_closed=True) if a.id == alert.id)
+        finally:
+            catalog.dispose()
+        assert (done.acked_by, done.note) == ("dr-lee", "called; safety plan agreed")
+        assert done.acked_at is not None and done.closed_at is not None
+        page.page.close()
+    finally:
+        stop_process(process)
+
+
+def list_safety_alerts_of(catalog):
+    from workbench.alerts import list_safety_alerts
+
+    return list_safety_alerts(catalog, ["mindtrails"])

@@ -78,3 +78,18 @@ def test_demo_then_status_alerts_sanity_and_questionnaires(tmp_path):
     ):
         done = workbench(home, *args)
         assert done.returncode == 0 and "report: " in done.stdout, (args, done.stderr)
+
+    # the demo's participant P0001 answered PHQ-9 item 9 at its first assessment: a safety
+    # alert, listed first, whose acknowledgement needs a note
+    assert "safety alerts:" in run.stdout
+    assert "safety alert #" in run.stdout and "participant P0001, session PRE" in run.stdout
+    every = json.loads(workbench(home, "alerts", "--no-refresh", "--format", "json").stdout)
+    kinds = [a["kind"] for a in every]
+    assert kinds[0] == "safety" and kinds == sorted(kinds, key=lambda k: k != "safety")
+    first = next(a for a in every if (a["subject"], a["device"]) == ("P0001", "PRE"))
+    assert (first["kind"], first["study"]) == ("safety", "mindtrails")
+    assert "better off dead" in first["detail"] and "safety protocol" in first["action"]
+    refused = workbench(home, "alerts", "ack", str(first["id"]))
+    assert refused.returncode == 2 and "note" in refused.stderr + refused.stdout
+    done = workbench(home, "alerts", "ack", str(first["id"]), "--note", "called; safe")
+    assert done.returncode == 0 and "acknowledged and closed" in done.stdout

@@ -16,6 +16,16 @@ and from sync (:mod:`workbench.sync`), with the provider in place of the device:
 
     sync_revoked      a provider refused an account's token (expired or revoked)
 
+and from the questionnaire export (:mod:`workbench.safety`), with the source in place of the
+study, the participant in place of the subject and the session in place of the device:
+
+    safety            a safety item (PHQ-9 item 9) at or above its threshold, or not answered
+
+A safety alert is different: it is mailed at once, alone, to the source's safety contacts (not
+in the digest); it is listed before every other alert; and it is closed only by an
+acknowledgement with a note (who and when are recorded), never by itself. Only one is ever
+opened per source, participant and session (a unique index in the catalog).
+
 Example::
 
     for alert in list_alerts(catalog, "demo"):
@@ -30,11 +40,11 @@ import getpass
 from dataclasses import dataclass
 
 import polars as pl
-from sqlalchemy import select, update
+from sqlalchemy import case, select, update
 
-from workbench.catalog import Catalog, alerts, now_ms
+from workbench.catalog import Catalog, alerts, dialect_insert, now_ms
 from workbench.config import SmtpConfig
-from workbench.errors import MailError, UnknownAlert
+from workbench.errors import AlreadyAcknowledged, MailError, NoteRequired, UnknownAlert
 from workbench.mail import send_mail
 from workbench.status import (
     ACTIVE_DEVICE,
@@ -51,7 +61,10 @@ __all__ = [
     "MailError",
     "ack_alert",
     "list_alerts",
+    "list_safety_alerts",
     "mail_new_alerts",
+    "mail_safety_alert",
+    "open_safety_alerts",
     "update_alerts",
 ]
 
@@ -63,7 +76,9 @@ ACTIONS = {
     "several_devices": "confirm which device is in use and ask the subject to leave on the others",
     "low_completeness": "check the phone's battery optimisation and sensor permissions",
     "sync_revoked": "ask the subject to link the provider again: workbench sync link STUDY SUBJECT PROVIDER",
+    "safety": "follow the study's safety protocol, then acknowledge with a note of what was done",
 }
+SAFETY = "safety"
 # The kinds a status refresh opens and closes; others (sync) are closed by their own module.
 STATUS_KINDS = ("stale", "never_sent", "over_not_left", "several_devices", "low_completeness")
 
@@ -85,10 +100,15 @@ class Alert:
     acked_at: int | None
     acked_by: str | None
     note: str | None
+    instruction: str | None = None  # what to do, when the alert says it itself (safety)
 
     @property
     def action(self) -> str:
-        return ACTIONS[self.kind]
+        return self.instruction or ACTIONS[self.kind]
+
+    @property
+    def is_safety(self) -> bool:
+        return self.kind == SAFETY
 
     @property
     def is_open(self) -> bool:
@@ -96,6 +116,7 @@ class Alert:
 
     def as_dict(self) -> dict:
         out = {name: getattr(self, name) for name in self.__dataclass_fields__}
+        del out["instruction"]
         for name in ("since", "opened_at", "closed_at", "mailed_at", "acked_at"):
             out[name] = _iso(out[name])
         out["action"] = self.action
@@ -207,12 +228,12 @@ def update_alerts(
 def list_alerts(
     catalog: Catalog, study: str | None = None, *, include_closed: bool = False
 ) -> list[Alert]:
-    """Open alerts (all alerts with ``include_closed``), oldest first.
+    """Open alerts (all alerts with ``include_closed``): safety alerts first, then oldest first.
 
     Example: ``[a.detail for a in list_alerts(catalog, "demo")]``.
     """
     c = alerts.c
-    query = select(alerts).order_by(c.study_id, c.since, c.id)
+    query = select(alerts).order_by(_safety_first(), c.study_id, c.since, c.id)
     if study is not None:
         query = query.where(c.study_id == study)
     if not include_closed:
@@ -221,35 +242,168 @@ def list_alerts(
         return [_alert(r) for r in conn.execute(query)]
 
 
+def list_safety_alerts(catalog: Catalog, sources: list[str]) -> list[Alert]:
+    """The open safety alerts of these questionnaire sources, oldest first.
+
+    Example: ``list_safety_alerts(catalog, [s.name for s in config.sources])``.
+    """
+    c = alerts.c
+    query = (
+        select(alerts)
+        .where(c.kind == SAFETY, c.closed_at.is_(None), c.study_id.in_(sources))
+        .order_by(c.since, c.id)
+    )
+    with catalog.engine.connect() as conn:
+        return [_alert(r) for r in conn.execute(query)]
+
+
+def _safety_first():
+    return case((alerts.c.kind == SAFETY, 0), else_=1)
+
+
 def ack_alert(
     catalog: Catalog, alert_id: int, *, by: str | None = None, note: str | None = None
 ) -> Alert:
     """Record who handled an alert (default: the logged-in user), with an optional note.
 
+    A safety alert needs a note, is closed by the acknowledgement, and is acknowledged once:
+    a second acknowledgement is refused (:class:`AlreadyAcknowledged`), so the record of who
+    acted and when stays as written.
+
     Example: ``ack_alert(catalog, 3, by="ana", note="new phone, device removed")``.
     """
     by = by or getpass.getuser()
     c = alerts.c
+    now = now_ms()
     with catalog.writing() as conn:
-        done = conn.execute(
-            update(alerts).where(c.id == alert_id).values(acked_at=now_ms(), acked_by=by, note=note)
-        ).rowcount
-    if not done:
-        raise UnknownAlert(f"no alert {alert_id}; see `workbench alerts --all`")
+        row = conn.execute(select(c.kind, c.acked_at).where(c.id == alert_id)).first()
+        if row is None:
+            raise UnknownAlert(f"no alert {alert_id}; see `workbench alerts --all`")
+        values = {"acked_at": now, "acked_by": by, "note": note}
+        statement = update(alerts).where(c.id == alert_id)
+        if row.kind == SAFETY:
+            if not (note or "").strip():
+                raise NoteRequired(
+                    f"alert {alert_id} is a safety alert: acknowledge it with a note of what "
+                    f'was done, e.g. workbench alerts ack {alert_id} --note "called; safe"'
+                )
+            if row.acked_at is not None:
+                raise AlreadyAcknowledged(
+                    f"safety alert {alert_id} was acknowledged already; its record is kept"
+                )
+            values["closed_at"] = now
+            statement = statement.where(c.acked_at.is_(None))
+        if not conn.execute(statement.values(**values)).rowcount:
+            raise AlreadyAcknowledged(
+                f"safety alert {alert_id} was acknowledged already; its record is kept"
+            )
     with catalog.engine.connect() as conn:
         return _alert(conn.execute(select(alerts).where(c.id == alert_id)).one())
 
 
+def open_safety_alerts(
+    catalog: Catalog, source: str, findings: list[dict], *, now: int | None = None
+) -> list[Alert]:
+    """Open a safety alert for each finding (``subject``, ``session``, ``since``, ``detail``,
+    ``action``) that has none yet for its source, participant and session; return the new ones.
+
+    Never a second alert for the same participant and session, whether the first is open,
+    acknowledged or closed.
+
+    Example: ``open_safety_alerts(catalog, "mindtrails", [{"subject": "P0001", ...}])``.
+    """
+    now = now_ms() if now is None else now
+    c = alerts.c
+    opened = []
+    with catalog.writing() as conn:
+        for finding in findings:
+            new_id = conn.execute(
+                dialect_insert(catalog.engine, alerts)
+                .values(
+                    study_id=source,
+                    subject_id=finding["subject"],
+                    device_id=finding["session"],
+                    kind=SAFETY,
+                    since=finding["since"],
+                    detail=finding["detail"],
+                    action=finding["action"],
+                    opened_at=now,
+                )
+                .on_conflict_do_nothing(
+                    index_elements=[c.study_id, c.subject_id, c.device_id],
+                    index_where=c.kind == SAFETY,
+                )
+                .returning(c.id)
+            ).scalar()
+            if new_id is not None:
+                opened.append(new_id)
+    if not opened:
+        return []
+    with catalog.engine.connect() as conn:
+        return [_alert(r) for r in conn.execute(select(alerts).where(c.id.in_(opened)))]
+
+
+def pending_safety_alerts(catalog: Catalog, source: str) -> list[Alert]:
+    """Safety alerts of ``source`` not mailed yet, oldest first."""
+    c = alerts.c
+    query = (
+        select(alerts)
+        .where(c.kind == SAFETY, c.study_id == source, c.mailed_at.is_(None))
+        .order_by(c.id)
+    )
+    with catalog.engine.connect() as conn:
+        return [_alert(r) for r in conn.execute(query)]
+
+
+def safety_mail(alert: Alert) -> tuple[str, str]:
+    """The subject and body of a safety alert's mail: who, which rule, what to do; never the
+    answers themselves."""
+    session = alert.device or "(none)"
+    subject = (
+        f"[workbench] SAFETY alert #{alert.id}: {alert.study} participant {alert.subject}, "
+        f"session {session}"
+    )
+    body = "\n".join(
+        [
+            f"Safety alert #{alert.id} needs action now.",
+            "",
+            f"Source:       {alert.study}",
+            f"Participant:  {alert.subject}",
+            f"Session:      {session}",
+            f"Since:        {_iso(alert.since)}",
+            f"What:         {alert.detail}",
+            f"To do:        {alert.action}",
+            "",
+            "When it is done, acknowledge it with a note (who and when are recorded):",
+            f'    workbench alerts ack {alert.id} --note "what was done"',
+            "or with Acknowledge on the status dashboard. It stays open until then.",
+            "The answers themselves are not in this mail.",
+        ]
+    )
+    return subject, body + "\n"
+
+
+def mail_safety_alert(
+    catalog: Catalog, smtp: SmtpConfig, alert: Alert, *, to: list[str] | None = None
+) -> None:
+    """Mail one safety alert on its own to ``to`` (default: the [smtp] recipients) and mark it
+    mailed. Raises :class:`MailError` (and marks nothing) when sending fails."""
+    subject, body = safety_mail(alert)
+    send_mail(smtp, subject, body, to=to)
+    with catalog.writing() as conn:
+        conn.execute(update(alerts).where(alerts.c.id == alert.id).values(mailed_at=now_ms()))
+
+
 def mail_new_alerts(catalog: Catalog, smtp: SmtpConfig, *, now: int | None = None) -> int:
     """Mail one digest of the open alerts not mailed yet and mark them mailed; return how
-    many it listed. Raises :class:`MailError` (and marks nothing) when sending fails."""
+    many it listed. Safety alerts are mailed on their own (:func:`mail_safety_alert`). Raises :class:`MailError` (and marks nothing) when sending fails."""
     c = alerts.c
     with catalog.engine.connect() as conn:
         pending = [
             _alert(r)
             for r in conn.execute(
                 select(alerts)
-                .where(c.mailed_at.is_(None), c.closed_at.is_(None))
+                .where(c.mailed_at.is_(None), c.closed_at.is_(None), c.kind != SAFETY)
                 .order_by(c.study_id, c.id)
             )
         ]
@@ -317,4 +471,5 @@ def _alert(row) -> Alert:
         acked_at=row.acked_at,
         acked_by=row.acked_by,
         note=row.note,
+        instruction=row.action,
     )

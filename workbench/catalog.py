@@ -43,7 +43,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from workbench.errors import CatalogError
 from workbench.pool import make_folders, open_new_file, secure_file
 
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 
 # A migration upgrades the catalog from version N-1 to N; it is keyed by N.
 MIGRATIONS: dict[int, Callable[[Connection], None]] = {}
@@ -213,6 +213,8 @@ alerts = Table(
     Column("acked_at", BigInteger),
     Column("acked_by", String(128)),
     Column("note", Text),
+    # version 7: what to do, when the alert says it itself (a safety item's action)
+    Column("action", Text),
     Index("ix_alerts_open", "study_id", "closed_at"),
 )
 
@@ -592,6 +594,32 @@ def _add_job_config_versions(conn: Connection) -> None:
 
 
 MIGRATIONS[7] = _add_job_config_versions
+
+
+# --- version 8: safety alerts -----------------------------------------------------------
+
+# One safety alert per source, participant and session, whatever happens later (closed,
+# acknowledged, rows decoded again): the index makes a second one impossible.
+safety_alerts_unique = Index(
+    "ux_alerts_safety",
+    alerts.c.study_id,
+    alerts.c.subject_id,
+    alerts.c.device_id,
+    unique=True,
+    sqlite_where=alerts.c.kind == "safety",
+    postgresql_where=alerts.c.kind == "safety",
+)
+
+
+def _add_safety(conn: Connection) -> None:
+    inspector = inspect(conn)
+    if "action" not in {c["name"] for c in inspector.get_columns("alerts")}:
+        conn.exec_driver_sql("ALTER TABLE alerts ADD COLUMN action TEXT")
+    if "ux_alerts_safety" not in {i["name"] for i in inspector.get_indexes("alerts")}:
+        safety_alerts_unique.create(conn)
+
+
+MIGRATIONS[8] = _add_safety
 
 
 def dialect_insert(engine: Engine, table: Table):

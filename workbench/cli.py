@@ -633,8 +633,9 @@ class _DefaultToList(_Group):
 
 @cli.group(cls=_DefaultToList)
 def alerts() -> None:
-    """What coordinators should act on: silent subjects, overdue leavers, extra devices,
-    subjects who never sent data, low completeness. Without a subcommand: list.
+    """What coordinators should act on: questionnaire safety items (listed first), silent
+    subjects, overdue leavers, extra devices, subjects who never sent data, low completeness.
+    Without a subcommand: list.
 
     \b
     Example:
@@ -696,11 +697,14 @@ def alerts_list(ctx, study_id, include_closed, fmt, no_refresh) -> None:
 
 @alerts.command("ack")
 @click.argument("alert_id", metavar="ID", type=int)
-@click.option("--note", help="What was done.")
+@click.option("--note", help="What was done (required for a safety alert).")
 @click.option("--by", help="Who handled it (default: the logged-in user).")
 @click.pass_context
 def alerts_ack(ctx, alert_id, note, by) -> None:
     """Record that an alert was handled, by whom, with a note.
+
+    A safety alert (a questionnaire's safety item, e.g. PHQ-9 item 9) needs --note, is
+    closed by the acknowledgement and is acknowledged only once.
 
     \b
     Example:
@@ -713,7 +717,10 @@ def alerts_ack(ctx, alert_id, note, by) -> None:
         alert = ack_alert(catalog, alert_id, by=by, note=note)
     finally:
         catalog.dispose()
-    click.echo(f"alert {alert.id} ({alert.kind}, {alert.subject}) acknowledged by {alert.acked_by}")
+    closed = " and closed" if alert.is_safety else ""
+    click.echo(
+        f"alert {alert.id} ({alert.kind}, {alert.subject}) acknowledged{closed} by {alert.acked_by}"
+    )
 
 
 @cli.command()

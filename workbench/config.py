@@ -88,6 +88,11 @@ class SourceConfig:
     # participant who misses a due session by more than grace_days is lost to follow-up.
     session_days: dict = field(default_factory=dict)
     grace_days: float = 7.0
+    # The instrument each table holds: {"PHQ9": "phq9"}. Tables of instruments with safety
+    # items (PHQ-9 item 9) are checked at each export and open safety alerts.
+    instruments: dict = field(default_factory=dict)
+    # Who is mailed a safety alert at once; empty: the [smtp] recipients.
+    safety_contacts: tuple[str, ...] = ()
 
     def credentials(self) -> tuple[str, str]:
         """(user, password) from the environment, or :class:`ConfigError`."""
@@ -296,6 +301,21 @@ def _sources(raw: object, home: Path) -> tuple[SourceConfig, ...]:
         ):
             raise ConfigError(f"source {name!r}: schedule maps tables to lists of sessions")
         _check_session_days(name, values, schedule)
+        instruments = values.get("instruments", {})
+        if not isinstance(instruments, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) and re.fullmatch(r"[a-z][a-z0-9_]{0,31}", v)
+            for k, v in instruments.items()
+        ):
+            raise ConfigError(
+                f"source {name!r}: instruments maps tables to instrument ids, e.g. "
+                '{PHQ9 = "phq9"}'
+            )
+        contacts = values.get("safety_contacts", [])
+        if not isinstance(contacts, list) or not all(
+            isinstance(c, str) and "@" in c for c in contacts
+        ):
+            raise ConfigError(f"source {name!r}: safety_contacts must list e-mail addresses")
+        values["safety_contacts"] = tuple(contacts)
         for key in ("include", "exclude"):
             values[key] = tuple(values.get(key, ()))
         if values.get("private_key"):

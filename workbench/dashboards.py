@@ -42,7 +42,7 @@ import httpx
 import polars as pl
 from sqlalchemy import func, literal, select
 
-from workbench.alerts import Alert, list_alerts
+from workbench.alerts import Alert, list_alerts, list_safety_alerts
 from workbench.catalog import Catalog, devices, fetch_tuples, now_ms, open_catalog, uploads
 from workbench.config import HOME_ENV, Config
 from workbench.errors import UnprotectedDashboards, WorkbenchError
@@ -81,7 +81,7 @@ class StatusView:
     subjects: pl.DataFrame  # one row per subject: subject_name, state, hours_since_last_data
     counts: dict[str, int]
     freshness: pl.DataFrame  # per status row: <sensor> = hours since its newest sample
-    alerts: list[Alert] = field(default_factory=list)
+    alerts: list[Alert] = field(default_factory=list)  # open safety alerts first
 
     @property
     def sensors(self) -> list[str]:
@@ -144,7 +144,12 @@ def status_view(
         now = now_ms() if now is None else now
         study = get_study(catalog, study_id)
         table = study_status(catalog, study_id, now=now)
-        items = [a for a in list_alerts(catalog, study_id) if a.acked_at is None]
+        # Open safety alerts of every questionnaire source come first, on every study's page:
+        # they must not wait for someone to open the right one.
+        safety = list_safety_alerts(catalog, [s.name for s in config.sources])
+        items = safety + [
+            a for a in list_alerts(catalog, study_id) if a.acked_at is None and not a.is_safety
+        ]
     finally:
         if own:
             catalog.dispose()

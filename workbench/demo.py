@@ -11,7 +11,7 @@ from pathlib import Path
 
 import httpx
 
-from workbench.alerts import list_alerts
+from workbench.alerts import list_alerts, list_safety_alerts
 from workbench.catalog import open_catalog
 from workbench.config import CONFIG_NAME, init_home, load_config
 from workbench.errors import StudyExists, WorkbenchError
@@ -242,6 +242,20 @@ def _export_questionnaires(config) -> subprocess.Popen | None:
     setup_logging(config)
     for report in export_sources(config, DEMO_SOURCE):
         print(f"questionnaires exported: {report.summary()}")
+    catalog = open_catalog(config)
+    try:
+        safety = list_safety_alerts(catalog, [DEMO_SOURCE])
+    finally:
+        catalog.dispose()
+    print(
+        f"safety alerts: {len(safety)} open (first on the status dashboard; "
+        f"workbench --home {config.home} alerts; docs/safety.md)"
+    )
+    for alert in safety[:5]:
+        print(
+            f"  safety alert #{alert.id}: participant {alert.subject}, session "
+            f"{alert.device or 'none'}: {alert.detail}"
+        )
     print(
         f"decoded tables: {config.pool / 'questionnaires' / DEMO_SOURCE / 'decoded'}; "
         f"study server: {source.url}/export/"

@@ -23,6 +23,8 @@ upload server into an HTTP status and a JSON body (``status`` and ``code`` attri
     │   └── InsufficientStorage    the pool's disk is (nearly) full; retry later (HTTP 507)
     ├── VerifyFailed               ledger and files disagree (exit 5)
     ├── UnknownAlert               no alert of that id (exit 4)
+    ├── NoteRequired               a safety alert is acknowledged only with a note (exit 2)
+    ├── AlreadyAcknowledged        a safety alert's acknowledgement is never replaced (exit 4)
     ├── MailError                  the SMTP server refused or could not be reached (exit 6)
     ├── SourceUnavailable          a study server cannot be reached or keeps failing (exit 7)
     ├── ExportFailed               an export stored what it could but some tables failed (exit 8)
@@ -164,6 +166,16 @@ class VerifyFailed(WorkbenchError):
 class UnknownAlert(WorkbenchError):
     exit_code = 4
     code = "unknown_alert"
+
+
+class NoteRequired(WorkbenchError):
+    exit_code = 2
+    code = "note_required"
+
+
+class AlreadyAcknowledged(WorkbenchError):
+    exit_code = 4
+    code = "already_acknowledged"
 
 
 class MailError(WorkbenchError):

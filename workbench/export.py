@@ -19,6 +19,12 @@ durable before the next:
 5. in ``delete_mode`` only, delete on the server each row found both in the raw snapshot (hash
    checked) and in the decoded files.
 
+Between 3 and marking the snapshot decoded, the decoded rows of tables the source maps to an
+instrument with safety items are checked (:mod:`workbench.safety`): a positive or missing
+safety item opens one safety alert per participant and session, and at the end of the run the
+new ones are mailed at once to the source's safety contacts. A crash before the check leaves
+the snapshot undecoded, so the next run checks it; an alert is never opened twice.
+
 A table whose answer holds ids outside signed 64-bit integers, or is larger than
 ``max_answer_mb``, is refused with a clear error (:class:`TableRefused`) before anything of it is
 stored; the other tables and sources go on. Every file and folder name comes from a name checked
@@ -86,6 +92,7 @@ from workbench.pool import (
     write_file_atomically,
     write_parquet_atomically,
 )
+from workbench.safety import check_new_rows, mail_pending, source_instruments
 from workbench.tables_csv import csv_bytes
 
 log = logging.getLogger("workbench.export")
@@ -125,6 +132,7 @@ class TableExport:
     deleted: int = 0
     left_on_server: int = 0
     ahead: int = 0  # stored rows far above the others, which the mark does not pass yet
+    safety_alerts: int = 0  # safety alerts the new rows opened
     error: str | None = None
 
 
@@ -135,6 +143,8 @@ class ExportReport:
     source: str
     tables: list[TableExport] = field(default_factory=list)
     resumed: int = 0  # raw snapshots an earlier, interrupted run left to decode
+    safety_alerts: int = 0  # opened by rows an interrupted run left (the tables count theirs)
+    safety_mailed: int = 0
     seconds: float = 0.0
     error: str | None = None  # the source could not be exported at all
 
@@ -155,6 +165,12 @@ class ExportReport:
         ahead = sum(t.ahead for t in self.tables)
         if ahead:
             parts.append(f"{ahead} stored rows far ahead of the others (the mark waits below)")
+        safety = self.safety_alerts + sum(t.safety_alerts for t in self.tables)
+        if safety:
+            parts.append(
+                f"{safety} safety alert(s) opened, {self.safety_mailed} mailed "
+                "(see `workbench alerts`)"
+            )
         bad = sum(t.undecryptable for t in self.tables)
         if bad:
             parts.append(f"{bad} values could not be decrypted (flagged, see critical.log)")
@@ -677,6 +693,7 @@ def export_source(
     Example: ``export_source(config, "mindtrails", tables=["PHQ9"]).summary()``.
     """
     source = config.source(name)
+    source_instruments(source)  # an unknown instrument stops the export before anything
     started = time.perf_counter()
     report = ExportReport(source=name)
     own = catalog is None
@@ -688,7 +705,9 @@ def export_source(
         lock = _source_lock(config, name)  # one export or rebuild of a source at a time
         client = ExportClient(source, transport=transport)
         decrypter = Decrypter(source)
-        report.resumed = _finish_interrupted(config, catalog, source, decrypter)
+        report.resumed, report.safety_alerts = _finish_interrupted(
+            config, catalog, source, decrypter
+        )
         listing = {t["name"]: t for t in client.tables()}
         names = [n for n in sorted(listing) if source.wants(n) and (not tables or n in tables)]
         for missing in sorted(set(tables or ()) - set(listing)):
@@ -716,6 +735,8 @@ def export_source(
         if decrypter is not None:
             decrypter.close()
         if lock is not None:
+            # safety alerts are mailed at once, even when the source failed part-way
+            report.safety_mailed = mail_pending(config, catalog, source)
             os.close(lock)
         if own:
             catalog.dispose()
@@ -745,7 +766,9 @@ def _export_table(config, catalog, client, source, decrypter, listed, result, pr
         raw_id, relative = write_raw(config, catalog, source.name, table, new, mark)
         _fault_point("after-raw")
         result.raw = relative
-        result.undecryptable = _decode_raw(config, catalog, source, decrypter, raw_id, progress)
+        result.undecryptable, result.safety_alerts = _decode_raw(
+            config, catalog, source, decrypter, raw_id, progress
+        )
     result.ahead = _settle_mark(catalog, source, table, mark, ahead | {r["id"] for r in new})
     if source.delete_mode and listed.get("deleteable"):
         result.deleted = _delete_verified(config, catalog, client, source, table)
@@ -920,7 +943,9 @@ def read_raw(config: Config, row) -> list[dict]:
     return orjson.loads(body)["rows"]
 
 
-def _decode_raw(config, catalog, source, decrypter, raw_id: int, progress: bool) -> int:
+def _decode_raw(config, catalog, source, decrypter, raw_id: int, progress: bool) -> tuple[int, int]:
+    """Decode one raw snapshot into the decoded files, check its safety items and mark it
+    decoded; return (values that could not be decrypted, safety alerts opened)."""
     with catalog.engine.connect() as conn:
         row = conn.execute(select(export_raw).where(export_raw.c.id == raw_id)).one()
     rows = read_raw(config, row)
@@ -933,16 +958,18 @@ def _decode_raw(config, catalog, source, decrypter, raw_id: int, progress: bool)
     )
     folder = table_folder(config, source.name, row.table_name, "decoded")
     merge_decoded(folder, row.table_name, frame)
+    opened = check_new_rows(catalog, source, row.table_name, frame)
     with catalog.writing() as conn:
         conn.execute(
             update(export_raw).where(export_raw.c.id == raw_id).values(decoded_at=now_ms())
         )
-    return failed
+    return failed, len(opened)
 
 
-def _finish_interrupted(config, catalog, source, decrypter) -> int:
+def _finish_interrupted(config, catalog, source, decrypter) -> tuple[int, int]:
     """Record the snapshots an interrupted run wrote but did not record, decode those it did
-    not decode, and advance their tables' marks; return how many."""
+    not decode, and advance their tables' marks; return how many, and the safety alerts
+    their rows opened."""
     _adopt_unrecorded(config, catalog, source.name)
     r = export_raw.c
     with catalog.engine.connect() as conn:
@@ -951,6 +978,7 @@ def _finish_interrupted(config, catalog, source, decrypter) -> int:
             .where(r.source == source.name, r.decoded_at.is_(None))
             .order_by(r.id)
         ).all()
+    opened = 0
     for item in pending:
         log.warning(
             "%s/%s: finishing raw snapshot %d left by an interrupted run",
@@ -958,13 +986,13 @@ def _finish_interrupted(config, catalog, source, decrypter) -> int:
             item.table_name,
             item.id,
         )
-        _decode_raw(config, catalog, source, decrypter, item.id, False)
+        opened += _decode_raw(config, catalog, source, decrypter, item.id, False)[1]
     for table in sorted({item.table_name for item in pending}):
         mark = high_water(catalog, source.name, table)
         _settle_mark(
             catalog, source, table, mark, stored_above(config, catalog, source.name, table, mark)
         )
-    return len(pending)
+    return len(pending), opened
 
 
 def _adopt_unrecorded(config: Config, catalog: Catalog, source: str) -> None:
@@ -1118,6 +1146,7 @@ def rebuild_decoded(
             query = select(export_raw).where(r.source == src.name).order_by(r.id)
             if table:
                 query = query.where(r.table_name == table)
+            source_instruments(src)
             decrypter = Decrypter(src)  # the key first: nothing is deleted if it cannot load
             lock = _source_lock(config, src.name)
             try:
@@ -1144,9 +1173,12 @@ def rebuild_decoded(
                         snapshot.table_name,
                         frame,
                     )
+                    # opens only what was never opened: acknowledged alerts stay closed
+                    check_new_rows(catalog, src, snapshot.table_name, frame)
                     key = f"{src.name}/{snapshot.table_name}"
                     done[key] = done.get(key, 0) + len(rows)
             finally:
+                mail_pending(config, catalog, src)
                 os.close(lock)
                 decrypter.close()
     finally:

@@ -18,6 +18,10 @@ Bands are half-open: a band runs from its ``min`` up to, not including, the next
 the last band includes its ``max``. Every score in the instrument's range has exactly one band,
 whole or not (a PHQ-9 of 4.5 is "minimal", below the cut-off 5).
 
+An instrument with safety items (PHQ-9: item 9 at 1 or more) also gets ``phq9_safety``: true
+when any safety item is at or above its threshold, null when a safety item is missing (blank, a
+missing code, invalid: proration never fills it in), false otherwise.
+
 Example::
 
     scored = score(combine_table(config, "mindtrails", "PHQ9"), "phq9", config=config)
@@ -68,6 +72,17 @@ class Scale:
 
 
 @dataclass(frozen=True)
+class SafetyItem:
+    """A safety item: its column, the threshold that calls for action, what that means and
+    what to do."""
+
+    item: str
+    threshold: float
+    label: str
+    action: str
+
+
+@dataclass(frozen=True)
 class Instrument:
     """A loaded instrument definition (see the module docstring)."""
 
@@ -81,6 +96,14 @@ class Instrument:
     def items(self) -> list[str]:
         """The item column names, in order."""
         return [item["column"] for item in self.definition["items"]]
+
+    @property
+    def safety(self) -> tuple[SafetyItem, ...]:
+        """The safety items (none for most instruments)."""
+        return tuple(
+            SafetyItem(s["item"], s["threshold"], s["label"], s["action"])
+            for s in self.definition.get("safety", [])
+        )
 
     @property
     def minimum(self) -> int:
@@ -198,6 +221,9 @@ def _load(location: str, _mtime_ns: int, _size: int) -> Instrument:
         )
     if not scales:
         raise InvalidDefinition(f"{path}: neither a total nor subscales to score")
+    unsafe = {s["item"] for s in definition.get("safety", [])} - set(columns)
+    if unsafe:
+        raise InvalidDefinition(f"{path}: safety names unknown items {sorted(unsafe)}")
     inst = Instrument(
         id=name, name=definition["name"], definition=definition, scales=tuple(scales), path=path
     )
@@ -334,6 +360,8 @@ def _score_frame(frame: pl.DataFrame, inst: Instrument) -> pl.DataFrame:
     scored = [pl.col(f"{inst.id}_{s.id}").is_not_null() for s in inst.scales]
     valid = scored[0] if inst.has_total else pl.all_horizontal(scored)
     stage4.append(valid.alias(f"{inst.id}_valid"))
+    if inst.safety:
+        stage4.append(_safety(inst, frame.schema).alias(f"{inst.id}_safety"))
     return (
         frame.lazy()
         .with_columns(stage1)
@@ -380,6 +408,30 @@ def usable_answers(table: pl.DataFrame, inst: Instrument) -> pl.DataFrame:
         pl.when(usable).then(value).otherwise(None).alias(c)
         for c in inst.items
         for usable, value in [_usable(inst, c, table.schema[c])]
+    )
+
+
+def _safety(inst: Instrument, schema) -> pl.Expr:
+    """True when any safety item is at or above its threshold; else null when one is missing
+    (blank, a missing code, out of range, not whole, or no such column); else false."""
+    positive, missing = [], []
+    for rule in inst.safety:
+        if rule.item not in schema:
+            missing.append(pl.lit(True))
+            continue
+        number = pl.col(rule.item).cast(pl.Float64, strict=False)
+        usable = number.is_between(inst.minimum, inst.maximum) & (number == number.floor())
+        if inst.missing_codes:
+            usable = usable & ~number.is_in(inst.missing_codes)
+        usable = usable.fill_null(False)
+        positive.append(usable & (number >= rule.threshold))
+        missing.append(~usable)
+    return (
+        pl.when(pl.any_horizontal(positive) if positive else pl.lit(False))
+        .then(pl.lit(True))
+        .when(pl.any_horizontal(missing))
+        .then(pl.lit(None, dtype=pl.Boolean))
+        .otherwise(pl.lit(False))
     )
 
 

@@ -4,20 +4,24 @@ from __future__ import annotations
 
 import smtplib
 import ssl
+from collections.abc import Sequence
 from email.message import EmailMessage
 
 from workbench.config import SmtpConfig
 from workbench.errors import MailError
 
 
-def send_mail(smtp: SmtpConfig, subject: str, body: str) -> None:
-    """Send one plain-text message to the configured recipients, or raise :class:`MailError`.
+def send_mail(
+    smtp: SmtpConfig, subject: str, body: str, *, to: Sequence[str] | None = None
+) -> None:
+    """Send one plain-text message to ``to`` (default: the configured recipients), or raise
+    :class:`MailError`.
 
     Example: ``send_mail(config.smtp, "[workbench] test", "It works.")``.
     """
     message = EmailMessage()
     message["From"] = smtp.sender
-    message["To"] = ", ".join(smtp.recipients)
+    message["To"] = ", ".join(to or smtp.recipients)
     message["Subject"] = subject
     message.set_content(body)
     try:

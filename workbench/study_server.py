@@ -59,6 +59,11 @@ REALM = 'Basic realm="export"'
 DATE_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
 PREFER_NOT = 555  # MindTrails' "prefer not to answer" code for scale items
 PREFER_NOT_SHARE = 0.05
+# PHQ-9 item 9 (thoughts of being better off dead or of self-harm) is answered 0 by everyone
+# but this participant, who answers it 2 at the first assessment: the demo's safety alert.
+# Skipped answers (555) stay as drawn, so the demo also shows alerts for a skipped item 9.
+SAFETY_ITEM = "suicidal"
+AT_RISK = "P0001"
 
 ASSESSMENTS = ("PRE", "SESSION3", "SESSION6", "SESSION8", "POST")
 PHQ9_ITEMS = (
@@ -569,6 +574,9 @@ def demo_tables(
 ) -> tuple[dict[str, list[dict]], dict[str, bool]]:
     """Realistic tables (and their deleteable flags) for `participants` people over `days` days. rows_per_table, if given, makes PHQ9 exactly that many rows (for benchmarks).
 
+    PHQ-9 item 9 is 0 for everyone but participant P0001, who answers it 2 at the first
+    assessment (a safety alert for the demo); about 5 % of answers are 555 (prefer not to say).
+
     Example: ``tables, deleteable = demo_tables(key, participants=50, days=28, seed=1)``
     """
     if participants < 1 or days < 1:
@@ -665,6 +673,11 @@ def _scale_row(person, session, when, items, encrypt, rng: random.Random):
             row[item] = PREFER_NOT
         else:
             row[item] = min(3, max(0, round(rng.gauss(level, 0.7))))
+    if SAFETY_ITEM in row:  # drawn all the same, so that the other values stay as they were
+        if person.pid == AT_RISK and step == 0:
+            row[SAFETY_ITEM] = 2
+        elif row[SAFETY_ITEM] != PREFER_NOT:
+            row[SAFETY_ITEM] = 0
     row["time_on_page"] = round(rng.lognormvariate(math.log(45), 0.5), 3)
     return when, row
 

@@ -61,6 +61,8 @@ table.wb-table td{padding:2px 8px;border-bottom:1px solid #eee;white-space:nowra
 .wb-error{color:#b00020;padding:6px 0}
 .wb-section{font-size:16px;font-weight:600;margin:14px 0 4px}
 .wb-muted{color:#57606a;font-size:12px}
+.wb-alert-safety{border-left:5px solid #b00020;background:#fdecea;padding:4px 8px}
+.wb-safety-badge{color:#fff;background:#b00020;padding:0 6px;border-radius:3px;font-weight:600}
 </style>"""
 
 REFRESH_CHOICES = [
@@ -425,10 +427,9 @@ class StatusDashboard(_Dashboard):
             self.alert_note.value = _empty("No open alerts.")
             self.alert_rows.children = []
             return
-        shown = items[: self.ALERTS]
+        shown = items[: self.ALERTS]  # safety alerts first, then the oldest
         more = (
-            f" (the oldest {len(shown)}; <code>workbench alerts {self.view.study.id}</code> "
-            "lists them all)"
+            f" (the first {len(shown)}; <code>workbench alerts</code> lists them all)"
             if len(items) > len(shown)
             else ""
         )
@@ -438,6 +439,9 @@ class StatusDashboard(_Dashboard):
         )
         rows = []
         for alert in shown:
+            if alert.is_safety:
+                rows.append(self._safety_row(alert))
+                continue
             text = w.HTML(
                 f"<div class='wb-alert' data-id='{alert.id}'><b>{html.escape(alert.kind)}</b> "
                 f"&middot; {html.escape(alert.subject)} &middot; since {_time(alert.since)}"
@@ -451,8 +455,36 @@ class StatusDashboard(_Dashboard):
             rows.append(w.HBox([text, button], layout=w.Layout(margin="4px 0")))
         self.alert_rows.children = rows
 
-    def _ack(self, alert_id: int) -> None:
-        ack_alert(self.catalog, alert_id, by=getpass.getuser(), note="acknowledged on dashboard")
+    def _safety_row(self, alert) -> w.HBox:
+        """A safety alert, marked, acknowledged only with a note and a name."""
+        text = w.HTML(
+            f"<div class='wb-alert wb-alert-safety' data-id='{alert.id}'>"
+            f"<span class='wb-safety-badge'>SAFETY</span> <b>#{alert.id}</b> &middot; "
+            f"participant {html.escape(alert.subject)} &middot; source "
+            f"{html.escape(alert.study)} &middot; session {html.escape(alert.device or 'none')}"
+            f" &middot; since {_time(alert.since)}<br>{html.escape(alert.detail)}<br>"
+            f"<i>What to do:</i> {html.escape(alert.action)}</div>",
+            layout=w.Layout(width="60%"),
+        )
+        note = w.Textarea(placeholder="what was done (required)", rows=2)
+        note.add_class(f"wb-note-{alert.id}")
+        by = w.Text(value=getpass.getuser(), placeholder="your name", description="by")
+        by.add_class(f"wb-by-{alert.id}")
+        button = w.Button(description="Acknowledge", button_style="danger")
+        button.add_class(f"wb-ack-{alert.id}")
+        button.on_click(
+            lambda _, i=alert.id: self._guard(lambda: self._ack(i, note=note.value, by=by.value))
+        )
+        form = w.VBox([note, by, button])
+        return w.HBox([text, form], layout=w.Layout(margin="4px 0"))
+
+    def _ack(self, alert_id: int, *, note: str | None = None, by: str | None = None) -> None:
+        ack_alert(
+            self.catalog,
+            alert_id,
+            by=(by or "").strip() or getpass.getuser(),
+            note=note if note is not None else "acknowledged on dashboard",
+        )
         self.view.alerts = [a for a in self.view.alerts if a.id != alert_id]
         self._draw_alerts()
 
