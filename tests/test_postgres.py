@@ -19,7 +19,10 @@ import pytest
 from sqlalchemy import inspect
 
 from tests.conftest import free_port
-from tests.test_alerts import test_each_kind_opens_with_since_and_action  # noqa: F401
+from tests.test_alerts import (
+    smtp_server,  # noqa: F401
+    test_each_kind_opens_with_since_and_action,  # noqa: F401
+)
 from tests.test_crash import test_sigkill_mid_burst_loses_no_acknowledged_upload  # noqa: F401
 from tests.test_dashboards import (  # noqa: F401
     test_daily_completeness_counts_batches_by_day_of_their_data,
@@ -35,6 +38,7 @@ from tests.test_export import (  # noqa: F401
 )
 from tests.test_jobs import (  # noqa: F401
     saved,
+    test_a_version_is_registered_once_and_jobs_keep_theirs,
     test_an_error_event_marks_the_job_failed,
     test_steps_move_progress_by_their_points_once,
 )
@@ -44,11 +48,17 @@ from tests.test_ledger import (  # noqa: F401
     test_counts,
     test_recovery_links_or_reledgers_an_interrupted_batch,
 )
+from tests.test_outcomes import (  # noqa: F401
+    ema_study,
+    test_ema_compliance_counts_answered_prompts_across_both_apps,
+)
 from tests.test_reports import (  # noqa: F401
     exported,
-    test_ema_compliance_flags_subjects_under_80_percent,
     test_questionnaire_attrition_and_the_html_page,
     test_sensing_attrition_consort_adds_up,
+)
+from tests.test_safety import (  # noqa: F401
+    test_export_opens_one_alert_per_participant_and_session_mailed_without_answers,
 )
 from tests.test_server import (  # noqa: F401
     test_add_user_is_idempotent_and_limits_devices,
