@@ -57,9 +57,6 @@ from tests.test_reports import (  # noqa: F401
     test_questionnaire_attrition_and_the_html_page,
     test_sensing_attrition_consort_adds_up,
 )
-from tests.test_safety import (  # noqa: F401
-    test_export_opens_one_alert_per_participant_and_session_mailed_without_answers,
-)
 from tests.test_server import (  # noqa: F401
     test_add_user_is_idempotent_and_limits_devices,
     test_batch_mixing_sources_goes_to_junk_with_400,
