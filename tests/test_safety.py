@@ -398,3 +398,25 @@ def test_a_version_6_catalog_gains_the_safety_column_and_index(home):
             MIGRATIONS[7](conn)
     finally:
         catalog.dispose()
+
+
+def test_alerts_of_a_questionnaire_source_can_be_listed_by_its_name(home, catalog):
+    from click.testing import CliRunner
+
+    from workbench.alerts import open_safety_alerts
+    from workbench.cli import cli
+
+    finding = {
+        "subject": "P0009",
+        "session": "PRE",
+        "since": 1,
+        "detail": "PHQ-9",
+        "action": "call",
+    }
+    open_safety_alerts(catalog, "mindtrails", [finding])
+    result = CliRunner().invoke(
+        cli, ["--home", str(home.home), "alerts", "list", "mindtrails", "--no-refresh"]
+    )
+    assert result.exit_code == 0 and "P0009" in result.output
+    unknown = CliRunner().invoke(cli, ["--home", str(home.home), "alerts", "list", "nosuch"])
+    assert unknown.exit_code == 4 and "no study 'nosuch'" in unknown.output

@@ -658,11 +658,13 @@ def alerts() -> None:
 @click.option("--no-refresh", is_flag=True, help="List what the last refresh found.")
 @click.pass_context
 def alerts_list(ctx, study_id, include_closed, fmt, no_refresh) -> None:
-    """List open alerts (of one study, or all), each with since-when and what to do.
+    """List open alerts (of one study or questionnaire source, or all), each with since-when
+    and what to do; safety alerts come first.
 
     \b
     Example:
         workbench alerts list demo
+        workbench alerts list mindtrails
         workbench alerts list --all --format csv
     """
     from workbench.alerts import alerts_table, list_alerts
@@ -672,7 +674,8 @@ def alerts_list(ctx, study_id, include_closed, fmt, no_refresh) -> None:
     config = _config(ctx)
     catalog = _catalog(ctx)
     try:
-        if study_id:
+        sources = {source.name for source in config.sources}
+        if study_id and study_id not in sources:  # a questionnaire source has safety alerts
             get_study(catalog, study_id)
         if not no_refresh:
             refresh_status(config, catalog=catalog)

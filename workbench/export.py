@@ -693,7 +693,9 @@ def export_source(
     Example: ``export_source(config, "mindtrails", tables=["PHQ9"]).summary()``.
     """
     source = config.source(name)
-    source_instruments(source)  # an unknown instrument stops the export before anything
+    source_instruments(
+        source, config=config
+    )  # an unknown instrument stops the export before anything
     started = time.perf_counter()
     report = ExportReport(source=name)
     own = catalog is None
@@ -958,7 +960,7 @@ def _decode_raw(config, catalog, source, decrypter, raw_id: int, progress: bool)
     )
     folder = table_folder(config, source.name, row.table_name, "decoded")
     merge_decoded(folder, row.table_name, frame)
-    opened = check_new_rows(catalog, source, row.table_name, frame)
+    opened = check_new_rows(catalog, source, row.table_name, frame, config=config)
     with catalog.writing() as conn:
         conn.execute(
             update(export_raw).where(export_raw.c.id == raw_id).values(decoded_at=now_ms())
@@ -1146,7 +1148,7 @@ def rebuild_decoded(
             query = select(export_raw).where(r.source == src.name).order_by(r.id)
             if table:
                 query = query.where(r.table_name == table)
-            source_instruments(src)
+            source_instruments(src, config=config)
             decrypter = Decrypter(src)  # the key first: nothing is deleted if it cannot load
             lock = _source_lock(config, src.name)
             try:
@@ -1174,7 +1176,7 @@ def rebuild_decoded(
                         frame,
                     )
                     # opens only what was never opened: acknowledged alerts stay closed
-                    check_new_rows(catalog, src, snapshot.table_name, frame)
+                    check_new_rows(catalog, src, snapshot.table_name, frame, config=config)
                     key = f"{src.name}/{snapshot.table_name}"
                     done[key] = done.get(key, 0) + len(rows)
             finally:

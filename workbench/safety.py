@@ -42,9 +42,12 @@ PARTICIPANT = "participant"
 SESSION = "session"
 
 
-def source_instruments(source: SourceConfig) -> dict[str, Instrument]:
-    """The instruments the source's tables hold, loaded (an unknown one is an error now)."""
-    return {table: instrument(name) for table, name in source.instruments.items()}
+def source_instruments(
+    source: SourceConfig, *, config: Config | None = None
+) -> dict[str, Instrument]:
+    """The instruments the source's tables hold, loaded (an unknown one is an error now); with
+    ``config``, the home's own instruments come first."""
+    return {table: instrument(name, config=config) for table, name in source.instruments.items()}
 
 
 def safety_findings(
@@ -131,7 +134,12 @@ def _ms(text: str | None) -> int | None:
 
 
 def check_new_rows(
-    catalog: Catalog, source: SourceConfig, table: str, frame: pl.DataFrame
+    catalog: Catalog,
+    source: SourceConfig,
+    table: str,
+    frame: pl.DataFrame,
+    *,
+    config: Config | None = None,
 ) -> list[Alert]:
     """Check newly decoded rows of one table against its instrument's safety items and open
     the safety alerts they call for; return the alerts opened now (none twice).
@@ -141,7 +149,7 @@ def check_new_rows(
     name = source.instruments.get(table)
     if name is None:
         return []
-    inst = instrument(name)
+    inst = instrument(name, config=config)
     if not inst.safety:
         return []
     try:
