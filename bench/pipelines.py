@@ -31,7 +31,8 @@ sys.path.insert(0, str(ROOT))
 
 from workbench.catalog import open_catalog  # noqa: E402
 from workbench.config import init_home, load_config  # noqa: E402
-from workbench.pipelines import list_runs, make_huey, run_pipeline  # noqa: E402
+from workbench.pipelines import list_runs, run_pipeline  # noqa: E402
+from workbench.scheduler import open_queue  # noqa: E402
 
 CODE = "total = sum(range(1000))"
 QUEUED = 12
@@ -82,9 +83,9 @@ def main() -> None:
 
         catalog = open_catalog(config)
         before = len(list_runs(catalog, limit=1000))
-        huey = make_huey(config)
+        queue = open_queue(config)
         for n in range(QUEUED):
-            huey.run_task(f"t{n}", trigger="bench")
+            queue.enqueue("run_pipeline", f"t{n}", None, "bench")
         started = time.perf_counter()
         consumer = subprocess.Popen(
             [

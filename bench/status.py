@@ -33,9 +33,10 @@ sys.path.insert(0, str(ROOT))
 from workbench.catalog import now_ms, open_catalog  # noqa: E402
 from workbench.config import init_home  # noqa: E402
 from workbench.enrollment import enroll  # noqa: E402
+from workbench.refresh import refresh_status  # noqa: E402
 from workbench.sanity import sanity_check  # noqa: E402
 from workbench.simulator import make_batch  # noqa: E402
-from workbench.status import rebuild_aggregates, refresh_status, study_status  # noqa: E402
+from workbench.status import rebuild_aggregates, study_status  # noqa: E402
 from workbench.studies import JTRACK_SENSORS, create_study, definition_from_options  # noqa: E402
 
 SENSORS = list(JTRACK_SENSORS[:10])  # the ten sensors of the issue: the JTrack list up to EMA
@@ -154,7 +155,7 @@ def main() -> None:
 
         def full():
             rebuild_aggregates(catalog)
-            return study_status(catalog, "bench", fold=False)
+            return study_status(catalog, "bench")
 
         full_seconds, table = timed(full)
         print(

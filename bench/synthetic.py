@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from workbench.catalog import now_ms, open_catalog
 from workbench.enrollment import enroll
-from workbench.status import refresh_status
+from workbench.refresh import refresh_status
 from workbench.studies import create_study, definition_from_options
 
 DAY = 86_400_000

@@ -10,7 +10,7 @@ from tests.conftest import DAY, HOUR, LAG, NOW, T0
 from workbench.alerts import ack_alert, list_alerts, mail_new_alerts
 from workbench.config import load_config
 from workbench.errors import MailError, UnknownAlert
-from workbench.status import refresh_status
+from workbench.refresh import refresh_status
 
 pytest.importorskip("aiosmtpd")
 

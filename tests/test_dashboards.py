@@ -48,6 +48,7 @@ from workbench.dashboards import (
     wait_for_dashboards,
 )
 from workbench.errors import UnprotectedDashboards
+from workbench.refresh import refresh_status
 from workbench.status import study_status
 
 OUTPUT = os.environ.get("WORKBENCH_TEST_OUTPUT") or str(REPO / "test-output")
@@ -56,7 +57,8 @@ OUTPUT = os.environ.get("WORKBENCH_TEST_OUTPUT") or str(REPO / "test-output")
 # ---------------------------------------------------------------------------- the numbers
 
 
-def test_subject_states_one_per_subject(catalog, scenario, people):
+def test_subject_states_one_per_subject(catalog, scenario, people, home):
+    refresh_status(home, catalog=catalog, now=NOW, mail=False)
     table = study_status(catalog, "demo", now=NOW)
     states = dict(
         subject_states(table, staleness_hours=48).select("subject_name", "state").iter_rows()
@@ -83,6 +85,7 @@ def test_subject_states_one_per_subject(catalog, scenario, people):
 
 
 def test_status_view_counts_and_alerts(home, catalog, scenario):
+    refresh_status(home, catalog=catalog, now=NOW, mail=False)
     view = status_view(home, "demo", catalog=catalog, now=NOW)
     assert sum(v for k, v in view.counts.items() if k != "enrolled") == view.counts["enrolled"]
     assert view.table.height == study_status(catalog, "demo", now=NOW).height
@@ -684,3 +687,41 @@ def list_safety_alerts_of(catalog):
     from workbench.alerts import list_safety_alerts
 
     return list_safety_alerts(catalog, ["mindtrails"])
+
+
+def test_the_refresh_button_refreshes_once_and_shows_the_new_uploads(
+    home, catalog, scenario, people, monkeypatch
+):
+    from sqlalchemy import func, select
+
+    import workbench.refresh
+    import workbench.status
+    from tests.conftest import HOUR
+    from workbench.catalog import now_ms, state, uploads
+    from workbench.status import FOLDED
+    from workbench.widgets import StatusDashboard
+
+    refresh_status(home, catalog=catalog, mail=False)
+    page = StatusDashboard(home.home, study="demo")
+    b = people[1].subject
+    assert page.view.subjects.filter(pl.col("subject_name") == b)["state"][0] == "stale"
+    scenario.batches(b, "b1", "accelerometer", [now_ms() - HOUR])
+    folds = []
+    real = workbench.status.fold_new_uploads
+
+    def counted(catalog):
+        folds.append(1)
+        return real(catalog)
+
+    monkeypatch.setattr(workbench.status, "fold_new_uploads", counted)
+    monkeypatch.setattr(workbench.refresh, "fold_new_uploads", counted)
+    page.load()  # a read: nothing folded, b still stale
+    assert folds == []
+    assert page.view.subjects.filter(pl.col("subject_name") == b)["state"][0] == "stale"
+    page.refresh_button.click()
+    assert len(folds) == 1  # one refresh, one fold
+    assert page.view.subjects.filter(pl.col("subject_name") == b)["state"][0] == "active"
+    with catalog.engine.connect() as conn:  # the fold watermark reached the new upload
+        mark = conn.execute(select(state.c.value).where(state.c.key == FOLDED)).scalar()
+        assert mark == conn.execute(select(func.max(uploads.c.id))).scalar()
+    assert page.error.value == ""

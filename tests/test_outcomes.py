@@ -10,6 +10,7 @@ import pytest
 
 from tests.conftest import DAY, HOUR, START_MS, Phone
 from workbench.enrollment import enroll
+from workbench.refresh import refresh_status
 from workbench.reports import (
     attrition,
     attrition_methods,
@@ -46,6 +47,8 @@ def test_sensing_dispositions_are_the_same_whatever_day_the_report_runs(home, ca
         send_days(phones["E"], [0, 5, 11])  # stopped three days before the end
         send_days(phones["F"], [0, 6, 12.2])  # left an hour after its data reached day 12
         assert phones["F"].set_status(1, time_left=T + 13 * DAY).status_code == 200
+
+    refresh_status(home, mail=False)  # attrition reads what the refresh produced
 
     def outcome(day: float) -> dict:
         table = attrition(home, "demo", now=int(T + day * DAY)).dispositions
@@ -195,6 +198,7 @@ def test_ema_compliance_counts_answered_prompts_across_both_apps(home, catalog, 
     send(ema[r.subject], [T + day * DAY + HOUR for day in range(5, 10)])
     # S registered both apps and never sent anything: counted apart
     now = T + 10 * DAY + 12 * HOUR
+    refresh_status(home, now=now, mail=False)
     result = attrition(home, "mood", now=now)
     table = {row["participant"]: row for row in result.compliance.iter_rows(named=True)}
     assert (table[p.subject]["prompts_due"], table[p.subject]["prompts_answered"]) == (40, 40)

@@ -19,10 +19,10 @@ from workbench.pipelines import (
     crontab_lines,
     list_runs,
     load_pipelines,
-    make_huey,
     notebook_sections,
     run_pipeline,
 )
+from workbench.scheduler import open_queue
 
 pytestmark = pytest.mark.slow
 
@@ -180,10 +180,10 @@ def test_the_shipped_definitions_schedule_every_notebook(home):
 
 
 def test_scheduler_tasks_and_crontab(lab):
-    huey = make_huey(lab, immediate=True)
-    periodic = {t.__name__ for t in huey._registry._periodic_tasks}
+    queue = open_queue(lab, immediate=True)
+    periodic = {t.__name__ for t in queue.huey._registry._periodic_tasks}
     assert periodic == {"pipeline.ok", "pipeline.fails", "pipeline.hangs", "pipeline.slow"}
-    assert huey.run_task("ok").get()["status"] == "succeeded"
+    assert queue.enqueue("run_pipeline", "ok").get()["status"] == "succeeded"
     lines = crontab_lines(lab)
     assert len(lines) == 5 and all(" -m workbench.cli --home " in line for line in lines[1:])
     assert lines[1].startswith("0 0 1 1 * /")  # not due while the tests run
@@ -250,10 +250,10 @@ def test_the_queue_can_be_redis(lab, redis_url, monkeypatch, catalog):
 
     monkeypatch.setenv("WORKBENCH_REDIS_URL", redis_url)
     config = load_config(lab.home)
-    huey = make_huey(config)
-    assert type(huey).__name__ == "RedisHuey"
-    huey.run_task("ok", trigger="queue")
-    assert huey.pending_count() == 1
+    queue = open_queue(config)
+    assert type(queue.huey).__name__ == "RedisHuey"
+    queue.enqueue("run_pipeline", "ok", None, "queue")
+    assert queue.huey.pending_count() == 1
     consumer = subprocess.Popen(
         [
             sys.executable,
@@ -280,7 +280,7 @@ def test_the_queue_can_be_redis(lab, redis_url, monkeypatch, catalog):
         os.killpg(consumer.pid, signal.SIGTERM)
         consumer.wait(timeout=30)
     assert runs and runs[0]["status"] == "succeeded" and runs[0]["trigger"] == "queue"
-    assert huey.pending_count() == 0
+    assert queue.huey.pending_count() == 0
 
 
 def kernels_in(folder):

@@ -45,6 +45,9 @@ def test_kaplan_meier_by_hand():
 
 
 def test_sensing_attrition_consort_adds_up(home, scenario, people):
+    from workbench.refresh import refresh_status
+
+    refresh_status(home, now=NOW, mail=False)  # attrition reads what the refresh produced
     result = attrition(home, "demo", now=NOW)
     consort = dict(result.consort.iter_rows())
     assert consort["enrolled"] == 7 == consort["started"] + consort["not started"]

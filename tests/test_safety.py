@@ -354,7 +354,7 @@ def test_cli_ack_of_a_safety_alert_requires_note(home, catalog, opened):
 
 
 def test_safety_alerts_are_listed_first(home, catalog, opened, scenario):
-    from workbench.status import refresh_status
+    from workbench.refresh import refresh_status
 
     refresh_status(home, catalog=catalog, now=NOW)  # opens the scenario's status alerts (older)
     listed = list_alerts(catalog)

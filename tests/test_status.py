@@ -10,21 +10,17 @@ from sqlalchemy import update
 
 from tests.conftest import DAY, HOUR, LAG, NOW, T0, Scenario
 from workbench.pool import DataPool
+from workbench.refresh import refresh_status
 from workbench.status import (
-    COMPLETED,
-    LEFT_EARLY,
-    NO_DATA,
-    OK,
-    OVER_NOT_LEFT,
-    SEVERAL_DEVICES,
+    fold_new_uploads,
     jtrack_columns,
     rebuild_aggregates,
-    refresh_status,
     render,
     status_csv_path,
     status_history_table,
     study_status,
 )
+from workbench.subject_state import Activity
 
 
 def row(table, subject, device=None):
@@ -36,12 +32,18 @@ def row(table, subject, device=None):
     return found.row(0, named=True)
 
 
+def refreshed(catalog, study="demo", **options):
+    """The status table after the new uploads are folded in, as a refresh computes it."""
+    fold_new_uploads(catalog)
+    return study_status(catalog, study, **options)
+
+
 def ms(value):
     return None if value is None else int(value.timestamp() * 1000)
 
 
 def test_columns_start_with_jtracks_in_order(catalog, scenario):
-    table = study_status(catalog, "demo", now=NOW)
+    table = refreshed(catalog, now=NOW)
     expected = jtrack_columns(["accelerometer", "location"])
     assert table.columns[: len(expected)] == expected
     assert expected[:7] == [
@@ -57,8 +59,8 @@ def test_columns_start_with_jtracks_in_order(catalog, scenario):
 
 
 def test_sending_subject(catalog, scenario, people):
-    r = row(study_status(catalog, "demo", now=NOW), people[0].subject, "a1")
-    assert r["activity_code"] == OK and r["activity"] == "ok"
+    r = row(refreshed(catalog, now=NOW), people[0].subject, "a1")
+    assert r["activity_code"] == Activity.OK and r["activity"] == "ok"
     assert r["time_in_study"] == 10.0
     assert r["accelerometer_n_batches"] == 120 and r["location_n_batches"] == 240
     assert r["accelerometer_completeness"] == 50.0  # 120 of 24 x 10
@@ -71,8 +73,8 @@ def test_sending_subject(catalog, scenario, people):
 
 
 def test_silent_subject(catalog, scenario, people):
-    r = row(study_status(catalog, "demo", now=NOW), people[1].subject, "b1")
-    assert r["activity_code"] == NO_DATA
+    r = row(refreshed(catalog, now=NOW), people[1].subject, "b1")
+    assert r["activity_code"] == Activity.NO_DATA
     assert ms(r["last_data"]) == T0 + 72 * HOUR - LAG
     assert r["hours_since_last_data"] == 7 * 24.0 + 0.2
     # silent since the last sample plus the 48 h threshold
@@ -82,39 +84,39 @@ def test_silent_subject(catalog, scenario, people):
 
 
 def test_left_early_subject(catalog, scenario, people):
-    r = row(study_status(catalog, "demo", now=NOW), people[2].subject, "c1")
-    assert r["activity_code"] == LEFT_EARLY and r["status_code"] == 1
+    r = row(refreshed(catalog, now=NOW), people[2].subject, "c1")
+    assert r["activity_code"] == Activity.LEFT_EARLY and r["status_code"] == 1
     assert ms(r["date_left_study"]) == T0 + 5 * DAY
     assert r["time_in_study"] == 5.0
     assert r["location_completeness"] == 100.0  # 120 of 24 x 5 days in study
 
 
 def test_completed_subject(catalog, scenario, people):
-    r = row(study_status(catalog, "demo", now=NOW), people[3].subject, "d1")
-    assert r["activity_code"] == COMPLETED
+    r = row(refreshed(catalog, now=NOW), people[3].subject, "d1")
+    assert r["activity_code"] == Activity.COMPLETED
     assert r["time_in_study"] == round(14 + 1 / 24, 2)
     assert r["accelerometer_completeness"] == 0.0  # expected over the 14 days of the study
 
 
 def test_duration_over_not_left(catalog, scenario, people):
-    r = row(study_status(catalog, "demo", now=NOW), people[4].subject, "e1")
-    assert r["activity_code"] == OVER_NOT_LEFT
+    r = row(refreshed(catalog, now=NOW), people[4].subject, "e1")
+    assert r["activity_code"] == Activity.OVER_NOT_LEFT
     assert ms(r["activity_since"]) == T0 - 5 * DAY + 14 * DAY
     assert r["time_in_study"] == 15.0
 
 
 def test_several_devices(catalog, scenario, people):
-    table = study_status(catalog, "demo", now=NOW)
+    table = refreshed(catalog, now=NOW)
     for device in ("f1", "f2"):
         r = row(table, people[5].subject, device)
-        assert r["activity_code"] == SEVERAL_DEVICES
+        assert r["activity_code"] == Activity.SEVERAL_DEVICES
         assert ms(r["activity_since"]) == T0 + 2 * DAY  # when the second phone came
 
 
 def test_never_registered(catalog, scenario, people):
-    r = row(study_status(catalog, "demo", now=NOW), people[6].subject)
+    r = row(refreshed(catalog, now=NOW), people[6].subject)
     assert r["app"] is None and r["time_in_study"] is None
-    assert r["activity_code"] == NO_DATA
+    assert r["activity_code"] == Activity.NO_DATA
     assert ms(r["activity_since"]) == T0 - DAY + 48 * HOUR
 
 
@@ -129,8 +131,8 @@ def test_stale_threshold_is_the_studys(catalog, scenario, people):
                 revision=studies.c.revision + 1,
             )
         )
-    r = row(study_status(catalog, "demo", now=NOW), people[1].subject, "b1")
-    assert r["activity_code"] == OK  # 168 h silent, under 200
+    r = row(refreshed(catalog, now=NOW), people[1].subject, "b1")
+    assert r["activity_code"] == Activity.OK  # 168 h silent, under 200
 
 
 def test_refresh_after_new_uploads_equals_full_recomputation(catalog, study, people, home):
@@ -148,6 +150,7 @@ def test_refresh_after_new_uploads_equals_full_recomputation(catalog, study, peo
                 [T0 + step * DAY + rng.randrange(DAY)],
             )
         now = T0 + (step + 1) * DAY
+        refresh_status(home, catalog=catalog, now=now, mail=False)
         incremental = study_status(catalog, "demo", now=now)
         full = study_status(catalog, "demo", now=now, from_ledger=True)
         assert incremental.equals(full), step
@@ -173,8 +176,8 @@ def test_history_says_when_a_subject_went_silent_and_came_back(catalog, scenario
     scenario.batches(b, "b1", "accelerometer", [NOW + HOUR])
     refresh_status(home, catalog=catalog, now=NOW + 2 * HOUR)
     history = status_history_table(catalog, "demo", subject=b)
-    assert history["to_code"].to_list() == [OK, NO_DATA, OK]
-    assert history["from_code"].to_list() == [None, OK, NO_DATA]
+    assert history["to_code"].to_list() == [Activity.OK, Activity.NO_DATA, Activity.OK]
+    assert history["from_code"].to_list() == [None, Activity.OK, Activity.NO_DATA]
     went_silent = history.row(1, named=True)
     assert ms(went_silent["at"]) == T0 + 72 * HOUR - LAG + 48 * HOUR
     assert ms(went_silent["noticed_at"]) == NOW
@@ -230,10 +233,10 @@ def test_status_through_the_upload_server(client, catalog, subjects, home):
     recent = now_ms() - HOUR
     assert phone.upload(phone.batch("accelerometer", start=recent)).status_code == 200
     assert phone.upload(phone.batch("location", n=5, start=recent)).status_code == 200
-    table = study_status(catalog, "demo")
+    table = refreshed(catalog)
     r = row(table, subjects[0].subject, phone.device)
     assert r["accelerometer_n_batches"] == 1 and r["location_n_batches"] == 1
-    assert r["activity_code"] == OK
+    assert r["activity_code"] == Activity.OK
     assert 0.9 < r["hours_since_last_data"] < 1.1
 
 
@@ -354,7 +357,7 @@ def test_each_app_counts_only_its_sensors_and_a_full_subject_gets_no_alert(catal
     for sensor in ("accelerometer", "location"):
         s.batches(subject, "phone", sensor, hours)
     s.batches(subject, "ema-app", "ema", hours)
-    table = study_status(catalog, "demo", now=NOW + LAG)
+    table = refreshed(catalog, now=NOW + LAG)
     rows = {r["app"]: r for r in table.iter_rows(named=True)}
     assert rows["main"]["accelerometer_completeness"] == rows["main"]["location_completeness"]
     assert rows["main"]["location_completeness"] == 100.0
@@ -372,7 +375,7 @@ def test_completeness_of_a_subject_who_left_never_passes_100(catalog, study, peo
     s.device(subject, "x1", registered=T0, status=1, time_left=T0 + 36 * HOUR)
     s.batches(subject, "x1", "location", [T0 + (i + 1) * HOUR for i in range(37)])
     s.batches(subject, "x1", "accelerometer", [T0 + (i + 1) * HOUR for i in range(40)])
-    row = study_status(catalog, "demo", now=NOW).row(0, named=True)
+    row = refreshed(catalog, now=NOW).row(0, named=True)
     assert row["location_completeness"] == 100.0  # 37 of ceil(36): not 102.8 %
     assert row["accelerometer_completeness"] == 100.0  # 40 of 36: capped
 
@@ -383,5 +386,44 @@ def test_an_active_device_is_due_only_its_full_batches(catalog, study, people):
     s.device(subject, "x1", registered=T0)
     s.batches(subject, "x1", "location", [T0 + (i + 1) * HOUR for i in range(30)])
     # 30.5 hours in: 30 full hourly batches are due
-    row = study_status(catalog, "demo", now=T0 + 30 * HOUR + HOUR // 2).row(0, named=True)
+    row = refreshed(catalog, now=T0 + 30 * HOUR + HOUR // 2).row(0, named=True)
     assert row["location_completeness"] == 100.0
+
+
+# ---------------------------------------------------------------------------- reads never write
+
+
+def _watermark(catalog):
+    from sqlalchemy import select
+
+    from workbench.catalog import state, status_history, status_sensors
+
+    with catalog.engine.connect() as conn:
+        return (
+            conn.execute(
+                select(state.c.value).where(state.c.key == "status.last_upload_id")
+            ).scalar(),
+            conn.execute(select(status_sensors.c.n_batches)).scalars().all(),
+            len(conn.execute(select(status_history.c.id)).all()),
+        )
+
+
+def test_reads_after_new_uploads_move_neither_the_watermark_nor_the_aggregates(
+    catalog, scenario, people, home
+):
+    from workbench.dashboards import status_view
+    from workbench.reports import attrition
+
+    refresh_status(home, catalog=catalog, now=NOW, mail=False)
+    scenario.batches(people[1].subject, "b1", "accelerometer", [NOW + HOUR])
+    before = _watermark(catalog)
+    shown = status_view(home, "demo", catalog=catalog, now=NOW + 2 * HOUR)
+    attrition(home, "demo", now=NOW + 2 * HOUR)
+    study_status(catalog, "demo", now=NOW + 2 * HOUR)
+    assert _watermark(catalog) == before
+    # the views show what the refresh produced: b is still silent until the next refresh
+    assert row(shown.table, people[1].subject, "b1")["activity_code"] == Activity.NO_DATA
+    refresh_status(home, catalog=catalog, now=NOW + 2 * HOUR, mail=False)
+    assert _watermark(catalog)[0] > before[0]
+    again = status_view(home, "demo", catalog=catalog, now=NOW + 2 * HOUR)
+    assert row(again.table, people[1].subject, "b1")["activity_code"] == Activity.OK

@@ -299,7 +299,7 @@ def test_bad_configuration_is_a_clear_error(lab, catalog, monkeypatch):
 
 
 def test_a_limit_mid_sync_keeps_the_data_and_resumes_where_it_stopped(lab, catalog, simulator):
-    from workbench.pipelines import make_huey
+    from workbench.scheduler import open_queue
 
     account = link(lab, catalog, "demo_00001", "gh")
     simulator.limit, simulator.interval = 4, 1.5  # stricter than the workbench was told
@@ -311,7 +311,7 @@ def test_a_limit_mid_sync_keeps_the_data_and_resumes_where_it_stopped(lab, catal
     assert combine_stream(lab, "gh", "steps").height == 28
     start = checkpoint(catalog, account.id, "steps")
     # requeued on huey for when the provider's window resets (RateLimit-Reset)
-    scheduled = make_huey(lab).pending()  # the consumer moves it to its schedule
+    scheduled = open_queue(lab).huey.pending()  # the consumer moves it to its schedule
     assert [t.args for t in scheduled] == [(account.id, "resume")]
     eta = scheduled[0].eta.replace(tzinfo=dt.UTC).timestamp() * 1000
     early = sync_settings(lab).inline_wait * 1000  # woken that much early (0 here)

@@ -66,7 +66,7 @@ _LAZY = {
     "questionnaire_report": "workbench.reports",
     "rebuild_decoded": "workbench.export",
     "recover_incoming": "workbench.ingest",
-    "refresh_status": "workbench.status",
+    "refresh_status": "workbench.refresh",
     "run_pipeline": "workbench.pipelines",
     "sanity_check": "workbench.sanity",
     "score": "workbench.instruments",
@@ -92,6 +92,7 @@ if TYPE_CHECKING:  # for type checkers and the API reference
     from workbench.ledger import ledger_counts, verify
     from workbench.pipelines import list_runs, run_pipeline
     from workbench.psychometrics import change_over_time
+    from workbench.refresh import refresh_status
     from workbench.reports import (
         attrition,
         ema_compliance,
@@ -105,7 +106,7 @@ if TYPE_CHECKING:  # for type checkers and the API reference
     )
     from workbench.sanity import sanity_check
     from workbench.simulator import simulate
-    from workbench.status import refresh_status, status_history_table, study_status
+    from workbench.status import status_history_table, study_status
     from workbench.studies import (
         archive_study,
         create_study,

@@ -46,14 +46,9 @@ from workbench.catalog import Catalog, alerts, dialect_insert, now_ms
 from workbench.config import SmtpConfig
 from workbench.errors import AlreadyAcknowledged, MailError, NoteRequired, UnknownAlert
 from workbench.mail import send_mail
-from workbench.status import (
-    ACTIVE_DEVICE,
-    HOUR_MS,
-    NO_DATA,
-    OVER_NOT_LEFT,
-    SEVERAL_DEVICES,
-)
+from workbench.status import HOUR_MS
 from workbench.studies import Study
+from workbench.subject_state import Activity, DeviceStatus
 
 __all__ = [
     "ACTIONS",
@@ -142,25 +137,31 @@ def alert_conditions(study: Study, table: pl.DataFrame, *, now: int) -> dict:
     code = pl.col("activity_code")
     found: dict[tuple[str, str, str], tuple[int, str]] = {}
 
-    for r in t.filter((code == NO_DATA) & pl.col("last_data").is_not_null()).iter_rows(named=True):
+    for r in t.filter((code == Activity.NO_DATA) & pl.col("last_data").is_not_null()).iter_rows(
+        named=True
+    ):
         found[(r["subject_name"], r["device_id"], "stale")] = (
             r["last_data"],
             f"no data from {r['device_id']} for over {hours:g} h (last at {_iso(r['last_data'])})",
         )
-    for r in t.filter((code == NO_DATA) & pl.col("last_data").is_null()).iter_rows(named=True):
+    for r in t.filter((code == Activity.NO_DATA) & pl.col("last_data").is_null()).iter_rows(
+        named=True
+    ):
         device = r["device_id"]
         what = f"device {device}" if device else "no device registered"
         found[(r["subject_name"], device, "never_sent")] = (
             r["activity_since"] - int(hours * HOUR_MS),
             f"no data ever received ({what})",
         )
-    for r in t.filter(code == OVER_NOT_LEFT).iter_rows(named=True):
+    for r in t.filter(code == Activity.OVER_NOT_LEFT).iter_rows(named=True):
         found[(r["subject_name"], r["device_id"], "over_not_left")] = (
             r["activity_since"],
             f"{definition['duration_days']} days are over; {r['device_id']} is still active",
         )
     several = (
-        t.filter((code == SEVERAL_DEVICES) & (pl.col("status_code") == ACTIVE_DEVICE))
+        t.filter(
+            (code == Activity.SEVERAL_DEVICES) & (pl.col("status_code") == DeviceStatus.ACTIVE)
+        )
         .group_by("subject_name", "app")
         .agg(pl.col("device_id").sort(), pl.col("activity_since").max())
     )
@@ -171,7 +172,7 @@ def alert_conditions(study: Study, table: pl.DataFrame, *, now: int) -> dict:
         )
     completeness = [f"{s}_completeness" for s in sensors]
     low = t.filter(
-        (pl.col("status_code") == ACTIVE_DEVICE)
+        (pl.col("status_code") == DeviceStatus.ACTIVE)
         & (pl.col("time_in_study") >= 1)
         & pl.any_horizontal(pl.col(completeness) < target)
     )

@@ -543,7 +543,8 @@ def status(ctx, study_id, all_studies, fmt, out, history, subject) -> None:
     """
     import polars as pl
 
-    from workbench.status import refresh_status, render, status_history_table, study_status
+    from workbench.refresh import refresh_status
+    from workbench.status import render, status_history_table, study_status
     from workbench.studies import get_study, list_studies
 
     if bool(study_id) == all_studies:
@@ -562,7 +563,7 @@ def status(ctx, study_id, all_studies, fmt, out, history, subject) -> None:
             if history:
                 table = status_history_table(catalog, one, subject=subject)
             else:
-                table = study_status(catalog, one, fold=False)
+                table = study_status(catalog, one)
             if all_studies:
                 table = table.select(pl.lit(one).alias("study"), pl.all())
             tables.append(table)
@@ -616,7 +617,7 @@ def refresh(ctx, no_mail) -> None:
     Example:
         workbench refresh
     """
-    from workbench.status import refresh_status
+    from workbench.refresh import refresh_status
 
     report = refresh_status(_config(ctx), mail=not no_mail)
     click.echo(report.summary())
@@ -668,7 +669,8 @@ def alerts_list(ctx, study_id, include_closed, fmt, no_refresh) -> None:
         workbench alerts list --all --format csv
     """
     from workbench.alerts import alerts_table, list_alerts
-    from workbench.status import refresh_status, render
+    from workbench.refresh import refresh_status
+    from workbench.status import render
     from workbench.studies import get_study
 
     config = _config(ctx)

@@ -54,21 +54,19 @@ from workbench.reports import (
     completion_by_session,
     subset_attrition,
 )
-from workbench.status import (
-    COMPLETED,
-    DAY_MS,
-    HOUR_MS,
-    LEFT_EARLY,
-    LEFT_STATUSES,
-    study_status,
-)
+from workbench.status import DAY_MS, HOUR_MS, study_status
 from workbench.studies import Study, get_study, list_studies
+from workbench.subject_state import LEFT_STATUSES, Activity, SubjectState
 
 DASHBOARDS = Path(__file__).resolve().parent.parent / "notebooks" / "dashboards"
 
 # A subject's state on the status dashboard, in the order "who needs attention" sorts them.
-STATES = ("stale", "never started", "active", "left", "completed")
-COUNTS = ("enrolled", "active", "stale", "never started", "left", "completed")
+STATES = tuple(s.value for s in SubjectState)
+_S = SubjectState
+COUNTS = (
+    "enrolled",
+    *(s.value for s in (_S.ACTIVE, _S.STALE, _S.NEVER_STARTED, _S.LEFT, _S.COMPLETED)),
+)
 
 
 @dataclass
@@ -97,22 +95,23 @@ def subject_states(status: pl.DataFrame, *, staleness_hours: float) -> pl.DataFr
     active otherwise.
     """
     codes = pl.col("codes")
-    in_study = codes.list.eval(pl.element().is_in([LEFT_EARLY, COMPLETED]).not_()).list.any()
+    ended = [Activity.LEFT_EARLY, Activity.COMPLETED]
+    in_study = codes.list.eval(pl.element().is_in(ended).not_()).list.any()
     per = status.group_by("subject_name").agg(
         pl.col("activity_code").alias("codes"),
         pl.col("last_data").max(),
         pl.col("hours_since_last_data").min(),
     )
     state = (
-        pl.when(codes.list.contains(COMPLETED))
-        .then(pl.lit("completed"))
-        .when(codes.list.contains(LEFT_EARLY) & ~in_study)
-        .then(pl.lit("left"))
+        pl.when(codes.list.contains(Activity.COMPLETED))
+        .then(pl.lit(SubjectState.COMPLETED.value))
+        .when(codes.list.contains(Activity.LEFT_EARLY) & ~in_study)
+        .then(pl.lit(SubjectState.LEFT.value))
         .when(pl.col("last_data").is_null())
-        .then(pl.lit("never started"))
+        .then(pl.lit(SubjectState.NEVER_STARTED.value))
         .when(pl.col("hours_since_last_data") >= staleness_hours)
-        .then(pl.lit("stale"))
-        .otherwise(pl.lit("active"))
+        .then(pl.lit(SubjectState.STALE.value))
+        .otherwise(pl.lit(SubjectState.ACTIVE.value))
     )
     return (
         per.with_columns(state.alias("state"))
@@ -134,7 +133,8 @@ def status_view(
     catalog: Catalog | None = None,
     now: int | None = None,
 ) -> StatusView:
-    """Everything the status dashboard shows of one study (new uploads are folded in first).
+    """Everything the status dashboard shows of one study, as the last refresh left it (a
+    read: uploads since then show after the next refresh).
 
     Example: ``status_view(config, "demo").counts["stale"]``.
     """

@@ -17,8 +17,9 @@ from workbench.config import CONFIG_NAME, init_home, load_config
 from workbench.errors import StudyExists, WorkbenchError
 from workbench.ledger import verify
 from workbench.pool import DataPool, write_file_atomically
+from workbench.refresh import refresh_status
 from workbench.simulator import simulate
-from workbench.status import refresh_status, render, status_csv_path, study_status
+from workbench.status import render, status_csv_path, study_status
 from workbench.studies import create_study, definition_from_options
 
 DEMO_STUDY = "demo"
@@ -128,7 +129,7 @@ def run_demo(
         refreshed = refresh_status(config)
         catalog = open_catalog(config)
         try:
-            table = study_status(catalog, DEMO_STUDY, fold=False)
+            table = study_status(catalog, DEMO_STUDY)
             open_alerts = list_alerts(catalog, DEMO_STUDY)
         finally:
             catalog.dispose()
@@ -160,15 +161,15 @@ def run_demo(
 def _start_scheduler(config) -> subprocess.Popen:
     """Start ``workbench scheduler`` with the demo pipelines and queue one run of each, so
     `workbench runs` shows them at once rather than at their first scheduled time."""
-    from workbench.pipelines import load_pipelines, make_huey
+    from workbench.pipelines import load_pipelines
+    from workbench.scheduler import queue_task
 
     process = subprocess.Popen(
         [sys.executable, "-m", "workbench.cli", "--home", str(config.home), "scheduler"],
         start_new_session=True,
     )
-    huey = make_huey(config)
     for name in load_pipelines(config):
-        huey.run_task(name, trigger="demo")
+        queue_task(config, "run_pipeline", name, None, "demo")
     print(
         f"scheduler running the pipelines of {config.pipelines.folder}; one run of each is "
         f"queued: watch `workbench --home {config.home} runs`"

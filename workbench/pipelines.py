@@ -9,8 +9,9 @@ number of retries. :func:`run_pipeline` executes the notebook with papermill in 
 (parameters, status, duration, failing cell and error, code version, papermill and kernel
 versions). Every run is also a tracked job with a step per notebook section (``##`` headings).
 
-:func:`make_huey` turns the definitions into periodic huey tasks (SqliteHuey in the pool, or
-RedisHuey when a Redis URL is configured); ``workbench scheduler`` runs its consumer.
+:func:`run_scheduler` (``workbench scheduler``) runs each enabled pipeline at its cron
+expression on the queue of :mod:`workbench.scheduler`, with the ``run_pipeline`` task that
+queues one run.
 
 Example::
 
@@ -37,6 +38,7 @@ from pathlib import Path
 
 from sqlalchemy import delete, select, update
 
+from workbench import scheduler
 from workbench.catalog import Catalog, job_events, jobs, now_ms, open_catalog, pipeline_runs
 from workbench.config import Config
 from workbench.errors import ConfigError, PipelineBusy
@@ -603,64 +605,35 @@ def crontab_lines(config: Config) -> list[str]:
 # ---------------------------------------------------------------------------- scheduler
 
 
-def make_huey(config: Config, *, immediate: bool = False):
-    """A huey instance with one periodic task per enabled pipeline, a ``run_task`` to queue
-    runs and a ``sync_task`` to queue account syncs: RedisHuey when a Redis URL is configured, else SqliteHuey in the pool."""
-    from huey import RedisHuey, SqliteHuey, crontab
+@scheduler.task("run_pipeline")
+def _run_task(home: str, name: str, parameters: dict | None = None, trigger: str = "queue") -> dict:
+    """The scheduler's task: one run of the pipeline ``name`` (skipped if one is going on)."""
+    from workbench.config import load_config
 
-    url = config.pipelines.redis_url
-    if url:
-        huey = RedisHuey("workbench", url=url, immediate=immediate, utc=True)
-    else:
-        queue = config.pool / "scheduler.sqlite"
-        make_folders(config.pool)
-        os.close(open_new_file(queue, os.O_RDONLY | os.O_CREAT))  # SQLite keeps this mode
-        huey = SqliteHuey("workbench", filename=str(queue), immediate=immediate, utc=True)
-    home = str(config.home)
+    try:
+        record = run_pipeline(load_config(home), name, parameters=parameters, trigger=trigger)
+    except PipelineBusy as exc:
+        log.warning("%s", exc.message)
+        return {"pipeline": name, "status": "skipped"}
+    return {"pipeline": name, "status": record.status, "notebook": record.notebook}
 
-    def run(name: str, parameters: dict | None = None, trigger: str = "queue") -> dict:
-        from workbench.config import load_config
 
-        try:
-            record = run_pipeline(load_config(home), name, parameters=parameters, trigger=trigger)
-        except PipelineBusy as exc:
-            log.warning("%s", exc.message)
-            return {"pipeline": name, "status": "skipped"}
-        return {"pipeline": name, "status": record.status, "notebook": record.notebook}
-
-    huey.run_task = huey.task(name="run_pipeline")(run)
-    from workbench.sync.scheduled import register_sync_tasks
-
-    register_sync_tasks(huey, home)  # huey.sync_task: one account's sync, requeued at limits
-    for pipeline in load_pipelines(config).values():
-        if not pipeline.enabled:
-            continue
-
-        def tick(name=pipeline.name):
-            return run(name, trigger="schedule")
-
-        tick.__name__ = f"pipeline_{pipeline.name}"
-        huey.periodic_task(crontab(**cron_fields(pipeline.cron)), name=f"pipeline.{pipeline.name}")(
-            tick
+@scheduler.periodic
+def _scheduled_runs(config: Config) -> list[scheduler.Periodic]:
+    """One periodic entry per enabled pipeline, at its cron expression."""
+    return [
+        scheduler.Periodic(
+            f"pipeline.{p.name}", cron_fields(p.cron), "run_pipeline", (p.name, None, "schedule")
         )
-    return huey
+        for p in load_pipelines(config).values()
+        if p.enabled
+    ]
 
 
 def run_scheduler(config: Config, *, workers: int | None = None) -> None:
-    """Run the huey consumer with the periodic tasks in the foreground until interrupted."""
-    from huey.consumer import Consumer
+    """Run the scheduler: every pipeline at its cron expression, queued runs and syncs, in
+    the foreground until interrupted."""
+    from workbench.sync import scheduled  # noqa: F401  (registers the sync_account task)
 
     private_umask(config.pool_group)  # a second defence: the pool's writers set modes themselves
-    huey = make_huey(config)
-    consumer = Consumer(
-        huey,
-        workers=workers or config.pipelines.workers,
-        worker_type="thread",
-        periodic=True,
-        check_worker_health=True,
-        # idle workers look at the queue at least every 0.25 s (huey's default backs off to
-        # 10 s): a sync requeued for a rate limit's reset must start on time
-        initial_delay=0.05,
-        max_delay=0.25,
-    )
-    consumer.run()
+    scheduler.run_consumer(config, workers=workers)

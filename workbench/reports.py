@@ -39,7 +39,8 @@ from workbench.config import Config
 from workbench.errors import InvalidName, WorkbenchError
 from workbench.instruments import Instrument, instrument, last_per_session, list_instruments
 from workbench.pool import make_folders, write_file_atomically, write_parquet_atomically
-from workbench.status import HOUR_MS, LEFT_STATUSES
+from workbench.status import HOUR_MS
+from workbench.subject_state import DROPPED, LEFT_STATUSES, Disposition
 from workbench.tables_csv import csv_bytes
 
 DAY_MS = 86_400_000
@@ -50,7 +51,7 @@ DATE_FORMATS = ("%Y-%m-%d %H:%M:%S%.f", "%Y-%m-%d %H:%M:%S", "%Y-%m-%d %H:%M", "
 log = logging.getLogger("workbench.reports")
 STUDY_OR_SOURCE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 REPORT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
-DISPOSITIONS = ["active", "completed", "withdrawn", "lost to follow-up", "not started"]
+DISPOSITIONS = [d.value for d in Disposition]
 
 
 # ---------------------------------------------------------------------------- questionnaires
@@ -474,6 +475,7 @@ def attrition(config: Config, name: str, *, now: int | None = None) -> Attrition
     Dispositions follow the data and the schedule, not the report date: a subject whose
     outcome is settled (completed, withdrawn, lost) keeps it whatever ``now`` is; only those
     still inside their protocol period are active, censored at ``now`` (docs/outcomes.md).
+    A read: a sensing study's status is taken as the last refresh left it.
 
     Example: ``attrition(config, "demo").consort``.
     """
@@ -528,25 +530,26 @@ def sensing_dispositions(
         ).alias("all_left"),
     )
     period_end = pl.col("start") + duration
+    d = Disposition
     disposition = (
         pl.when(pl.col("last_data").is_null() | pl.col("start").is_null())
-        .then(pl.lit("not started"))
+        .then(pl.lit(d.NOT_STARTED.value))
         .when(pl.col("last_data") >= period_end - allowance)
-        .then(pl.lit("completed"))
+        .then(pl.lit(d.COMPLETED.value))
         .when(pl.col("all_left") & (pl.coalesce("left", "last_data") < period_end))
-        .then(pl.lit("withdrawn"))
+        .then(pl.lit(d.WITHDRAWN.value))
         .when(now - pl.col("last_data") >= allowance)
-        .then(pl.lit("lost to follow-up"))
-        .otherwise(pl.lit("active"))
+        .then(pl.lit(d.LOST.value))
+        .otherwise(pl.lit(d.ACTIVE.value))
     )
     end = (
-        pl.when(pl.col("disposition") == "withdrawn")
+        pl.when(pl.col("disposition") == d.WITHDRAWN.value)
         .then(pl.coalesce("left", "last_data"))
-        .when(pl.col("disposition") == "lost to follow-up")
+        .when(pl.col("disposition") == d.LOST.value)
         .then(pl.col("last_data"))
-        .when(pl.col("disposition") == "completed")
+        .when(pl.col("disposition") == d.COMPLETED.value)
         .then(period_end)
-        .when(pl.col("disposition") == "active")
+        .when(pl.col("disposition") == d.ACTIVE.value)
         .then(pl.min_horizontal(pl.lit(now), period_end))
     )
     return (
@@ -556,7 +559,7 @@ def sensing_dispositions(
             ((pl.col("end") - pl.col("start")) / DAY_MS)
             .clip(lower_bound=0, upper_bound=duration_days)
             .alias("days"),
-            pl.col("disposition").is_in(["withdrawn", "lost to follow-up"]).alias("dropped"),
+            pl.col("disposition").is_in([x.value for x in DROPPED]).alias("dropped"),
         )
         .select(
             pl.col("subject_name").alias("participant"),
@@ -991,11 +994,7 @@ def _summarise(name: str, kind: str, people: pl.DataFrame, compliance: pl.DataFr
                 "lost to follow-up",
                 "not started",
             ],
-            "n": [enrolled, started]
-            + [
-                counts.get(d, 0)
-                for d in ["active", "completed", "withdrawn", "lost to follow-up", "not started"]
-            ],
+            "n": [enrolled, started] + [counts.get(d, 0) for d in DISPOSITIONS],
         }
     )
     began = people.filter(pl.col("disposition") != "not started")

@@ -4,14 +4,13 @@ The status of a study is one row per subject x app x device (plus one row for ea
 subject with no device yet), computed from per-source aggregates of the upload ledger. The
 aggregates live in the catalog (``status_sensors``) and :func:`fold_new_uploads` brings them up
 to date from the ledger rows newer than its last run, so a refresh costs in proportion to what
-arrived, never to what is stored. :func:`refresh_status` runs the whole cycle: fold, compute
-each active study's table, record changes of activity code in the history, open and close
-alerts, write each study's CSV atomically into the pool's reports folder, and mail new alerts.
+arrived, never to what is stored. Only the refresh (:mod:`workbench.refresh`) folds and
+writes the history; :func:`study_status` and the views built on it only read.
 
 Example::
 
-    from workbench import load_config, open_catalog
-    from workbench.status import refresh_status, study_status
+    from workbench import load_config, open_catalog, refresh_status
+    from workbench.status import study_status
 
     config = load_config("demo-home")
     refresh_status(config)
@@ -21,9 +20,8 @@ Example::
 from __future__ import annotations
 
 import os
-import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import polars as pl
@@ -42,25 +40,13 @@ from workbench.catalog import (
     subjects,
     uploads,
 )
-from workbench.config import Config
-from workbench.errors import MailError
 from workbench.pool import DataPool, write_file_atomically, write_parquet_atomically
-from workbench.studies import Study, get_study, list_studies
+from workbench.studies import Study, get_study
+from workbench.subject_state import ACTIVITY_LABELS, LEFT_STATUSES, Activity, DeviceStatus
 from workbench.tables_csv import csv_bytes
 
 HOUR_MS = 3_600_000
 DAY_MS = 24 * HOUR_MS
-
-# Activity codes: 0-4 are JTrack's dashboard codes; 5 means none of them applies.
-NO_DATA, LEFT_EARLY, OVER_NOT_LEFT, COMPLETED, SEVERAL_DEVICES, OK = range(6)
-ACTIVITY = {
-    NO_DATA: "no data",
-    LEFT_EARLY: "left early",
-    OVER_NOT_LEFT: "duration over, not left",
-    COMPLETED: "completed",
-    SEVERAL_DEVICES: "several devices active",
-    OK: "ok",
-}
 
 # The columns of JTrack's status CSV, in its order; per sensor follow <sensor>_n_batches and
 # <sensor>_last_time_received.
@@ -76,10 +62,8 @@ JTRACK_COLUMNS = [
 
 FOLDED = "status.last_upload_id"  # keys in the catalog's state table
 GENERATION = "status.generation"
-LEFT_STATUSES = (1, 2, 3)
 EMA_APP = "ema"  # the app of devices registered with deviceid_ema (workbench.ingest)
 EMA_SENSOR = "ema"  # the one sensor the EMA app records
-ACTIVE_DEVICE = 0
 _TIME = pl.Datetime("ms", "UTC")
 CSV_TIME = "%Y-%m-%dT%H:%M:%SZ"
 
@@ -106,18 +90,8 @@ def extra_columns(sensors: list[str]) -> list[str]:
 # ---------------------------------------------------------------------------- aggregates
 
 
-def fold_new_uploads(catalog: Catalog) -> int:
-    """Fold the ledger rows added since the last fold into the status aggregates; return
-    how many rows were folded. Safe to run from several processes at once.
-
-    Not fsynced: a power loss can only take back the last folds, together with their
-    watermark, and the next refresh folds those rows again.
-    """
-    return _fold_now(catalog).rows
-
-
 @dataclass(frozen=True)
-class _Fold:
+class Fold:
     """One fold: ledger ids ``mark < id <= top`` went into the aggregates; ``changed[study]``
     holds the new sums of the sources they touched."""
 
@@ -128,7 +102,14 @@ class _Fold:
     changed: dict[str, pl.DataFrame]
 
 
-def _fold_now(catalog: Catalog) -> _Fold:
+def fold_new_uploads(catalog: Catalog) -> Fold:
+    """Fold the ledger rows added since the last fold into the status aggregates and move
+    the fold watermark; ``.rows`` says how many. Safe to run from several processes at once.
+    Only the refresh (:mod:`workbench.refresh`) calls it: the views read what it left.
+
+    Not fsynced: a power loss can only take back the last folds, together with their
+    watermark, and the next refresh folds those rows again.
+    """
     with catalog.writing(durable=False, serialize="status") as conn:
         return _fold(conn, catalog)
 
@@ -175,7 +156,7 @@ def rebuild_aggregates(catalog: Catalog, *, workers: int | None = None) -> int:
     return sum(row["n_batches"] for row in rows)
 
 
-def _fold(conn: Connection, catalog: Catalog) -> _Fold:
+def _fold(conn: Connection, catalog: Catalog) -> Fold:
     """One INSERT ... SELECT ... ON CONFLICT DO UPDATE ... RETURNING: the new ledger rows
     never leave the database, only the new sums of the sources they touched."""
     mark = conn.execute(
@@ -185,7 +166,7 @@ def _fold(conn: Connection, catalog: Catalog) -> _Fold:
     generation = _state(conn, GENERATION)
     top = conn.execute(select(func.max(uploads.c.id))).scalar()
     if top is None or top <= mark:
-        return _Fold(0, generation, mark, mark, {})
+        return Fold(0, generation, mark, mark, {})
     span = (uploads.c.id > mark, uploads.c.id <= top)
     folded = conn.execute(select(func.count()).select_from(uploads).where(*span)).scalar()
     # From scratch, grouping in index order beats selecting first.
@@ -225,7 +206,7 @@ def _fold(conn: Connection, catalog: Catalog) -> _Fold:
         by_study.setdefault(study_id, []).append(tuple(row))
     _set_state(conn, catalog, FOLDED, top)
     changed = {study_id: _frame(rows, SUMS_SCHEMA) for study_id, rows in by_study.items()}
-    return _Fold(folded, generation, mark, top, changed)
+    return Fold(folded, generation, mark, top, changed)
 
 
 def _state(conn: Connection, key: str) -> int:
@@ -294,23 +275,21 @@ def study_status(
     study_id: str,
     *,
     now: int | None = None,
-    fold: bool = True,
     from_ledger: bool = False,
 ) -> pl.DataFrame:
     """The status table of one study: JTrack's columns, then the workbench's.
 
     ``now`` (ms since the epoch, default the current time) is the moment the table describes.
-    By default new ledger rows are folded in first; ``from_ledger`` computes the aggregates
-    from the whole ledger instead (the slow full computation, used to check the fast one).
+    A read: it uses the aggregates as the last refresh left them (uploads since then show at
+    the next refresh) and writes nothing; ``from_ledger`` computes the aggregates from the
+    whole ledger instead (the slow full computation, used to check the fast one).
 
-    Example: ``study_status(catalog, "demo").filter(pl.col("activity_code") == 0)``.
+    Example: ``study_status(catalog, "demo").filter(pl.col("activity") == "no data")``.
     """
     study = get_study(catalog, study_id)
-    if fold and not from_ledger:
-        fold_new_uploads(catalog)
     now = now_ms() if now is None else now
     with catalog.engine.connect() as conn:
-        people, phones = _read_people(conn, study_id)
+        people, phones = read_people(conn, study_id)
         sums = _read_sums(conn, study_id, from_ledger=from_ledger)
     return compute_status(study, people, phones, sums, now=now)
 
@@ -325,7 +304,7 @@ SUMS_SCHEMA = {
 }
 
 
-def _read_people(conn: Connection, study_id: str) -> tuple[pl.DataFrame, pl.DataFrame]:
+def read_people(conn: Connection, study_id: str) -> tuple[pl.DataFrame, pl.DataFrame]:
     """A study's enrolled subjects and their devices."""
     enrolled = fetch_tuples(
         conn,
@@ -378,7 +357,7 @@ def _read_sums(conn: Connection, study_id: str, *, from_ledger: bool = False) ->
     return _frame(rows, SUMS_SCHEMA)
 
 
-def _sums_from_cache(catalog: Catalog, study_id: str, folded: _Fold, cache: Path) -> pl.DataFrame:
+def sums_from_cache(catalog: Catalog, study_id: str, folded: Fold, cache: Path) -> pl.DataFrame:
     """A study's per-source sums, from the copy the last refresh left in ``cache`` plus the
     sources this fold changed; the whole set from the catalog when that copy is missing or
     from another fold. Either way the result equals :func:`_read_sums`."""
@@ -446,10 +425,13 @@ def compute_status(
         "_window_days"
     )
     active_here = (
-        (pl.col("status_code") == ACTIVE_DEVICE).sum().over("subject_name", "app").alias("_active")
+        (pl.col("status_code") == DeviceStatus.ACTIVE)
+        .sum()
+        .over("subject_name", "app")
+        .alias("_active")
     )
     newest_active = (
-        pl.when(pl.col("status_code") == ACTIVE_DEVICE)
+        pl.when(pl.col("status_code") == DeviceStatus.ACTIVE)
         .then(pl.col("registered"))
         .max()
         .over("subject_name", "app")
@@ -471,27 +453,27 @@ def compute_status(
     silent_since = pl.coalesce("last_data", start)
     code = (
         pl.when(left & (pl.col("date_left_study") - pl.col("registered") >= duration))
-        .then(pl.lit(COMPLETED))
+        .then(pl.lit(Activity.COMPLETED))
         .when(left)
-        .then(pl.lit(LEFT_EARLY))
+        .then(pl.lit(Activity.LEFT_EARLY))
         .when(pl.col("_active") > 1)
-        .then(pl.lit(SEVERAL_DEVICES))
+        .then(pl.lit(Activity.SEVERAL_DEVICES))
         .when(now - pl.col("registered") >= duration)
-        .then(pl.lit(OVER_NOT_LEFT))
+        .then(pl.lit(Activity.OVER_NOT_LEFT))
         .when(now - silent_since >= stale_after)
-        .then(pl.lit(NO_DATA))
-        .otherwise(pl.lit(OK))
+        .then(pl.lit(Activity.NO_DATA))
+        .otherwise(pl.lit(Activity.OK))
     )
     base = base.with_columns(code.alias("activity_code"))
     code_col = pl.col("activity_code")
     since = (
-        pl.when(code_col.is_in([COMPLETED, LEFT_EARLY]))
+        pl.when(code_col.is_in([Activity.COMPLETED, Activity.LEFT_EARLY]))
         .then(pl.col("date_left_study"))
-        .when(code_col == SEVERAL_DEVICES)
+        .when(code_col == Activity.SEVERAL_DEVICES)
         .then(pl.col("_newest_active"))
-        .when(code_col == OVER_NOT_LEFT)
+        .when(code_col == Activity.OVER_NOT_LEFT)
         .then(pl.col("registered") + duration)
-        .when(code_col == NO_DATA)
+        .when(code_col == Activity.NO_DATA)
         .then(silent_since + stale_after)
         .otherwise(silent_since)
     )
@@ -515,7 +497,7 @@ def compute_status(
         *per_sensor,
         since.alias("activity_since"),
         ((now - pl.col("last_data")) / HOUR_MS).round(1).alias("hours_since_last_data"),
-        code_col.replace_strict(ACTIVITY, return_dtype=pl.String).alias("activity"),
+        code_col.replace_strict(ACTIVITY_LABELS, return_dtype=pl.String).alias("activity"),
         pl.col("registered").alias("date_registered"),
     )
     times = [
@@ -543,85 +525,7 @@ def _frame(rows, schema: dict) -> pl.DataFrame:
     )
 
 
-# ---------------------------------------------------------------------------- refresh
-
-
-@dataclass
-class RefreshReport:
-    """What one :func:`refresh_status` did."""
-
-    folded: int = 0
-    studies: list[str] = field(default_factory=list)
-    changes: int = 0
-    opened: int = 0
-    closed: int = 0
-    mailed: int = 0
-    mail_error: str | None = None
-    seconds: float = 0.0
-
-    def summary(self) -> str:
-        line = (
-            f"folded {self.folded} new uploads; {len(self.studies)} studies; "
-            f"{self.changes} status changes; alerts: {self.opened} opened, {self.closed} closed, "
-            f"{self.mailed} mailed"
-        )
-        if self.mail_error:
-            line += f" (mail failed: {self.mail_error}; retried at the next refresh)"
-        return f"{line}; {self.seconds * 1000:.0f} ms"
-
-
-def refresh_status(
-    config: Config,
-    *,
-    catalog: Catalog | None = None,
-    now: int | None = None,
-    studies: list[str] | None = None,
-    mail: bool = True,
-) -> RefreshReport:
-    """Fold new uploads, recompute every active study's status (or those in ``studies``),
-    record status changes, open and close alerts, write the status CSVs, mail new alerts.
-
-    Example: ``refresh_status(load_config("demo-home")).summary()``.
-    """
-    from workbench import alerts
-    from workbench.catalog import open_catalog
-
-    started = time.perf_counter()
-    own = catalog is None
-    catalog = catalog or open_catalog(config)
-    try:
-        report = RefreshReport()
-        folded = _fold_now(catalog)
-        report.folded = folded.rows
-        now = now_ms() if now is None else now
-        chosen = (
-            [get_study(catalog, s) for s in studies]
-            if studies
-            else [s for s in list_studies(catalog) if s.active]
-        )
-        pool = DataPool(config.pool)
-        for study in chosen:
-            sums = _sums_from_cache(catalog, study.id, folded, pool.cache / "status")
-            with catalog.engine.connect() as conn:
-                people, phones = _read_people(conn, study.id)
-            table = compute_status(study, people, phones, sums, now=now)
-            report.changes += record_changes(catalog, study.id, table, now=now)
-            opened, closed = alerts.update_alerts(catalog, study, table, now=now)
-            report.opened += opened
-            report.closed += closed
-            # rewritten at every refresh: atomic for readers, not worth an fsync
-            write_csv_atomically(table, status_csv_path(pool, study.id), durable=False)
-            report.studies.append(study.id)
-        if mail and config.smtp is not None:
-            try:
-                report.mailed = alerts.mail_new_alerts(catalog, config.smtp, now=now)
-            except MailError as exc:
-                report.mail_error = str(exc)
-        report.seconds = time.perf_counter() - started
-        return report
-    finally:
-        if own:
-            catalog.dispose()
+# ---------------------------------------------------------------------------- history
 
 
 def status_csv_path(pool: DataPool, study_id: str) -> Path:
@@ -725,9 +629,9 @@ def status_history_table(
     )
     return table.with_columns(
         pl.col("from_code")
-        .replace_strict(ACTIVITY, default=None, return_dtype=pl.String)
+        .replace_strict(ACTIVITY_LABELS, default=None, return_dtype=pl.String)
         .alias("from"),
-        pl.col("to_code").replace_strict(ACTIVITY, return_dtype=pl.String).alias("to"),
+        pl.col("to_code").replace_strict(ACTIVITY_LABELS, return_dtype=pl.String).alias("to"),
         pl.col("at", "noticed_at").cast(_TIME),
     ).select(
         "subject_name", "app", "device_id", "from_code", "from", "to_code", "to", "at", "noticed_at"

@@ -42,8 +42,9 @@ from workbench.dashboards import (
     study_choices,
 )
 from workbench.errors import WorkbenchError
+from workbench.refresh import refresh_status
 from workbench.reports import COMPLIANCE_TARGET
-from workbench.status import refresh_status, render
+from workbench.status import render
 
 STYLE = """<style>
 .wb-title{font-size:22px;font-weight:600;margin:4px 0 8px}

@@ -8,7 +8,7 @@ windows, destinations, and the scheduled work around them (DESIGN.md §9).
     engine        one account's incremental sync into the data pool
     destinations  writing back: the pool, Open Humans (direct upload with safe replace)
     scheduled     stale accounts queued, hourly maintenance, the 15-minute polling bridge,
-                  the huey task that reschedules itself at a rate limit's reset
+                  the scheduler's sync_account task
     simulator     a local provider speaking the same protocols, for tests and the demo
 
 Example::
@@ -29,7 +29,7 @@ from workbench.sync.accounts import (
     start_link,
 )
 from workbench.sync.destinations import put_file
-from workbench.sync.engine import SyncResult, combine_stream, sync_account
+from workbench.sync.engine import SyncResult, combine_stream, queue_sync, sync_account
 from workbench.sync.scheduled import (
     add_activity,
     due_accounts,
@@ -37,7 +37,6 @@ from workbench.sync.scheduled import (
     list_runs,
     poll_activities,
     queue_due,
-    queue_sync,
     run_maintenance,
 )
 from workbench.sync.settings import sync_settings

@@ -32,6 +32,7 @@ import orjson
 import polars as pl
 from sqlalchemy import select, update
 
+from workbench import scheduler
 from workbench.catalog import (
     Catalog,
     dialect_insert,
@@ -248,6 +249,23 @@ def _finish_run(catalog: Catalog, result: SyncResult) -> None:
             )
 
 
+SYNC_TASK = "sync_account"  # the scheduler's task that runs sync_account
+
+
+def queue_sync(
+    config: Config, account_id: int, *, eta_ms: int | None = None, trigger: str = "queue"
+) -> None:
+    """Queue a sync of ``account_id`` on the scheduler, at once or for ``eta_ms``. A run
+    resumed after a rate limit is woken up to ``[sync] inline_wait`` seconds early (the
+    scheduler's resolution is one second) and waits the rest itself.
+
+    Example: ``queue_sync(config, 3)``.
+    """
+    if eta_ms is not None:
+        eta_ms -= int(sync_settings(config).inline_wait * 1000)
+    scheduler.queue_task(config, SYNC_TASK, account_id, trigger, eta_ms=eta_ms)
+
+
 def sync_account(
     config: Config,
     account_id: int,
@@ -305,9 +323,7 @@ def sync_account(
                 raise
             _finish_run(catalog, result)
         log.info("%s", result.summary())
-        if result.status == "limited" and reschedule:
-            from workbench.sync.scheduled import queue_sync
-
+        if result.status == "limited" and reschedule and result.resume_at:
             queue_sync(config, account_id, eta_ms=result.resume_at, trigger="resume")
         return result
     finally:

@@ -1,5 +1,5 @@
 """Scheduled sync work: queueing stale accounts, hourly maintenance, the 15-minute polling
-bridge, and the huey task that runs (and reschedules) one account's sync.
+bridge, and the scheduler's task that runs one account's sync.
 
 * :func:`queue_due` queues every active account not synced for ``[sync] stale_days`` (4)
   and not already waiting for a rate limit to reset.
@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 
 from sqlalchemy import and_, delete, func, or_, select
 
+from workbench import scheduler
 from workbench.catalog import (
     Catalog,
     now_ms,
@@ -52,7 +53,7 @@ from workbench.errors import (
     WorkbenchError,
 )
 from workbench.sync.accounts import STATE_TTL_MS, access_token, get_account
-from workbench.sync.engine import SyncResult, _fetch_window, sync_account
+from workbench.sync.engine import SYNC_TASK, SyncResult, _fetch_window, queue_sync, sync_account
 from workbench.sync.providers import get_provider
 from workbench.sync.ratelimit import RateLimits, limit_key
 from workbench.sync.settings import sync_settings
@@ -63,40 +64,7 @@ HOUR_MS = 3_600_000
 DAY_MS = 24 * HOUR_MS
 
 
-# ---------------------------------------------------------------------------- huey
-
-
-def _eta(ms: int) -> dt.datetime:
-    """An aware UTC datetime: huey reads a naive one as local time, to the whole second."""
-    return dt.datetime.fromtimestamp(ms / 1000, dt.UTC)
-
-
-_hueys: dict[tuple, object] = {}
-_hueys_lock = threading.Lock()
-
-
-def _huey(config: Config):
-    from workbench.pipelines import make_huey
-
-    key = (str(config.home), config.pipelines.redis_url)
-    with _hueys_lock:
-        if key not in _hueys:
-            _hueys[key] = make_huey(config)
-        return _hueys[key]
-
-
-def queue_sync(
-    config: Config, account_id: int, *, eta_ms: int | None = None, trigger: str = "queue"
-) -> None:
-    """Queue a sync of ``account_id`` on the scheduler, at once or for ``eta_ms``. A run
-    resumed after a rate limit is woken up to ``[sync] inline_wait`` seconds early (the
-    scheduler's resolution is one second) and waits the rest itself."""
-    huey = _huey(config)
-    if eta_ms is None:
-        huey.sync_task(account_id, trigger)
-        return
-    early = int(sync_settings(config).inline_wait * 1000)
-    huey.sync_task.schedule(args=(account_id, trigger), eta=_eta(eta_ms - early))
+# ---------------------------------------------------------------------------- the task
 
 
 _shared: dict[str, tuple] = {}
@@ -115,36 +83,22 @@ def _shared_state(home: str):
         return _shared[home]
 
 
-def register_sync_tasks(huey, home: str) -> None:
-    """Add the ``sync_account`` task to ``huey`` (as ``huey.sync_task``): it syncs one
-    account and, stopped by a rate limit, schedules itself again for when the limit resets."""
-
-    def run_sync(account_id: int, trigger: str = "queue") -> dict:
-        config, catalog, limits = _shared_state(home)
-        try:
-            result = sync_account(
-                config,
-                account_id,
-                trigger=trigger,
-                catalog=catalog,
-                limits=limits,
-                reschedule=False,
-            )
-        except UnknownAccount as exc:
-            log.warning("%s", exc.message)
-            return {"account_id": account_id, "status": "unknown"}
-        if result.status == "limited" and result.resume_at:
-            early = int(sync_settings(config).inline_wait * 1000)
-            task.schedule(args=(account_id, "resume"), eta=_eta(result.resume_at - early))
-        return {
-            "account_id": account_id,
-            "status": result.status,
-            "requests": result.requests,
-            "windows": result.windows,
-        }
-
-    task = huey.task(name="sync_account")(run_sync)
-    huey.sync_task = task
+@scheduler.task(SYNC_TASK)
+def _sync_task(home: str, account_id: int, trigger: str = "queue") -> dict:
+    """The scheduler's task: sync one account; stopped by a rate limit, the run queues its
+    continuation for when the limit resets (:func:`sync_account`)."""
+    config, catalog, limits = _shared_state(home)
+    try:
+        result = sync_account(config, account_id, trigger=trigger, catalog=catalog, limits=limits)
+    except UnknownAccount as exc:
+        log.warning("%s", exc.message)
+        return {"account_id": account_id, "status": "unknown"}
+    return {
+        "account_id": account_id,
+        "status": result.status,
+        "requests": result.requests,
+        "windows": result.windows,
+    }
 
 
 # ---------------------------------------------------------------------------- due accounts
