@@ -72,6 +72,7 @@ from workbench.identifiers import check_identifier, is_identifier, resolve_insid
 from workbench.json_limits import check_json
 from workbench.ledger import LedgerWriter, insert_ignore
 from workbench.pool import DataPool, incoming_tag, sync_folders
+from workbench.subject_state import DeviceStatus
 from workbench.templates import load_schema, schema_validator
 
 log = logging.getLogger("workbench.ingest")
@@ -87,9 +88,13 @@ NAME_EXTRA = len("_____2000-01-01T00-00-00_0123456789abcdef.json")
 # Sample times are milliseconds since the epoch, at most the end of year 9999 (the schemas agree).
 MAX_TIMESTAMP = 253_402_300_799_999
 
-ACTIVE, LEFT_CLIENT_TIME, LEFT_SERVER_TIME, REMOVED = 0, 1, 2, 3
+ACTIVE, LEFT_CLIENT_TIME, REMOVED = (
+    DeviceStatus.ACTIVE,
+    DeviceStatus.LEFT_CLIENT_TIME,
+    DeviceStatus.REMOVED,
+)
 # What the app may send; only the coordinator removes (3) a subject, and only it restores one.
-APP_STATUSES = (ACTIVE, LEFT_CLIENT_TIME, LEFT_SERVER_TIME)
+APP_STATUSES = (ACTIVE, LEFT_CLIENT_TIME, DeviceStatus.LEFT_SERVER_TIME)
 # How far ahead of the server a phone's clock may run before its times count as "the future".
 CLOCK_SKEW_MS = 5 * 60_000
 

@@ -23,9 +23,10 @@ from workbench.catalog import Catalog, devices, now_ms, subjects
 from workbench.errors import UnknownSubject
 from workbench.identifiers import check_name
 from workbench.studies import get_study
+from workbench.subject_state import DeviceStatus
 
-REMOVED = 3
-ACTIVE = 0
+REMOVED = DeviceStatus.REMOVED
+ACTIVE = DeviceStatus.ACTIVE
 
 
 @dataclass(frozen=True)
