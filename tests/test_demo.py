@@ -35,7 +35,9 @@ def test_demo_then_status_alerts_sanity_and_questionnaires(tmp_path):
     home = tmp_path / "demo-home"
     init_home(home)
     config = home / "workbench.toml"  # the template's source, on a port free here
-    config.write_text(config.read_text().replace(":9000", f":{free_port()}"))
+    config.write_text(
+        config.read_text().replace(":9000", f":{free_port()}").replace(":9100", f":{free_port()}")
+    )
     port = free_port()
     run = workbench(home, "demo", "--port", str(port), "--exit", "--subjects", "6", "--days", "3")
     assert run.returncode == 0, run.stdout + run.stderr
