@@ -348,7 +348,7 @@ def test_post_faults_changes_only_the_given_fields(client, server):
 def test_threaded_server_drops_delays_and_keeps_serving(server):
     with start_in_thread(server) as running:
         assert running.url.startswith("http://127.0.0.1:")
-        with httpx.Client(base_url=running.url, auth=(USER, PASSWORD), timeout=5) as client:
+        with httpx.Client(base_url=running.url, auth=(USER, PASSWORD), timeout=30) as client:
             assert client.get("/export/PHQ9").json() == server.tables["PHQ9"]
 
             assert client.post("/_faults", json={"drop_rate": 1.0}).status_code == 200

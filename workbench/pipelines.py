@@ -3,11 +3,17 @@
 A pipeline is a TOML file in ``pipelines/`` (schema: ``data_templates/schemas/pipeline.schema.json``):
 a notebook, its parameters, a cron expression (UTC), a timeout for the run and one per cell, a
 number of retries. :func:`run_pipeline` executes the notebook with papermill in a subprocess
-(the wall-clock timeout kills its whole process group), never two runs of one pipeline at once
-(a lock file per pipeline), and keeps the executed notebook as
+(the wall-clock timeout, counted from the moment the run's kernel answers, kills its whole
+process group), never two runs of one pipeline at once (a lock file per pipeline), and keeps the
+executed notebook as
 ``pool/runs/<pipeline>/<UTC time>-<params hash>.ipynb`` with a run record in the catalog
 (parameters, status, duration, failing cell and error, code version, papermill and kernel
 versions). Every run is also a tracked job with a step per notebook section (``##`` headings).
+
+A kernel that dies before it answers, or does not answer within ``KERNEL_STARTUP_TIMEOUT``, is a
+failure of the machine, not of the notebook: the run is recorded as ``kernel_failed`` and started
+again after a short pause (``INFRA_RETRY_PAUSES``: at most two such retries, each a record of its
+own with the trigger ``infra_retry``), apart from the pipeline's own ``retries``.
 
 :func:`run_scheduler` (``workbench scheduler``) runs each enabled pipeline at its cron
 expression on the queue of :mod:`workbench.scheduler`, with the ``run_pipeline`` task that
@@ -28,10 +34,13 @@ import hashlib
 import json
 import logging
 import os
+import selectors
 import shlex
 import signal
 import subprocess
 import sys
+import tempfile
+import time
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,19 +58,37 @@ log = logging.getLogger("workbench.pipelines")
 
 # What the run's subprocess executes: papermill alone, without importing the workbench (which
 # would add most of a second to every run). Arguments: notebook, output, parameters as JSON,
-# the cell timeout in seconds, a file to write the kernel's process id into.
-PAPERMILL_RUNNER = """
-import json, sys
+# the cell timeout and the kernel's startup timeout in seconds, and a file descriptor on which
+# the runner tells its parent "kernel <pid>" once the kernel is started and "ready" once it
+# answers. A kernel that does not answer ends the runner with exit status 75 (EX_TEMPFAIL).
+PAPERMILL_RUNNER = r"""
+import contextlib, json, os, sys
 from jupyter_client.manager import AsyncKernelManager
 from jupyter_core.utils import run_sync
-notebook, output, values, cell_timeout, pid_file = sys.argv[1:6]
+notebook, output, values, cell_timeout, startup_timeout, signals = sys.argv[1:7]
+signals = os.fdopen(int(signals), "w", buffering=1)
 # Start the kernel first: it boots while papermill is imported, which saves a third of a second.
 # (An async manager, started on the loop nbclient will use, as nbclient expects.)
 km = AsyncKernelManager(kernel_name="python3")
-run_sync(km.start_kernel)()
-with open(pid_file, "w") as handle:  # the kernel runs in a session of its own: the parent
-    handle.write(str(km.provisioner.process.pid))  # kills it by this pid at the run timeout
-import papermill
+try:
+    run_sync(km.start_kernel)()
+    # the kernel runs in a session of its own: the parent kills it by this pid
+    signals.write(f"kernel {km.provisioner.process.pid}\n")
+    import papermill
+    client = km.client()
+    client.start_channels()
+    try:
+        run_sync(client.wait_for_ready)(timeout=float(startup_timeout))
+    finally:
+        client.stop_channels()
+except Exception as exc:
+    print(f"the kernel did not start: {type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}")
+    sys.stdout.flush()
+    with contextlib.suppress(Exception):  # it is gone already; the parent kills what remains
+        run_sync(km.shutdown_kernel)(now=True)
+    sys.exit(75)
+signals.write("ready\n")
+signals.close()
 try:
     papermill.execute_notebook(
         notebook, output, parameters=json.loads(values), kernel_name="python3",
@@ -79,6 +106,12 @@ finally:
 """
 REPO = Path(__file__).resolve().parent.parent
 KERNEL = "python3"
+# Seconds a run's kernel has to answer its first request; the run's own timeout starts then.
+KERNEL_STARTUP_TIMEOUT = 60
+# The status of a run whose kernel never answered, and the pauses before it is started again
+# (one per infrastructure retry).
+KERNEL_FAILED = "kernel_failed"
+INFRA_RETRY_PAUSES = (1.0, 3.0)
 
 
 @dataclass(frozen=True)
@@ -109,6 +142,7 @@ class RunRecord:
     failing_cell: int | None = None
     error: str | None = None
     attempts: int = 1
+    infra_retries: int = 0  # runs started again because their kernel did not start
 
 
 # ---------------------------------------------------------------------------- definitions
@@ -233,9 +267,9 @@ def run_pipeline(
             _close_stale_runs(catalog, pipeline.name)
             record = None
             for attempt in range(1, pipeline.retries + 2):
-                record = _run_once(config, catalog, pipeline, values, trigger, attempt)
-                if record.status == "succeeded":
-                    break
+                record = _run_with_a_kernel(config, catalog, pipeline, values, trigger, attempt)
+                if record.status in ("succeeded", KERNEL_FAILED):
+                    break  # a machine that cannot start kernels is not helped by the retries
                 log.warning(
                     "pipeline %s attempt %d %s: %s", name, attempt, record.status, record.error
                 )
@@ -245,6 +279,30 @@ def run_pipeline(
     finally:
         if own:
             catalog.dispose()
+
+
+def _run_with_a_kernel(
+    config, catalog, pipeline: Pipeline, values: dict, trigger: str, attempt: int
+) -> RunRecord:
+    """One attempt, started again (a record each) while its kernel fails to start."""
+    record = _run_once(config, catalog, pipeline, values, trigger, attempt)
+    retries = 0
+    for pause in INFRA_RETRY_PAUSES:
+        if record.status != KERNEL_FAILED:
+            break
+        retries += 1
+        log.warning(
+            "pipeline %s: %s; infrastructure retry %d of %d in %g s",
+            pipeline.name,
+            record.error,
+            retries,
+            len(INFRA_RETRY_PAUSES),
+            pause,
+        )
+        time.sleep(pause)
+        record = _run_once(config, catalog, pipeline, values, "infra_retry", attempt)
+    record.infra_retries = retries
+    return record
 
 
 def _run_once(
@@ -330,8 +388,10 @@ def _close_stale_runs(catalog, pipeline: str) -> None:
 
 
 def _execute(pipeline: Pipeline, output: Path, values: dict) -> tuple[str, int | None, str | None]:
-    """Run papermill in a subprocess of its own process group; kill the group at the timeout."""
+    """Run papermill in a subprocess of its own process group; once its kernel answers, kill the
+    group (and the kernel) at the run's timeout."""
     make_folders(output.parent)
+    signals, signals_to_parent = os.pipe()
     command = [
         sys.executable,
         "-c",
@@ -340,50 +400,92 @@ def _execute(pipeline: Pipeline, output: Path, values: dict) -> tuple[str, int |
         str(output),
         json.dumps(values, default=str),
         str(pipeline.cell_timeout),
-        str(output.with_suffix(".kernel-pid")),
+        str(KERNEL_STARTUP_TIMEOUT),
+        str(signals_to_parent),
     ]
-    process = subprocess.Popen(
-        command,
-        cwd=pipeline.notebook.parent,
-        start_new_session=True,
-        umask=modes_in(output.parent).umask,  # papermill writes the notebook with the umask
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        out, _ = process.communicate(timeout=pipeline.timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.communicate()
-        _kill_kernel(output.with_suffix(".kernel-pid"))
-        cell, _ = _failure(output)
-        return "timeout", cell, f"killed after the run's timeout of {pipeline.timeout} s"
-    except BaseException:  # Ctrl-C or SIGTERM of the runner: the run goes with it
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-        _kill_kernel(output.with_suffix(".kernel-pid"))
-        raise
-    finally:
-        output.with_suffix(".kernel-pid").unlink(missing_ok=True)
-        secure_file(output)
+    kernel: list[int] = []  # the kernel's pid, once the runner has started it
+    with tempfile.TemporaryFile() as printed:
+        try:
+            process = subprocess.Popen(
+                command,
+                cwd=pipeline.notebook.parent,
+                start_new_session=True,
+                umask=modes_in(output.parent).umask,  # papermill writes the notebook with it
+                stdout=printed,
+                stderr=subprocess.STDOUT,
+                pass_fds=(signals_to_parent,),
+            )
+        except BaseException:
+            os.close(signals)
+            raise
+        finally:
+            os.close(signals_to_parent)
+        try:
+            # the runner's own start, its imports and the kernel's answer
+            if not _kernel_ready(signals, kernel, time.monotonic() + 2 * KERNEL_STARTUP_TIMEOUT):
+                _stop(process, kernel)
+                lines = _printed(printed)
+                said = [line for line in lines if line.startswith("the kernel did not start")]
+                error = (said or [f"the kernel did not start within {KERNEL_STARTUP_TIMEOUT} s"])[0]
+                return KERNEL_FAILED, None, error
+            process.wait(timeout=pipeline.timeout)
+        except subprocess.TimeoutExpired:
+            _stop(process, kernel)
+            cell, _ = _failure(output)
+            return "timeout", cell, f"killed after the run's timeout of {pipeline.timeout} s"
+        except BaseException:  # Ctrl-C or SIGTERM of the runner: the run goes with it
+            _stop(process, kernel)
+            raise
+        finally:
+            os.close(signals)
+            secure_file(output)
+        text = _printed(printed)
     if process.returncode == 0:
         return "succeeded", None, None
     cell, error = _failure(output)
-    text = out.decode(errors="replace").strip().splitlines()
     if cell is not None and _duration(output, cell) >= pipeline.cell_timeout:
         # the kernel was interrupted at the cell timeout: its KeyboardInterrupt says less
         error = f"CellTimeoutError: the cell ran longer than {pipeline.cell_timeout} seconds"
     return "failed", cell, error or (text[-1] if text else f"exit status {process.returncode}")
 
 
-def _kill_kernel(pid_file: Path) -> None:
-    """Kill the run's kernel (jupyter_client starts kernels in a session of their own)."""
-    try:
-        pid = int(pid_file.read_text())
-    except (OSError, ValueError):
-        return
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pid, signal.SIGKILL)
+def _kernel_ready(signals: int, kernel: list[int], deadline: float) -> bool:
+    """Wait for the runner's "ready" (True), noting the kernel's pid on the way; False when the
+    runner ends first or the deadline passes."""
+    pending = b""
+    with selectors.DefaultSelector() as selector:
+        selector.register(signals, selectors.EVENT_READ)
+        while (left := deadline - time.monotonic()) > 0:
+            if not selector.select(left):
+                break
+            chunk = os.read(signals, 512)
+            if not chunk:
+                break  # the runner has ended
+            *lines, pending = (pending + chunk).split(b"\n")
+            for line in lines:
+                word, _, rest = line.decode().partition(" ")
+                if word == "kernel" and rest.isdigit():
+                    kernel.append(int(rest))
+                elif word == "ready":
+                    return True
+    return False
+
+
+def _stop(process: subprocess.Popen, kernel: list[int]) -> None:
+    """Kill the runner's process group and the kernel (jupyter_client starts kernels in a
+    session of their own)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    for pid in kernel:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, signal.SIGKILL)
+
+
+def _printed(printed) -> list[str]:
+    """The lines the runner printed."""
+    printed.seek(0)
+    return printed.read().decode(errors="replace").strip().splitlines()
 
 
 def _failure(output: Path) -> tuple[int | None, str | None]:
