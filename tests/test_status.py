@@ -20,11 +20,11 @@ from workbench.status import (
     jtrack_columns,
     rebuild_aggregates,
     refresh_status,
-    render,
     status_csv_path,
     status_history_table,
     study_status,
 )
+from workbench.writers import render
 
 
 def row(table, subject, device=None):
