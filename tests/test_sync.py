@@ -91,7 +91,9 @@ def lab(home, catalog, simulator, tmp_path):
     empty = tmp_path / "no-pipelines"
     empty.mkdir()
     path = home.home / "workbench.toml"
-    text = path.read_text().split("\n[sync]")[0].replace('folder = "pipelines"', f'folder = "{empty}"')
+    text = (
+        path.read_text().split("\n[sync]")[0].replace('folder = "pipelines"', f'folder = "{empty}"')
+    )
     text += "\n[sync]\ninline_wait = 0.0\n"
     text += provider_toml("gh", "google_health", simulator.url)
     text += provider_toml("oh", "open_humans", simulator.url)
