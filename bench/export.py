@@ -28,8 +28,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from workbench.config import init_home, load_config  # noqa: E402
-from workbench.export import combine_table, decrypt_values, export_source  # noqa: E402
-from workbench.study_server import StudyServer, demo_tables, generate_keypair, serve  # noqa: E402
+from workbench.decoded import combine_table  # noqa: E402
+from workbench.export import decrypt_values, export_source  # noqa: E402
+from workbench.simulators.study_server import StudyServer, demo_tables, generate_keypair, serve  # noqa: E402
 
 _key = None
 

@@ -35,7 +35,7 @@ from workbench.config import init_home  # noqa: E402
 from workbench.enrollment import enroll  # noqa: E402
 from workbench.refresh import refresh_status  # noqa: E402
 from workbench.sanity import sanity_check  # noqa: E402
-from workbench.simulator import make_batch  # noqa: E402
+from workbench.simulators.phones import make_batch  # noqa: E402
 from workbench.status import rebuild_aggregates, study_status  # noqa: E402
 from workbench.studies import JTRACK_SENSORS, create_study, definition_from_options  # noqa: E402
 

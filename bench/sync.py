@@ -33,9 +33,9 @@ sys.path.insert(0, str(ROOT))
 from workbench.catalog import open_catalog, sync_accounts, sync_raw, sync_runs  # noqa: E402
 from workbench.config import init_home, load_config  # noqa: E402
 from workbench.enrollment import enroll  # noqa: E402
+from workbench.simulators.providers import ProviderSimulator, start_simulator  # noqa: E402
 from workbench.studies import create_study, definition_from_options  # noqa: E402
 from workbench.sync import complete_link, generate_key, queue_sync, start_link, sync_account  # noqa: E402
-from workbench.sync.simulator import ProviderSimulator, start_simulator  # noqa: E402
 
 
 def make_home(root: Path, url: str, *, accounts: int, days: int, limit: int, seconds: float):

@@ -2,7 +2,7 @@
 serving stack of `workbench serve` against gunicorn's thread workers.
 
 Each round starts gunicorn (2 workers) on 127.0.0.1 three times: with the workbench upload
-server as `workbench serve` runs it (server.worker.BufferingWorker: requests read whole on an
+server as `workbench serve` runs it (workbench_server.worker.BufferingWorker: requests read whole on an
 event loop, then run in --threads threads), with bench/floor_app.py on the same stack (a bare
 Bottle endpoint that only parses the JSON body and fsync-writes it to a new file), and with the
 upload server under gunicorn's gthread workers (the stack before BufferingWorker, which slow
@@ -39,9 +39,9 @@ sys.path.insert(0, str(ROOT))
 
 from workbench.catalog import open_catalog  # noqa: E402
 from workbench.config import init_home  # noqa: E402
-from workbench.demo import serve_command  # noqa: E402
 from workbench.enrollment import enroll  # noqa: E402
-from workbench.simulator import make_batch  # noqa: E402
+from workbench.serving import serve_command  # noqa: E402
+from workbench.simulators.phones import make_batch  # noqa: E402
 from workbench.studies import create_study, definition_from_options  # noqa: E402
 
 WORKERS = 2
@@ -286,7 +286,7 @@ def main() -> None:
             "floor": lambda port: [
                 *gunicorn,
                 "--worker-class",
-                "server.worker.BufferingWorker",
+                "workbench_server.worker.BufferingWorker",
                 "--bind",
                 f"127.0.0.1:{port}",
                 "floor_app:app",
@@ -302,7 +302,7 @@ def main() -> None:
                 "dangerous",
                 "--bind",
                 f"127.0.0.1:{port}",
-                "server.wsgi:app",
+                "workbench_server.wsgi:app",
             ],
         }
         results: dict[str, list[dict]] = {name: [] for name in servers}

@@ -36,7 +36,7 @@ from workbench.catalog import open_catalog  # noqa: E402
 from workbench.config import init_home  # noqa: E402
 from workbench.enrollment import enroll  # noqa: E402
 from workbench.ingest import Ingest, Upload  # noqa: E402
-from workbench.simulator import make_batch  # noqa: E402
+from workbench.simulators.phones import make_batch  # noqa: E402
 from workbench.studies import create_study, definition_from_options  # noqa: E402
 
 SUBJECTS = 32

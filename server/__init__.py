@@ -1,1 +1,1 @@
-"""The JTrack-compatible upload server (Bottle); see :func:`server.app.create_app`."""
+"""The JTrack-compatible upload server (Bottle); see :func:`workbench_server.app.create_app`."""

@@ -173,10 +173,10 @@ def create_app(config: Config) -> Bottle:
     for code in (400, 404, 405, 500):
         app.error_handler[code] = json_error
 
-    from server.jobs import install_job_routes
+    from workbench_server.jobs import install_job_routes
 
     install_job_routes(app, ingest.catalog)  # the job-tracking API
-    from server.sync import install_sync_routes
+    from workbench_server.sync import install_sync_routes
 
     install_sync_routes(app, config, ingest.catalog)  # the OAuth2 callback of sync links
     return app

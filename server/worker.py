@@ -19,7 +19,7 @@ application as ``HTTP_X_API_KEY``). gunicorn still manages the processes: ``--wo
 restarts, and SIGTERM, on which a worker stops accepting, finishes the requests it has read
 (up to ``--graceful-timeout``) and exits.
 
-    gunicorn --worker-class server.worker.BufferingWorker --threads 8 server.wsgi:app
+    gunicorn --worker-class workbench_server.worker.BufferingWorker --threads 8 workbench_server.wsgi:app
 """
 
 from __future__ import annotations

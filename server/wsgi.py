@@ -1,6 +1,7 @@
-"""WSGI entry point for gunicorn: ``gunicorn server.wsgi:app`` with ``WORKBENCH_HOME`` set."""
+"""WSGI entry point for gunicorn: ``gunicorn workbench_server.wsgi:app`` with ``WORKBENCH_HOME`` set."""
 
-from server.app import create_app
+from workbench_server.app import create_app
+
 from workbench.config import load_config
 
 app = create_app(load_config())

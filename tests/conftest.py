@@ -20,11 +20,11 @@ from sqlalchemy import update
 from workbench import catalog as tables
 from workbench.catalog import open_catalog
 from workbench.config import init_home, load_config
-from workbench.demo import serve_command, wait_for_server
 from workbench.enrollment import enroll
-from workbench.simulator import make_batch
+from workbench.serving import serve_command, wait_for_server
+from workbench.simulators.phones import make_batch
+from workbench.simulators.study_server import generate_keypair
 from workbench.studies import create_study, definition_from_options
-from workbench.study_server import generate_keypair
 
 REPO = Path(__file__).resolve().parent.parent
 START_MS = 1_700_000_000_000
@@ -60,7 +60,7 @@ def subjects(catalog, study):
 
 @pytest.fixture
 def app(home, study):
-    from server.app import create_app
+    from workbench_server.app import create_app
 
     application = create_app(home)
     yield application
@@ -185,7 +185,10 @@ class ServerProcess:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
                 cwd=REPO,
-                env={**os.environ, "PYTHONPATH": str(REPO)},
+                env={
+                    **os.environ,
+                    "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+                },
             )
         wait_for_server(self.url, process=self.proc, timeout=60)
         return self

@@ -16,7 +16,7 @@ from workbench.catalog import uploads
 from workbench.enrollment import enroll
 from workbench.ledger import verify
 from workbench.pool import DataPool
-from workbench.simulator import make_batch
+from workbench.simulators.phones import make_batch
 
 pytestmark = pytest.mark.slow
 

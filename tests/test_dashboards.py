@@ -509,7 +509,7 @@ def test_neither_token_nor_password_is_on_the_command_line():
         [sys.executable, "-c", f"import {name.rsplit('.', 1)[0]} as m; "
          f"print(m.{name.rsplit('.', 1)[1]}().hashed_password)"],
         env={**os.environ, "WORKBENCH_DASHBOARDS_PASSWORD_HASH": access.hashed_password,
-             "PYTHONPATH": str(REPO)},
+             "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])},
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert found.stdout.strip() == access.hashed_password, found.stderr

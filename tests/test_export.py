@@ -15,16 +15,10 @@ from tests.conftest import configure
 from workbench import export as export_module
 from workbench.catalog import export_deletions, export_raw
 from workbench.config import load_config
+from workbench.decoded import combine_table, decoded_ids, source_folder
 from workbench.errors import ConfigError, SourceUnavailable, TableRefused
-from workbench.export import (
-    combine_table,
-    decoded_ids,
-    export_source,
-    high_water,
-    rebuild_decoded,
-    source_folder,
-)
-from workbench.study_server import Faults, StudyServer, demo_tables, generate_keypair
+from workbench.export import export_source, high_water, rebuild_decoded
+from workbench.simulators.study_server import Faults, StudyServer, demo_tables, generate_keypair
 
 
 @pytest.fixture
@@ -279,7 +273,7 @@ def cli(config, *args):
 
 
 def test_cli_export_decode_combine_recover(home, keys, monkeypatch, server, tmp_path):
-    from workbench.study_server import start_in_thread
+    from workbench.simulators.study_server import start_in_thread
 
     with start_in_thread(server) as running:
         config = configure(home, keys, monkeypatch, url=f'"{running.url}"')
@@ -400,7 +394,7 @@ def test_an_id_beyond_signed_64_bit_refuses_only_its_table(config, server, catal
 
 
 def test_cli_export_exit_status_says_a_table_was_refused(home, keys, monkeypatch, server):
-    from workbench.study_server import start_in_thread
+    from workbench.simulators.study_server import start_in_thread
 
     server.add_rows("GAD7", [{**_template(server, "GAD7"), "id": 2**63 + 5}], keep_ids=True)
     with start_in_thread(server) as running:
@@ -459,7 +453,7 @@ def test_a_row_far_ahead_is_deleted_once_stored_in_delete_mode(
 
 
 def test_an_answer_above_max_answer_mb_is_refused_for_its_table(home, keys, monkeypatch, server):
-    from workbench.study_server import start_in_thread
+    from workbench.simulators.study_server import start_in_thread
 
     server.add_rows("PHQ9", [{**_template(server), "note": "x" * 300_000}])
     with start_in_thread(server) as running:
@@ -506,7 +500,7 @@ def test_an_answer_without_a_length_is_cut_off_at_the_limit(config, server, monk
 def test_values_that_decrypt_are_kept_when_most_of_their_column_fails(
     config, server, catalog, tmp_path, caplog
 ):
-    from workbench.study_server import encrypt_value
+    from workbench.simulators.study_server import encrypt_value
 
     other = tmp_path / "rotated"
     generate_keypair(other, bits=1024)
@@ -533,7 +527,7 @@ def test_confirm_refuses_a_plaintext_the_padding_does_not_hold(keys):
     from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
     from workbench.export import confirm_pkcs1v15, decrypt_values
-    from workbench.study_server import encrypt_value
+    from workbench.simulators.study_server import encrypt_value
 
     key = load_pem_private_key((keys / "private_key.pem").read_bytes(), password=None)
     values = [encrypt_value(keys / "public_key.pem", f"P{i}") for i in range(5)]
@@ -629,7 +623,7 @@ def test_cli_refuses_names_that_leave_their_folder(config, server, catalog, args
 
 def test_library_functions_check_the_names_they_turn_into_paths(config, server, catalog, tmp_path):
     from workbench.errors import InvalidName
-    from workbench.reports import write_report
+    from workbench.writers import write_report
 
     run(config, server, catalog=catalog)
     before = _pool_state(config)

@@ -3,10 +3,10 @@ duplicated, or deleted on the server that is not stored raw and decoded."""
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import polars as pl
 import pytest
@@ -14,21 +14,23 @@ from sqlalchemy import select
 
 from tests.conftest import configure
 from workbench.catalog import export_deletions, export_raw, open_catalog
-from workbench.export import FAULT_ENV, combine_table, decoded_ids, rebuild_decoded, source_folder
+from workbench.decoded import combine_table, decoded_ids, source_folder
+from workbench.export import rebuild_decoded
 from workbench.ledger import verify
-from workbench.study_server import StudyServer, demo_tables, start_in_thread
+from workbench.simulators.study_server import StudyServer, demo_tables, start_in_thread
 
 pytestmark = pytest.mark.slow
 
 
+KILL_AT = Path(__file__).resolve().parent / "kill_at.py"
+
+
 def export(config, fault=None):
-    env = {**os.environ}
-    env.pop(FAULT_ENV, None)
-    if fault:
-        env[FAULT_ENV] = fault
+    """`workbench export` in a process of its own, killed with SIGKILL at ``fault`` if given."""
+    arguments = ["--home", str(config.home), "export"]
+    command = [sys.executable, str(KILL_AT), fault, "--", *arguments] if fault else None
     return subprocess.run(
-        [sys.executable, "-m", "workbench.cli", "--home", str(config.home), "export"],
-        env=env,
+        command or [sys.executable, "-m", "workbench.cli", *arguments],
         capture_output=True,
         text=True,
         timeout=300,

@@ -21,7 +21,12 @@ from workbench.config import init_home, load_config
 from workbench.enrollment import enroll
 from workbench.logs import close_logging, setup_logging
 from workbench.pool import DataPool
-from workbench.study_server import StudyServer, demo_tables, generate_keypair, start_in_thread
+from workbench.simulators.study_server import (
+    StudyServer,
+    demo_tables,
+    generate_keypair,
+    start_in_thread,
+)
 
 
 @pytest.fixture

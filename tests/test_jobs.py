@@ -19,8 +19,8 @@ import jsonschema
 import pytest
 from click.testing import CliRunner
 from sqlalchemy import select, text, update
+from workbench_server.jobs import install_job_routes
 
-from server.jobs import install_job_routes
 from tests.conftest import ServerProcess
 from workbench import catalog as tables
 from workbench.cli_jobs import jobs
@@ -573,7 +573,7 @@ def test_the_template_sets_the_default_job_limits(home):
 
 def tracker_app(home):
     """The upload server's app with the tracking routes, as ``create_app`` will install them."""
-    from server.app import create_app
+    from workbench_server.app import create_app
 
     app = create_app(home)
     install_job_routes(app, app.config["workbench.ingest"].catalog)

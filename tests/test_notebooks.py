@@ -12,11 +12,10 @@ import nbformat
 import pytest
 
 from tests.conftest import REPO
-from workbench.study_server import StudyServer, demo_tables, start_in_thread
+from workbench.simulators.study_server import StudyServer, demo_tables, start_in_thread
 
-NOTEBOOKS = sorted((REPO / "notebooks").glob("*.ipynb")) + sorted(
-    (REPO / "notebooks" / "dashboards").glob("*.ipynb")
-)
+SHIPPED = REPO / "workbench" / "shipped" / "notebooks"
+NOTEBOOKS = sorted(SHIPPED.glob("*.ipynb")) + sorted((SHIPPED / "dashboards").glob("*.ipynb"))
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
@@ -69,7 +68,7 @@ def test_every_notebook_passes_nbval_on_the_demo_pool(tmp_path):
         )
         result = subprocess.run(
             [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--nbval-lax",
-             "--nbval-sanitize-with", str(REPO / "notebooks" / "nbval_sanitize.cfg"),
+             "--nbval-sanitize-with", str(REPO / "tests" / "nbval_sanitize.cfg"),
              *map(str, NOTEBOOKS)],
             capture_output=True, text=True, timeout=600, cwd=REPO,
             env={**env, "WORKBENCH_HOME": str(home)},

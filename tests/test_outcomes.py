@@ -299,7 +299,7 @@ def test_questionnaire_dispositions_from_an_export_at_two_report_dates(
 
     from tests.conftest import configure
     from workbench.export import export_source
-    from workbench.study_server import DATE_FORMAT, StudyServer, encrypt_value
+    from workbench.simulators.study_server import DATE_FORMAT, StudyServer, encrypt_value
 
     def row(i, person, session, day):
         when = datetime.fromtimestamp((T + day * DAY) / 1000, UTC).strftime(DATE_FORMAT)

@@ -62,7 +62,7 @@ def lab(home, tmp_path):
             f'name = "{name}"\nnotebook = "pipes/{name}.ipynb"\ncron = "0 0 1 1 *"\n{extra}'
         )
     path = home.home / "workbench.toml"
-    path.write_text(path.read_text().replace('folder = ""', f'folder = "{folder}"'))
+    path.write_text(path.read_text().replace('folder = "pipelines"', f'folder = "{folder}"'))
     return load_config(home.home)
 
 

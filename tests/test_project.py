@@ -42,7 +42,41 @@ def test_readme_opens_with_the_two_commands():
 def test_workbench_never_imports_server_or_pipelines():
     for path in (ROOT / "workbench").rglob("*.py"):
         text = path.read_text()
-        assert not re.search(r"^\s*(from|import) (server|pipelines)\b", text, re.M), path
+        assert not re.search(
+            r"^\s*(from|import) (workbench_server|server|pipelines)\b", text, re.M
+        ), path
+
+
+# The command line may start the stand-ins (`workbench simulate`, `demo`, `study-server`).
+CLI_MODULES = {"cli.py", "cli_jobs.py", "cli_sync.py"}
+
+
+def test_the_library_never_imports_the_simulators():
+    library = [
+        path
+        for path in (ROOT / "workbench").rglob("*.py")
+        if "simulators" not in path.parts and path.name not in CLI_MODULES
+    ]
+    assert len(library) > 20
+    for path in library:
+        text = path.read_text()
+        assert not re.search(r"(from|import) workbench\.simulators\b", text), path
+        assert not re.search(r"from workbench import simulators\b", text), path
+
+
+def test_simulate_is_not_public_api():
+    import workbench
+
+    assert "simulate" not in workbench.__all__ and not hasattr(workbench, "simulate")
+    assert not hasattr(workbench, "StudyServer")
+
+
+def test_the_library_holds_no_kill_switch():
+    """Crash tests kill the exporter from outside (tests/kill_at.py); no module kills itself."""
+    for path in (ROOT / "workbench").rglob("*.py"):
+        text = path.read_text()
+        assert not re.search(r"os\.kill\(\s*os\.getpid\(\)", text), path
+        assert "_FAULT" not in text, path
 
 
 def test_public_api_example_runs(tmp_path):

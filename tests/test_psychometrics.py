@@ -18,7 +18,8 @@ from workbench.psychometrics import (
     item_total,
     reliability,
 )
-from workbench.reports import questionnaire_methods, write_report
+from workbench.reports import questionnaire_methods
+from workbench.writers import write_report
 
 # Four complete rows and one incomplete (left out): worked by hand in the comments below.
 HAND = pl.DataFrame(
@@ -212,7 +213,7 @@ def test_questionnaire_report_has_reliability_change_and_methods(exported):
     from click.testing import CliRunner
 
     from workbench.cli import cli
-    from workbench.export import combine_table
+    from workbench.decoded import combine_table
     from workbench.instruments import last_per_session
     from workbench.reports import change_report, reliability_report
 

@@ -14,9 +14,9 @@ from workbench.reports import (
     median_survival,
     participant_report,
     questionnaire_report,
-    write_report,
 )
-from workbench.study_server import StudyServer, demo_tables
+from workbench.simulators.study_server import StudyServer, demo_tables
+from workbench.writers import write_report
 
 
 def test_kaplan_meier_equals_lifelines_on_the_waltons_data():
@@ -99,7 +99,7 @@ def test_questionnaire_report_counts_each_kind_of_problem(exported):
 
 
 def test_participant_report_against_the_schedule(exported):
-    from workbench.export import combine_table
+    from workbench.decoded import combine_table
 
     config, _tables = exported
     phq9 = combine_table(config, "mindtrails", "PHQ9")

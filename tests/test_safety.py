@@ -31,7 +31,7 @@ from workbench.errors import (
 )
 from workbench.export import export_source, rebuild_decoded
 from workbench.instruments import instrument, score
-from workbench.study_server import StudyServer, encrypt_value
+from workbench.simulators.study_server import StudyServer, encrypt_value
 from workbench.templates import TEMPLATES_DIR
 
 PHQ9 = instrument("phq9").items  # item 9 ("suicidal") last

@@ -262,8 +262,8 @@ def test_body_over_server_limit_is_413(phone, home, catalog):
     import dataclasses
 
     import httpx
+    from workbench_server.app import create_app
 
-    from server.app import create_app
     from workbench.enrollment import Enrollment
 
     small = dataclasses.replace(home, server=dataclasses.replace(home.server, max_body_bytes=2000))

@@ -15,12 +15,12 @@ from workbench.status import (
     fold_new_uploads,
     jtrack_columns,
     rebuild_aggregates,
-    render,
     status_csv_path,
     status_history_table,
     study_status,
 )
 from workbench.subject_state import Activity
+from workbench.writers import render
 
 
 def row(table, subject, device=None):

@@ -13,7 +13,7 @@ import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding
 
-from workbench.study_server import (
+from workbench.simulators.study_server import (
     GAD7_ITEMS,
     PHQ9_ITEMS,
     ConnectionDropped,

@@ -25,6 +25,7 @@ from workbench.cli import cli
 from workbench.config import load_config
 from workbench.enrollment import enroll
 from workbench.errors import AuthorizationFailed, ConfigError, DestinationFailed
+from workbench.simulators.providers import ProviderSimulator, start_simulator
 from workbench.sync import (
     add_activity,
     combine_stream,
@@ -43,7 +44,6 @@ from workbench.sync.accounts import access_token
 from workbench.sync.engine import checkpoint
 from workbench.sync.ratelimit import RateLimits
 from workbench.sync.settings import sync_settings
-from workbench.sync.simulator import ProviderSimulator, start_simulator
 
 pytestmark = pytest.mark.slow
 FORK = multiprocessing.get_context("spawn")  # no locks inherited from test threads
@@ -91,7 +91,9 @@ def lab(home, catalog, simulator, tmp_path):
     empty = tmp_path / "no-pipelines"
     empty.mkdir()
     path = home.home / "workbench.toml"
-    text = path.read_text().split("\n[sync]")[0].replace('folder = ""', f'folder = "{empty}"')
+    text = (
+        path.read_text().split("\n[sync]")[0].replace('folder = "pipelines"', f'folder = "{empty}"')
+    )
     text += "\n[sync]\ninline_wait = 0.0\n"
     text += provider_toml("gh", "google_health", simulator.url)
     text += provider_toml("oh", "open_humans", simulator.url)
@@ -192,7 +194,7 @@ def test_error_bodies_are_never_stored(lab, catalog, simulator):
 
 
 def test_the_callback_route_completes_a_link(lab, catalog, simulator):
-    from server.app import create_app
+    from workbench_server.app import create_app
 
     _, url = start_link(lab, catalog, "demo", "demo_00003", "gh")
     location = httpx.URL(httpx.get(url).headers["location"])

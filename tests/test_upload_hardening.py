@@ -193,7 +193,7 @@ def unknown_study_batch(n=20, filler=0):
 
 
 def test_unauthenticated_junk_is_kept_only_within_the_quotas(home, study):
-    from server.app import create_app
+    from workbench_server.app import create_app
 
     config = set_server(home, junk_quota_per_address=5000, junk_quota_total=8000)
     app = create_app(config)
@@ -227,7 +227,7 @@ def test_unauthenticated_junk_is_kept_only_within_the_quotas(home, study):
 
 
 def test_authenticated_junk_is_not_limited_by_the_quota(home, study, subjects):
-    from server.app import create_app
+    from workbench_server.app import create_app
 
     config = set_server(home, junk_quota_per_address=10, junk_quota_total=10)
     with client_for(create_app(config)) as http:
@@ -239,7 +239,7 @@ def test_authenticated_junk_is_not_limited_by_the_quota(home, study, subjects):
 
 
 def test_a_nearly_full_disk_refuses_uploads_with_507(home, study, subjects):
-    from server.app import create_app
+    from workbench_server.app import create_app
 
     config = set_server(home, min_free_bytes=10**18)  # more than any disk here has free
     with client_for(create_app(config)) as http:
@@ -273,7 +273,7 @@ def test_the_real_server_reports_degraded_health_on_a_full_disk(home, study):
 
 
 def test_junk_can_be_listed_and_pruned_and_verify_agrees(home, study):
-    from server.app import create_app
+    from workbench_server.app import create_app
 
     config = load_config(home.home)
     with client_for(create_app(config)) as http:
@@ -305,7 +305,7 @@ def test_junk_can_be_listed_and_pruned_and_verify_agrees(home, study):
 
 
 def test_a_junk_file_deleted_by_hand_is_still_reported(home, study):
-    from server.app import create_app
+    from workbench_server.app import create_app
 
     config = load_config(home.home)
     with client_for(create_app(config)) as http:
@@ -399,7 +399,8 @@ def test_subject_commands_from_the_cli(home, phone):
 
 
 def test_a_missing_resources_folder_is_not_shown_as_a_server_path(home, catalog, subjects):
-    from server.app import create_app
+    from workbench_server.app import create_app
+
     from workbench.studies import create_study, definition_from_options
 
     definition = definition_from_options("ema", sensors=["ema"])
@@ -415,7 +416,8 @@ def test_a_missing_resources_folder_is_not_shown_as_a_server_path(home, catalog,
 
 
 def test_the_resources_etag_follows_the_content(home, catalog):
-    from server.app import create_app
+    from workbench_server.app import create_app
+
     from workbench.enrollment import enroll
     from workbench.studies import create_study, definition_from_options
 

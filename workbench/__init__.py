@@ -42,7 +42,7 @@ _LAZY = {
     "attrition": "workbench.reports",
     "Catalog": "workbench.catalog",
     "change_over_time": "workbench.psychometrics",
-    "combine_table": "workbench.export",
+    "combine_table": "workbench.decoded",
     "Config": "workbench.config",
     "create_study": "workbench.studies",
     "definition_from_options": "workbench.studies",
@@ -71,7 +71,6 @@ _LAZY = {
     "sanity_check": "workbench.sanity",
     "score": "workbench.instruments",
     "sensing_dispositions": "workbench.reports",
-    "simulate": "workbench.simulator",
     "status_history_table": "workbench.status",
     "study_status": "workbench.status",
     "verify": "workbench.ledger",
@@ -84,8 +83,9 @@ if TYPE_CHECKING:  # for type checkers and the API reference
     from workbench.alerts import ack_alert, list_alerts
     from workbench.catalog import Catalog, open_catalog
     from workbench.config import Config, init_home, load_config
+    from workbench.decoded import combine_table
     from workbench.enrollment import enroll
-    from workbench.export import combine_table, export_sources, rebuild_decoded
+    from workbench.export import export_sources, rebuild_decoded
     from workbench.ingest import recover_incoming
     from workbench.instruments import instrument, list_instruments, score
     from workbench.jobs import JobConfigManager, get_job
@@ -105,7 +105,6 @@ if TYPE_CHECKING:  # for type checkers and the API reference
         write_questionnaire_report,
     )
     from workbench.sanity import sanity_check
-    from workbench.simulator import simulate
     from workbench.status import status_history_table, study_status
     from workbench.studies import (
         archive_study,

@@ -286,7 +286,7 @@ def serve(ctx, host, port, workers, threads, access_log) -> None:
         sys.executable,
         "-m",
         "gunicorn",
-        "server.wsgi:app",
+        "workbench_server.wsgi:app",
         "--bind",
         f"{host or s.host}:{port or s.port}",
         "--workers",
@@ -296,7 +296,7 @@ def serve(ctx, host, port, workers, threads, access_log) -> None:
         # reads requests on an event loop under [server] header_timeout and body_timeout;
         # header names keep their underscores (trackerapi clients send `x-api_key`)
         "--worker-class",
-        "server.worker.BufferingWorker",
+        "workbench_server.worker.BufferingWorker",
         "--timeout",
         "60",
         "--graceful-timeout",
@@ -445,7 +445,7 @@ def junk_list(ctx, older_than, reason, study, pruned, fmt) -> None:
         click.echo(frame.write_json())
         return
     if fmt == "csv":
-        from workbench.tables_csv import csv_bytes
+        from workbench.writers import csv_bytes
 
         click.echo(csv_bytes(frame).decode(), nl=False)
         return
@@ -544,8 +544,9 @@ def status(ctx, study_id, all_studies, fmt, out, history, subject) -> None:
     import polars as pl
 
     from workbench.refresh import refresh_status
-    from workbench.status import render, status_history_table, study_status
+    from workbench.status import status_history_table, study_status
     from workbench.studies import get_study, list_studies
+    from workbench.writers import render
 
     if bool(study_id) == all_studies:
         raise click.UsageError("name one STUDY, or give --all")
@@ -599,7 +600,7 @@ def _emit(data: bytes, out: str | None) -> None:
 def _emit_parquet(frame, out: str) -> None:
     from pathlib import Path
 
-    from workbench.pool import write_parquet_atomically
+    from workbench.writers import write_parquet_atomically
 
     write_parquet_atomically(frame, Path(out).resolve())
 
@@ -670,8 +671,8 @@ def alerts_list(ctx, study_id, include_closed, fmt, no_refresh) -> None:
     """
     from workbench.alerts import alerts_table, list_alerts
     from workbench.refresh import refresh_status
-    from workbench.status import render
     from workbench.studies import get_study
+    from workbench.writers import render
 
     config = _config(ctx)
     catalog = _catalog(ctx)
@@ -889,7 +890,7 @@ def combine(ctx, table, source, fmt, out) -> None:
         workbench combine PHQ9 --out phq9.csv
         workbench combine GAD7 --source mindtrails --format parquet --out gad7.parquet
     """
-    from workbench.export import combine_table
+    from workbench.decoded import combine_table
 
     config = _config(ctx)
     source = _only_source(config, source)
@@ -900,7 +901,7 @@ def combine(ctx, table, source, fmt, out) -> None:
         _emit_parquet(frame, out)
         click.echo(f"wrote {frame.height} rows to {out}", err=True)
         return
-    from workbench.tables_csv import csv_bytes
+    from workbench.writers import csv_bytes
 
     _emit(csv_bytes(frame), out)
 
@@ -911,7 +912,7 @@ def combine(ctx, table, source, fmt, out) -> None:
     "--instrument",
     "name",
     required=True,
-    help="Instrument id, e.g. phq9 (shipped in data_templates/instruments/, or the home's "
+    help="Instrument id, e.g. phq9 (shipped in workbench/shipped/data_templates/instruments/, or the home's "
     "own in <home>/instruments/).",
 )
 @click.option("--source", help="Source of the table (default: the only one configured).")
@@ -939,11 +940,11 @@ def score(ctx, table, name, source, last_per_session, fmt, out) -> None:
     """
     import polars as pl
 
-    from workbench.export import combine_table
+    from workbench.decoded import combine_table
     from workbench.instruments import instrument
     from workbench.instruments import last_per_session as last
     from workbench.instruments import score as score_table
-    from workbench.status import render
+    from workbench.writers import render
 
     config = _config(ctx)
     source = _only_source(config, source)
@@ -1040,7 +1041,7 @@ def report_attrition(ctx, name) -> None:
         workbench report attrition mindtrails
     """
     from workbench.reports import write_attrition_report
-    from workbench.status import render
+    from workbench.writers import render
 
     result, written = write_attrition_report(_config(ctx), name)
     click.echo(render(result.consort, "table").decode(), nl=False)
@@ -1251,7 +1252,7 @@ def simulate_questionnaires(ctx, port, participants, days, padding, seed) -> Non
     """
     from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
-    from workbench.study_server import StudyServer, demo_tables, generate_keypair, serve
+    from workbench.simulators.study_server import StudyServer, demo_tables, generate_keypair, serve
 
     home = _config(ctx).home
     _private, public = generate_keypair(home / "keys")
@@ -1327,7 +1328,7 @@ def simulate(ctx, study_id, subjects, days, url, batches_per_day, records, clien
     Example:
         workbench simulate demo --subjects 20 --days 7 --url http://127.0.0.1:8080
     """
-    from workbench.simulator import simulate as run_simulation
+    from workbench.simulators.phones import simulate as run_simulation
 
     config = _config(ctx)
     report = run_simulation(
@@ -1391,7 +1392,7 @@ def demo(ctx, port, subjects, days, exit_after, dashboards_port) -> None:
         workbench demo --port 8080 --exit
         workbench --home demo-home demo
     """
-    from workbench.demo import run_demo
+    from workbench.simulators.demo import run_demo
 
     run_demo(
         ctx.obj["home"],

@@ -205,7 +205,7 @@ def sync_simulate(ctx, port, limit) -> None:
     Example:
         workbench sync simulate --port 9100 --limit 60/6
     """
-    from workbench.sync.simulator import ProviderSimulator, serve_simulator
+    from workbench.simulators.providers import ProviderSimulator, serve_simulator
 
     try:
         requests, seconds = limit.split("/")

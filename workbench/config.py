@@ -10,10 +10,9 @@ from pathlib import Path
 
 from workbench.errors import ConfigError
 from workbench.pool import DataPool, group_modes, make_folders, open_new_file
-from workbench.templates import template_path
+from workbench.templates import SHIPPED_PIPELINES, copy_into_home, template_path
 
 CONFIG_NAME = "workbench.toml"
-REPO_PIPELINES = Path(__file__).resolve().parent.parent / "pipelines"
 HOME_ENV = "WORKBENCH_HOME"
 
 
@@ -127,7 +126,7 @@ class SourceConfig:
 class PipelinesConfig:
     """Where pipeline definitions are, how the scheduler queues runs and how long runs stay."""
 
-    folder: Path = REPO_PIPELINES
+    folder: Path = SHIPPED_PIPELINES  # a home without its own copies runs the shipped ones
     redis_url_env: str = "WORKBENCH_REDIS_URL"  # RedisHuey when set, else SqliteHuey in the pool
     workers: int = 2
     keep_runs: int = 100  # executed notebooks and records kept per pipeline
@@ -387,7 +386,9 @@ def _section(raw: dict, name: str) -> dict:
 
 
 def init_home(home: str | os.PathLike | None = None, *, force: bool = False) -> Config:
-    """Write a commented ``workbench.toml`` into the home and create the pool there.
+    """Write a commented ``workbench.toml`` into the home, create the pool there and copy the
+    shipped pipelines and notebooks into ``pipelines/`` and ``notebooks/`` (files the home has
+    already are kept).
 
     Example: ``init_home("~/demo")``.
     """
@@ -403,4 +404,5 @@ def init_home(home: str | os.PathLike | None = None, *, force: bool = False) -> 
         handle.write(template)
     config = load_config(root)
     DataPool.of(config).create()
+    copy_into_home(root)
     return config

@@ -57,8 +57,9 @@ from workbench.reports import (
 from workbench.status import DAY_MS, HOUR_MS, study_status
 from workbench.studies import Study, get_study, list_studies
 from workbench.subject_state import LEFT_STATUSES, Activity, SubjectState
+from workbench.templates import SHIPPED_NOTEBOOKS
 
-DASHBOARDS = Path(__file__).resolve().parent.parent / "notebooks" / "dashboards"
+DASHBOARDS = SHIPPED_NOTEBOOKS / "dashboards"  # the shipped ones; a home has its own copies
 
 # A subject's state on the status dashboard, in the order "who needs attention" sorts them.
 STATES = tuple(s.value for s in SubjectState)
@@ -513,13 +514,23 @@ def dashboard_environment(
     return env
 
 
+def dashboards_folder(config: Config) -> Path:
+    """The home's ``notebooks/dashboards`` (copied there by ``workbench init``), else the
+    shipped ones.
+
+    Example: ``dashboards_folder(config) / "study_status.ipynb"``.
+    """
+    own = config.home / "notebooks" / "dashboards"
+    return own if own.is_dir() else DASHBOARDS
+
+
 def serve_dashboards(
     config: Config,
     *,
     port: int,
     access: DashboardAccess | None = None,
     host: str = "127.0.0.1",
-    folder: Path = DASHBOARDS,
+    folder: Path | None = None,
     preheat: bool = True,
     log: Path | None = None,
 ) -> subprocess.Popen:
@@ -533,6 +544,7 @@ def serve_dashboards(
     """
     access = access or DashboardAccess()
     check_exposure(host, access)
+    folder = folder or dashboards_folder(config)
     if not folder.is_dir():
         raise WorkbenchError(f"no dashboards folder at {folder}")
     output = None

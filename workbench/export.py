@@ -28,7 +28,8 @@ the snapshot undecoded, so the next run checks it; an alert is never opened twic
 A table whose answer holds ids outside signed 64-bit integers, or is larger than
 ``max_answer_mb``, is refused with a clear error (:class:`TableRefused`) before anything of it is
 stored; the other tables and sources go on. Every file and folder name comes from a name checked
-against its pattern and resolved inside its folder (:func:`table_folder`).
+against its pattern and resolved inside its folder
+(:func:`workbench.decoded.table_folder`).
 
 A crash at any point loses nothing: the next run first finishes what an earlier one left
 (snapshots not yet decoded, deletes not yet done) and then fetches again from the mark, so it
@@ -39,7 +40,8 @@ Example::
 
     report = export_sources(load_config("demo-home"))
     print(report.summary())
-    phq9 = combine_table(load_config("demo-home"), "mindtrails", "PHQ9")
+
+The decoded tables are read through :mod:`workbench.decoded` (``combine_table``).
 """
 
 from __future__ import annotations
@@ -52,14 +54,11 @@ import hashlib
 import logging
 import multiprocessing
 import os
-import re
 import shutil
-import signal
 import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import httpx
 import orjson
@@ -77,9 +76,17 @@ from workbench.catalog import (
     open_catalog,
 )
 from workbench.config import Config, SourceConfig
+from workbench.decoded import (
+    TABLE_NAME,
+    check_name,
+    day_column,
+    decoded_ids,
+    merge_decoded,
+    source_folder,
+    table_folder,
+)
 from workbench.errors import (
     ConfigError,
-    InvalidName,
     SourceUnavailable,
     TableRefused,
     WorkbenchError,
@@ -89,33 +96,17 @@ from workbench.pool import (
     make_dirs_durably,
     make_folders,
     open_new_file,
-    write_file_atomically,
-    write_parquet_atomically,
 )
 from workbench.safety import check_new_rows, mail_pending, source_instruments
-from workbench.tables_csv import csv_bytes
 
 log = logging.getLogger("workbench.export")
 
-TABLE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
-SOURCE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")  # as workbench.toml requires
 INT64 = (-(2**63), 2**63 - 1)  # the row ids the catalog and the decoded files can hold
 ENCRYPTED_SUFFIX = "RSA"
 PARALLEL_FROM = 2000  # values; fewer are decrypted in this process
 # A string this long of base64 characters left in a decoded table is ciphertext until proven
 # otherwise (RSA-2048 gives 344 characters).
 CIPHERTEXT = r"^[A-Za-z0-9+/]{160,}={0,2}$"
-UNDATED = "undated"
-
-
-FAULT_ENV = "WORKBENCH_EXPORT_FAULT"
-
-
-def _fault_point(name: str) -> None:
-    """Crash tests kill the exporter here (SIGKILL, as a power cut would) when
-    ``$WORKBENCH_EXPORT_FAULT`` names this point; otherwise nothing happens."""
-    if os.environ.get(FAULT_ENV) == name:
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 # ---------------------------------------------------------------------------- reports
@@ -536,7 +527,7 @@ def decode_rows(
                 ]
             columns[name] = values
     frame = pl.DataFrame(columns, strict=False, infer_schema_length=None)
-    frame = frame.with_columns(_day(frame).alias("_date"))
+    frame = frame.with_columns(day_column(frame).alias("_date"))
     _warn_ciphertext(frame, source=source, table=table)
     return frame, failed
 
@@ -550,17 +541,6 @@ def _free_name(candidates: list[str], taken: set[str]) -> str:
         name, n = f"{candidates[-1]}_{n}", n + 1
     taken.add(name)
     return name
-
-
-def _day(frame: pl.DataFrame) -> pl.Expr:
-    if "date" not in frame.columns:
-        return pl.lit(UNDATED)
-    text = pl.col("date").cast(pl.String)
-    return (
-        pl.when(text.str.contains(r"^\d{4}-\d{2}-\d{2}"))
-        .then(text.str.slice(0, 10))
-        .otherwise(pl.lit(UNDATED))
-    )
 
 
 def _warn_ciphertext(frame: pl.DataFrame, *, source: str, table: str) -> None:
@@ -577,71 +557,7 @@ def _warn_ciphertext(frame: pl.DataFrame, *, source: str, table: str) -> None:
                 )
 
 
-def merge_decoded(folder: Path, table: str, frame: pl.DataFrame) -> list[str]:
-    """Merge decoded rows into ``folder/<table>_<date>.parquet`` (and ``.csv``), one file per
-    day, keeping one row per id (the latest); return the days written."""
-    if frame.is_empty():
-        return []
-    make_folders(folder)
-    days = sorted(frame["_date"].unique().to_list())
-    for day in days:
-        part = frame.filter(pl.col("_date") == day).drop("_date")
-        target = folder / f"{table}_{day}.parquet"
-        if target.exists():
-            part = pl.concat([pl.read_parquet(target), part], how="diagonal_relaxed")
-        part = part.unique(subset="id", keep="last", maintain_order=True).sort("id")
-        write_parquet_atomically(part, target)
-        write_file_atomically(folder / f"{table}_{day}.csv", _csv(part))
-        _fault_point("during-decode")
-    fsync_dir(folder)
-    return days
-
-
-def _csv(frame: pl.DataFrame) -> bytes:
-    return csv_bytes(frame)  # nested values were turned into JSON text by decode_rows
-
-
 # ---------------------------------------------------------------------------- the export
-
-
-def check_name(kind: str, value: object) -> str:
-    """``value`` if it is a valid ``kind`` ("source" or "table") name, else :class:`InvalidName`.
-
-    Example: ``check_name("table", "PHQ9")``; ``check_name("table", "../raw")`` raises.
-    """
-    pattern = SOURCE_NAME if kind == "source" else TABLE_NAME
-    if not isinstance(value, str) or not pattern.fullmatch(value):
-        shown = value if isinstance(value, str) else type(value).__name__
-        raise InvalidName(
-            f"invalid {kind} name {str(shown)[:80]!r}: use letters, digits, '_', '-'"
-            + (" and '.'" if kind == "table" else "")
-            + f", starting with a letter or digit (pattern {pattern.pattern})"
-        )
-    return value
-
-
-def _inside(folder: Path, name: str) -> Path:
-    """``folder / name``, checked to resolve to a direct child of ``folder``."""
-    path = folder / name
-    if path.resolve().parent != folder.resolve():
-        raise InvalidName(f"{name!r} does not resolve inside {folder.name}/")
-    return path
-
-
-def source_folder(config: Config, source: str) -> Path:
-    """Where a source's raw snapshots and decoded tables live (the name checked first)."""
-    return _inside(config.pool / "questionnaires", check_name("source", source))
-
-
-def table_folder(config: Config, source: str, table: str, kind: str) -> Path:
-    """A table's ``raw`` or ``decoded`` folder, its names checked and resolved inside the
-    source's folder before any file in it is read, written or deleted.
-
-    Example: ``table_folder(config, "mindtrails", "PHQ9", "decoded")``.
-    """
-    if kind not in ("raw", "decoded"):
-        raise ValueError(f"kind must be raw or decoded, not {kind!r}")
-    return _inside(source_folder(config, source) / kind, check_name("table", table))
 
 
 def export_sources(
@@ -763,10 +679,8 @@ def _export_table(config, catalog, client, source, decrypter, listed, result, pr
     ahead = stored_above(config, catalog, source.name, table, mark)
     new = sorted((r for r in rows if r["id"] > mark and r["id"] not in ahead), key=_row_id)
     result.new_rows = len(new)
-    _fault_point("after-fetch")
     if new:
         raw_id, relative = write_raw(config, catalog, source.name, table, new, mark)
-        _fault_point("after-raw")
         result.raw = relative
         result.undecryptable, result.safety_alerts = _decode_raw(
             config, catalog, source, decrypter, raw_id, progress
@@ -915,7 +829,6 @@ def write_raw(
             continue
     os.unlink(temporary)
     fsync_dir(folder)
-    _fault_point("before-record")
     relative = str(final.relative_to(config.pool))
     with catalog.writing() as conn:
         raw_id = conn.execute(
@@ -1036,24 +949,6 @@ def _adopt_unrecorded(config: Config, catalog: Catalog, source: str) -> None:
             )
 
 
-def decoded_ids(config: Config, source: str, table: str) -> set[int]:
-    """Row ids present in a table's decoded files."""
-    files = sorted(table_folder(config, source, table, "decoded").glob(f"{table}_*.parquet"))
-    ids: set[int] = set()
-    for path in files:
-        if _day_of(path, table) is not None:
-            ids.update(pl.read_parquet(path, columns=["id"])["id"].to_list())
-    return ids
-
-
-def _day_of(path: Path, table: str) -> str | None:
-    """The day of ``<table>_<day>.parquet`` (exact table name, never a prefix)."""
-    match = re.fullmatch(
-        re.escape(table) + r"_(\d{4}-\d{2}-\d{2}|" + UNDATED + r")\.parquet", path.name
-    )
-    return match.group(1) if match else None
-
-
 def _delete_verified(config, catalog, client, source, table) -> int:
     """Delete on the server the rows of decoded, not yet deleted snapshots of ``table``, each
     only if it is in its raw snapshot (hash checked) and in the decoded files."""
@@ -1098,7 +993,6 @@ def _delete_verified(config, catalog, client, source, table) -> int:
                 complete = False
                 continue
             deleted += 1
-            _fault_point("during-delete")
             with catalog.writing(durable=False) as conn:
                 conn.execute(
                     dialect_insert(catalog.engine, export_deletions)
@@ -1187,19 +1081,3 @@ def rebuild_decoded(
         if own:
             catalog.dispose()
     return done
-
-
-def combine_table(config: Config, source: str, table: str) -> pl.DataFrame:
-    """All days of one decoded table in one frame, by id (the exact table, never a prefix).
-
-    Example: ``combine_table(config, "mindtrails", "PHQ9").height``.
-    """
-    config.source(check_name("source", source))
-    folder = table_folder(config, source, table, "decoded")
-    files = sorted(p for p in folder.glob(f"{table}_*.parquet") if _day_of(p, table) is not None)
-    if not files:
-        raise WorkbenchError(
-            f"no decoded table {table!r} for source {source!r}; run `workbench export` first"
-        )
-    frames = [pl.read_parquet(p) for p in files]
-    return pl.concat(frames, how="diagonal_relaxed").sort("id")

@@ -169,8 +169,6 @@ def load_pipelines(config: Config) -> dict[str, Pipeline]:
         notebook = Path(raw["notebook"])
         notebook = notebook if notebook.is_absolute() else (folder.parent / notebook)
         if not notebook.is_file():
-            notebook = REPO / raw["notebook"]
-        if not notebook.is_file():
             raise ConfigError(f"{path}: notebook {raw['notebook']} not found")
         if raw["name"] in found:
             raise ConfigError(f"{path}: a second pipeline named {raw['name']!r}")

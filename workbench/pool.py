@@ -19,7 +19,6 @@ import ctypes
 import ctypes.util
 import fcntl
 import grp
-import io
 import itertools
 import os
 import socket
@@ -377,13 +376,6 @@ def write_file_atomically(path: Path, data: bytes, *, durable: bool = True) -> P
     if durable:
         fsync_dir(path.parent)
     return path
-
-
-def write_parquet_atomically(frame, path: Path, *, durable: bool = True, **options) -> Path:
-    """Write a polars DataFrame as Parquet the way :func:`write_file_atomically` writes bytes."""
-    buffer = io.BytesIO()
-    frame.write_parquet(buffer, **options)
-    return write_file_atomically(path, buffer.getvalue(), durable=durable)
 
 
 def fsync_dir(folder: Path) -> None:

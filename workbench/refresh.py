@@ -32,9 +32,9 @@ from workbench.status import (
     record_changes,
     status_csv_path,
     sums_from_cache,
-    write_csv_atomically,
 )
 from workbench.studies import get_study, list_studies
+from workbench.writers import write_csv_atomically
 
 
 @dataclass

@@ -25,7 +25,6 @@ Example::
 
 from __future__ import annotations
 
-import html
 import logging
 import math
 import re
@@ -38,10 +37,9 @@ from workbench.catalog import now_ms, open_catalog
 from workbench.config import Config
 from workbench.errors import InvalidName, WorkbenchError
 from workbench.instruments import Instrument, instrument, last_per_session, list_instruments
-from workbench.pool import make_folders, write_file_atomically, write_parquet_atomically
 from workbench.status import HOUR_MS
 from workbench.subject_state import DROPPED, LEFT_STATUSES, Disposition
-from workbench.tables_csv import csv_bytes
+from workbench.writers import write_report
 
 DAY_MS = 86_400_000
 Z95 = 1.959963984540054  # the normal quantile of a two-sided 95 % interval
@@ -50,7 +48,6 @@ LOST_AFTER_DAYS = 14  # without session_days, a participant silent this long is 
 DATE_FORMATS = ("%Y-%m-%d %H:%M:%S%.f", "%Y-%m-%d %H:%M:%S", "%Y-%m-%d %H:%M", "%Y-%m-%d")
 log = logging.getLogger("workbench.reports")
 STUDY_OR_SOURCE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
-REPORT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 DISPOSITIONS = [d.value for d in Disposition]
 
 
@@ -58,7 +55,7 @@ DISPOSITIONS = [d.value for d in Disposition]
 
 
 def _tables(config: Config, source: str | None) -> dict[tuple[str, str], pl.DataFrame]:
-    from workbench.export import combine_table, source_folder
+    from workbench.decoded import combine_table, source_folder
 
     chosen = [config.source(source)] if source else list(config.sources)
     found = {}
@@ -1025,94 +1022,6 @@ def _summarise(name: str, kind: str, people: pl.DataFrame, compliance: pl.DataFr
 
 
 # ---------------------------------------------------------------------------- output
-
-
-def write_report(
-    folder: Path,
-    name: str,
-    tables: dict[str, pl.DataFrame],
-    *,
-    title: str,
-    notes: list[str] = (),
-    methods: str | None = None,
-) -> list[Path]:
-    """Write each table as ``<name>_<table>.csv`` and ``.parquet`` and all of them on one HTML
-    page ``<name>.html`` in ``folder``; return the paths. ``name`` (a study or source, often
-    typed by an operator) is checked before anything is written. ``methods`` (paragraphs
-    separated by blank lines) ends the page as its "Methods" section."""
-    if not REPORT_NAME.fullmatch(name) or (folder / name).resolve().parent != folder.resolve():
-        raise InvalidName(
-            f"invalid report name {name[:80]!r}: use letters, digits, '_', '-' and '.', "
-            f"starting with a letter or digit (pattern {REPORT_NAME.pattern})"
-        )
-    make_folders(folder)
-    written = []
-    for key, table in tables.items():
-        stem = f"{name}_{key}" if len(tables) > 1 else name
-        written.append(write_file_atomically(folder / f"{stem}.csv", csv_bytes(table)))
-        written.append(write_parquet_atomically(table, folder / f"{stem}.parquet", durable=False))
-    page = [
-        "<!doctype html><html><head><meta charset='utf-8'>",
-        f"<title>{html.escape(title)}</title>",
-        "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
-        "td,th{border:1px solid #ccc;padding:2px 6px;text-align:right}th{background:#eee}</style>",
-        f"</head><body><h1>{html.escape(title)}</h1>",
-    ]
-    page += [f"<p>{html.escape(n)}</p>" for n in notes]
-    for key, table in tables.items():
-        page.append(f"<h2>{html.escape(key.replace('_', ' '))}</h2>")
-        if key == "retention" and table.height > 1:
-            page.append(retention_svg(table))
-        page.append(_html_table(table))
-    if methods:
-        page.append("<h2 id='methods'>Methods</h2>")
-        page += [
-            "<p>" + "<br>".join(html.escape(line) for line in para.splitlines()) + "</p>"
-            for para in methods.split("\n\n")
-            if para.strip()
-        ]
-    page.append("</body></html>")
-    written.append(write_file_atomically(folder / f"{name}.html", "\n".join(page).encode()))
-    return written
-
-
-def _html_table(table: pl.DataFrame, limit: int = 2000) -> str:
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in table.columns)
-    body = []
-    for row in table.head(limit).iter_rows():
-        cells = "".join(
-            f"<td>{'' if v is None else html.escape(f'{v:.3g}' if isinstance(v, float) else str(v))}</td>"
-            for v in row
-        )
-        body.append(f"<tr>{cells}</tr>")
-    more = f"<p>{table.height - limit} more rows in the CSV</p>" if table.height > limit else ""
-    return f"<table><tr>{head}</tr>{''.join(body)}</table>{more}"
-
-
-def retention_svg(curve: pl.DataFrame, width: int = 480, height: int = 240) -> str:
-    """The Kaplan-Meier curve and its band as an inline SVG step plot."""
-    end = max(curve["time"].max() or 1.0, 1.0)
-
-    def point(t: float, s: float) -> str:
-        return f"{40 + t / end * (width - 50):.1f},{10 + (1 - s) * (height - 40):.1f}"
-
-    def steps(column: str) -> str:
-        out, previous = [], None
-        for t, s in curve.select("time", column).iter_rows():
-            if previous is not None:
-                out.append(point(t, previous))
-            out.append(point(t, s))
-            previous = s
-        return " ".join(out)
-
-    return (
-        f"<svg width='{width}' height='{height}' role='img' aria-label='retention'>"
-        f"<polyline fill='none' stroke='#9ecae1' points='{steps('upper')}'/>"
-        f"<polyline fill='none' stroke='#9ecae1' points='{steps('lower')}'/>"
-        f"<polyline fill='none' stroke='#08519c' stroke-width='2' points='{steps('survival')}'/>"
-        f"<text x='40' y='{height - 8}' font-size='11'>days in study (0 to {end:.0f}); "
-        "survival with 95 % band</text></svg>"
-    )
 
 
 @dataclass(frozen=True)

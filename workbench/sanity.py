@@ -37,8 +37,8 @@ from workbench.errors import UploadRejected
 from workbench.ingest import parse_batch, span_of_batch
 from workbench.json_limits import check_json
 from workbench.pool import DataPool, write_file_atomically
-from workbench.status import write_csv_atomically
 from workbench.studies import get_study, list_studies
+from workbench.writers import write_csv_atomically
 
 SETTLE_MS = 60_000  # rows younger than this wait for the next incremental run
 CHUNK = 512  # files per task handed to a worker process

@@ -40,10 +40,10 @@ from workbench.catalog import (
     subjects,
     uploads,
 )
-from workbench.pool import DataPool, write_file_atomically, write_parquet_atomically
+from workbench.pool import DataPool
 from workbench.studies import Study, get_study
 from workbench.subject_state import ACTIVITY_LABELS, LEFT_STATUSES, Activity, DeviceStatus
-from workbench.tables_csv import csv_bytes
+from workbench.writers import write_parquet_atomically
 
 HOUR_MS = 3_600_000
 DAY_MS = 24 * HOUR_MS
@@ -65,7 +65,6 @@ GENERATION = "status.generation"
 EMA_APP = "ema"  # the app of devices registered with deviceid_ema (workbench.ingest)
 EMA_SENSOR = "ema"  # the one sensor the EMA app records
 _TIME = pl.Datetime("ms", "UTC")
-CSV_TIME = "%Y-%m-%dT%H:%M:%SZ"
 
 
 def jtrack_columns(sensors: list[str]) -> list[str]:
@@ -636,62 +635,3 @@ def status_history_table(
     ).select(
         "subject_name", "app", "device_id", "from_code", "from", "to_code", "to", "at", "noticed_at"
     )
-
-
-# ---------------------------------------------------------------------------- outputs
-
-
-def write_csv_atomically(table: pl.DataFrame, path: Path, *, durable: bool = True) -> Path:
-    """Write ``table`` as CSV so that a reader sees the old file or the new one, never a part
-    (``durable`` also fsyncs it, for a file that could not be written again)."""
-    return write_file_atomically(path, _csv(table), durable=durable)
-
-
-def _csv(table: pl.DataFrame) -> bytes:
-    # The times are UTC: formatting them without a time zone is twice as fast.
-    naive = table.with_columns(pl.col(_TIME).dt.replace_time_zone(None))
-    return csv_bytes(naive, datetime_format=CSV_TIME)
-
-
-def render(table: pl.DataFrame, fmt: str) -> bytes:
-    """A status (or history) table as ``csv``, ``json`` (a list of objects) or ``table``
-    (readable text for a terminal)."""
-    if fmt == "csv":
-        return _csv(table)
-    if fmt == "json":
-        import orjson
-
-        plain = table.with_columns(pl.col(_TIME).dt.strftime(CSV_TIME))
-        return orjson.dumps(plain.to_dicts(), option=orjson.OPT_INDENT_2) + b"\n"
-    if fmt == "table":
-        return (_terminal_table(table) + "\n").encode()
-    raise ValueError(f"unknown format {fmt!r}")
-
-
-def _terminal_table(table: pl.DataFrame) -> str:
-    if "activity" in table.columns:  # a status table: the columns a coordinator scans
-        completeness = [c for c in table.columns if c.endswith("_completeness")]
-        view = table.select(
-            *(["study"] if "study" in table.columns else []),
-            pl.col("subject_name").alias("subject"),
-            "app",
-            pl.col("device_id").alias("device"),
-            pl.col("date_registered").dt.strftime("%Y-%m-%d").alias("registered"),
-            pl.col("time_in_study").alias("days"),
-            pl.col("status_code").alias("status"),
-            "activity",
-            pl.col("hours_since_last_data").alias("hours silent"),
-            *(pl.col(c).alias(c.removesuffix("_completeness") + " %") for c in completeness),
-        )
-    else:
-        view = table.with_columns(pl.col(_TIME).dt.strftime("%Y-%m-%d %H:%M"))
-    with pl.Config(
-        tbl_rows=-1,
-        tbl_cols=-1,
-        tbl_width_chars=1000,
-        fmt_str_lengths=120,
-        tbl_hide_dataframe_shape=True,
-        tbl_hide_column_data_types=True,
-        tbl_formatting="ASCII_MARKDOWN",
-    ):
-        return str(view)

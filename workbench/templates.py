@@ -1,4 +1,6 @@
-"""Locate the templates and JSON Schemas shipped in ``data_templates/``."""
+"""The files shipped with the package, in ``workbench/shipped/``: the templates and JSON Schemas
+(``data_templates/``), and the pipelines and notebooks (``pipelines/``, ``notebooks/`` with
+``notebooks/dashboards/``) that :func:`copy_into_home` gives each home to edit."""
 
 from __future__ import annotations
 
@@ -6,12 +8,37 @@ import functools
 import json
 from pathlib import Path
 
-TEMPLATES_DIR = Path(__file__).resolve().parent.parent / "data_templates"
+from workbench.pool import make_folders, write_file_atomically
+
+SHIPPED = Path(__file__).resolve().parent / "shipped"
+TEMPLATES_DIR = SHIPPED / "data_templates"
+SHIPPED_PIPELINES = SHIPPED / "pipelines"
+SHIPPED_NOTEBOOKS = SHIPPED / "notebooks"
+HOME_COPIES = ("pipelines", "notebooks")  # folders of a home that start as the shipped ones
 
 
 def template_path(name: str) -> Path:
     """Path of a file in ``data_templates/``, e.g. ``template_path("workbench.toml")``."""
     return TEMPLATES_DIR / name
+
+
+def copy_into_home(home: Path) -> list[Path]:
+    """Copy the shipped pipelines and notebooks into ``home/pipelines`` and ``home/notebooks``;
+    files the home has already (perhaps edited) are kept. Return the files copied.
+
+    Example: ``copy_into_home(Path("~/sleep-lab").expanduser())``.
+    """
+    copied = []
+    for name in HOME_COPIES:
+        for source in sorted((SHIPPED / name).rglob("*")):
+            if not source.is_file() or source.name.startswith(".") or "__pycache__" in source.parts:
+                continue
+            target = home / name / source.relative_to(SHIPPED / name)
+            if target.exists():
+                continue
+            make_folders(target.parent)
+            copied.append(write_file_atomically(target, source.read_bytes(), durable=False))
+    return copied
 
 
 @functools.cache

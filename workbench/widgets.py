@@ -44,7 +44,7 @@ from workbench.dashboards import (
 from workbench.errors import WorkbenchError
 from workbench.refresh import refresh_status
 from workbench.reports import COMPLIANCE_TARGET
-from workbench.status import render
+from workbench.writers import render
 
 STYLE = """<style>
 .wb-title{font-size:22px;font-weight:600;margin:4px 0 8px}

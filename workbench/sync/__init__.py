@@ -9,7 +9,9 @@ windows, destinations, and the scheduled work around them (DESIGN.md §9).
     destinations  writing back: the pool, Open Humans (direct upload with safe replace)
     scheduled     stale accounts queued, hourly maintenance, the 15-minute polling bridge,
                   the scheduler's sync_account task
-    simulator     a local provider speaking the same protocols, for tests and the demo
+
+A local provider speaking the same protocols, for tests and the demo, is
+:mod:`workbench.simulators.providers`.
 
 Example::
 

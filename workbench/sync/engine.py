@@ -44,14 +44,14 @@ from workbench.catalog import (
     sync_runs,
 )
 from workbench.config import Config
+from workbench.decoded import merge_decoded
 from workbench.errors import ConfigError, SourceUnavailable, TokenRevoked
-from workbench.export import merge_decoded
-from workbench.pool import make_dirs_durably, write_file_atomically, write_parquet_atomically
+from workbench.pool import make_dirs_durably, write_file_atomically
 from workbench.sync.accounts import Account, access_token, account_lock, get_account, mark_revoked
 from workbench.sync.providers import Provider, get_provider
 from workbench.sync.ratelimit import RateLimits, limit_key
 from workbench.sync.settings import sync_settings
-from workbench.tables_csv import csv_bytes
+from workbench.writers import csv_bytes, write_parquet_atomically
 
 log = logging.getLogger("workbench.sync")
 

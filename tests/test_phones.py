@@ -7,7 +7,7 @@ from sqlalchemy import func, select
 
 from workbench.catalog import devices, rejections, uploads
 from workbench.ledger import verify
-from workbench.simulator import simulate
+from workbench.simulators.phones import simulate
 
 pytestmark = pytest.mark.slow
 

@@ -18,63 +18,16 @@ from workbench.errors import StudyExists, WorkbenchError
 from workbench.ledger import verify
 from workbench.pool import DataPool, write_file_atomically
 from workbench.refresh import refresh_status
-from workbench.simulator import simulate
-from workbench.status import render, status_csv_path, study_status
+from workbench.serving import serve_command, wait_for_server
+from workbench.simulators.phones import simulate
+from workbench.status import status_csv_path, study_status
 from workbench.studies import create_study, definition_from_options
+from workbench.writers import render
 
 DEMO_STUDY = "demo"
 DEMO_SENSORS = ["accelerometer", "activity", "location", "ema"]
 DEMO_BATCHES_PER_DAY = 12
 DEMO_SOURCE = "mindtrails"  # the source in the template workbench.toml  # per sensor: what the study expects and the simulated phones send
-
-
-def serve_command(
-    home: Path,
-    *,
-    host: str = "127.0.0.1",
-    port: int,
-    workers: int | None = None,
-    threads: int | None = None,
-) -> list[str]:
-    """The command line that runs ``workbench serve`` for ``home`` with this Python."""
-    command = [
-        sys.executable,
-        "-m",
-        "workbench.cli",
-        "--home",
-        str(home),
-        "serve",
-        "--host",
-        host,
-        "--port",
-        str(port),
-    ]
-    if workers:
-        command += ["--workers", str(workers)]
-    if threads:
-        command += ["--threads", str(threads)]
-    return command
-
-
-def wait_for_server(
-    url: str, *, timeout: float = 30.0, process: subprocess.Popen | None = None
-) -> None:
-    """Wait until ``url``/health answers (healthy, or degraded by a nearly full disk), or
-    raise :class:`WorkbenchError`."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process is not None and process.poll() is not None:
-            raise WorkbenchError(f"the upload server exited with status {process.returncode}")
-        try:
-            answer = httpx.get(f"{url}/health", timeout=1.0)
-            if answer.status_code == 200 or (
-                answer.status_code == 503 and answer.json().get("status") == "degraded"
-            ):
-                return
-        except (httpx.TransportError, ValueError):
-            pass
-        time.sleep(0.2)
-    raise WorkbenchError(f"the upload server did not answer at {url} within {timeout:.0f} s")
 
 
 def run_demo(
@@ -286,9 +239,9 @@ def _link_sync_demo(config, url: str, *, queue: bool) -> None:
     """Serve the local Google-Health-style simulator (in a thread of the demo), link the
     first demo subject to it through the upload server's callback, then queue its sync on the
     scheduler (or, with --exit, sync it at once)."""
+    from workbench.simulators.providers import ProviderSimulator, start_simulator
     from workbench.sync import list_accounts, queue_sync, start_link, sync_account
     from workbench.sync.settings import sync_settings
-    from workbench.sync.simulator import ProviderSimulator, start_simulator
 
     settings = sync_settings(config)
     provider = next((p for p in settings.providers if p.type == "google_health"), None)

@@ -51,7 +51,7 @@ from urllib.parse import urlencode
 import orjson
 from bottle import Bottle, HTTPResponse, request
 
-from workbench.study_server import RunningServer, _make_http_server, start_in_thread
+from workbench.simulators.study_server import RunningServer, _make_http_server, start_in_thread
 
 __all__ = [
     "ProviderSimulator",
