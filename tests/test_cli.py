@@ -1,4 +1,4 @@
-"""Every command explains itself with an example and is documented in the README."""
+"""Every command explains itself with an example and is documented in the user guide."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 from workbench.cli import cli
 
-README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+GUIDE = (Path(__file__).resolve().parent.parent / "docs" / "guide.md").read_text()
 
 
 def commands(group: click.Group, prefix=()):
@@ -36,8 +36,8 @@ def test_help_has_an_example(path):
 @pytest.mark.parametrize(
     "path", [p for p, c in ALL if not isinstance(c, click.Group)], ids=lambda p: " ".join(p)
 )
-def test_command_is_documented_in_readme(path):
-    assert f"workbench {' '.join(path)}" in README
+def test_command_is_documented_in_the_guide(path):
+    assert f"workbench {' '.join(path)}" in GUIDE
 
 
 def test_top_level_help_lists_commands():
