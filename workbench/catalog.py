@@ -13,7 +13,6 @@ import fcntl
 import operator
 import os
 import threading
-import time
 import zlib
 from collections import namedtuple
 from collections.abc import Callable, Iterator
@@ -42,6 +41,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from workbench.errors import CatalogError
 from workbench.pool import make_folders, open_new_file, secure_file
+from workbench.times import DAY_MS, now_ms  # noqa: F401  (importable from here too)
 
 SCHEMA_VERSION = 8
 
@@ -693,14 +693,6 @@ def fetch_tuples(conn: Connection, statement) -> list[tuple]:
         return cursor.fetchall()
     finally:
         cursor.close()
-
-
-DAY_MS = 86_400_000  # milliseconds in a day
-
-
-def now_ms() -> int:
-    """Current time in milliseconds since the epoch."""
-    return time.time_ns() // 1_000_000
 
 
 def _create_private_database(path: Path) -> None:

@@ -13,6 +13,7 @@ import click
 
 from workbench.config import find_home, init_home, load_config
 from workbench.errors import WorkbenchError
+from workbench.times import utc_datetime
 
 
 class _Group(click.Group):
@@ -1188,7 +1189,6 @@ def runs(ctx, name, limit) -> None:
         workbench runs
         workbench runs status --limit 5
     """
-    import datetime
 
     from workbench.pipelines import list_runs
 
@@ -1201,7 +1201,7 @@ def runs(ctx, name, limit) -> None:
         click.echo("no runs yet")
         return
     for row in rows:
-        when = datetime.datetime.fromtimestamp(row["started_at"] / 1000, datetime.UTC)
+        when = utc_datetime(row["started_at"])
         took = "" if row["duration_ms"] is None else f"{row['duration_ms'] / 1000:6.1f} s"
         line = f"{row['id']:>5} {when:%Y-%m-%d %H:%M:%S} {row['pipeline']:<12} {row['status']:<9} {took:>8}  {row['notebook']}"
         if row["error"]:

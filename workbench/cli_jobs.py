@@ -7,12 +7,12 @@ A thin click layer over :mod:`workbench.jobs`, added to the ``workbench`` comman
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime
 from pathlib import Path
 
 import click
 
 from workbench.errors import WorkbenchError
+from workbench.times import READABLE, format_ms
 
 BAR_WIDTH = 20
 
@@ -43,7 +43,7 @@ def progress_bar(progress: float, width: int = BAR_WIDTH) -> str:
 
 
 def _time(ms: int) -> str:
-    return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+    return format_ms(ms, READABLE)
 
 
 @click.group(cls=_JobsGroup, invoke_without_command=True)

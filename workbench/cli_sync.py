@@ -7,11 +7,11 @@ A thin click layer over :mod:`workbench.sync`, added to the ``workbench`` comman
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime
 
 import click
 
 from workbench.errors import WorkbenchError
+from workbench.times import READABLE, format_ms
 
 
 class _SyncGroup(click.Group):
@@ -32,7 +32,7 @@ def _config(ctx: click.Context):
 
 
 def _time(ms: int | None) -> str:
-    return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%d %H:%M:%SZ") if ms else "-"
+    return format_ms(ms, READABLE) if ms else "-"
 
 
 @click.group(cls=_SyncGroup)

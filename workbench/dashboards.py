@@ -43,7 +43,7 @@ import polars as pl
 from sqlalchemy import func, literal, select
 
 from workbench.alerts import Alert, list_alerts, list_safety_alerts
-from workbench.catalog import Catalog, devices, fetch_tuples, now_ms, open_catalog, uploads
+from workbench.catalog import Catalog, devices, fetch_tuples, open_catalog, uploads
 from workbench.config import HOME_ENV, Config
 from workbench.errors import UnprotectedDashboards, WorkbenchError
 from workbench.pool import make_folders, modes_in, open_new_file
@@ -56,13 +56,12 @@ from workbench.reports import (
 )
 from workbench.status import (
     COMPLETED,
-    DAY_MS,
-    HOUR_MS,
     LEFT_EARLY,
     LEFT_STATUSES,
     study_status,
 )
 from workbench.studies import Study, get_study, list_studies
+from workbench.times import DAY_MS, HOUR_MS, now_ms
 
 DASHBOARDS = Path(__file__).resolve().parent.parent / "notebooks" / "dashboards"
 

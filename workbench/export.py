@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import datetime
 import fcntl
 import hashlib
 import logging
@@ -73,7 +72,6 @@ from workbench.catalog import (
     export_deletions,
     export_marks,
     export_raw,
-    now_ms,
     open_catalog,
 )
 from workbench.config import Config, SourceConfig
@@ -94,6 +92,7 @@ from workbench.pool import (
 )
 from workbench.safety import check_new_rows, mail_pending, source_instruments
 from workbench.tables_csv import csv_bytes
+from workbench.times import STAMP, format_ms, now_ms
 
 log = logging.getLogger("workbench.export")
 
@@ -896,7 +895,7 @@ def write_raw(
         option=orjson.OPT_NON_STR_KEYS,
     )
     sha = hashlib.sha256(body).hexdigest()
-    stamp = datetime.datetime.fromtimestamp(fetched / 1000, datetime.UTC).strftime("%Y%m%dT%H%M%S")
+    stamp = format_ms(fetched, STAMP)
     folder = table_folder(config, source, table, "raw")
     make_dirs_durably(folder)  # the snapshot's folder must outlive a power cut too
     temporary = folder / f".{sha}.{os.getpid()}.tmp"

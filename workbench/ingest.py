@@ -28,7 +28,6 @@ import threading
 import time
 import zipfile
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -38,13 +37,11 @@ from sqlalchemy import and_, bindparam, func, select
 from sqlalchemy.exc import IntegrityError
 
 from workbench.catalog import (
-    DAY_MS,
     Catalog,
     Prepared,
     devices,
     dialect_insert,
     junk_usage,
-    now_ms,
     rejections,
     studies,
     subjects,
@@ -73,6 +70,7 @@ from workbench.json_limits import check_json
 from workbench.ledger import LedgerWriter, insert_ignore
 from workbench.pool import DataPool, incoming_tag, sync_folders
 from workbench.templates import load_schema, schema_validator
+from workbench.times import DAY_MS, MINUTES, format_ms, now_ms
 
 log = logging.getLogger("workbench.ingest")
 
@@ -621,10 +619,7 @@ class Ingest:
         left = max((s.time_left or 0) for s in states)
         if now_ms() - left > grace_ms:
             raise _keep(
-                SubjectNotActive(
-                    f"{subject_id!r} left the study on "
-                    f"{datetime.fromtimestamp(left / 1000, UTC):%Y-%m-%d %H:%M} UTC"
-                )
+                SubjectNotActive(f"{subject_id!r} left the study on {format_ms(left, MINUTES)}")
             )
 
     def _rejected(
@@ -649,7 +644,7 @@ class Ingest:
         if keep and not self.storage_ok():
             keep, why_not = False, "the server's disk is nearly full"
         if keep:
-            stamp = time.strftime("%Y-%m-%d/%H%M%S", time.gmtime(received / 1000))
+            stamp = format_ms(received, "%Y-%m-%d/%H%M%S")
             path = f"junk/{stamp}-{exc.code}-{sha[:16]}-{os.urandom(4).hex()}.json"
             incoming = self.pool.write_incoming(upload.body, tag=f"j{sha}")
         try:
@@ -750,7 +745,7 @@ def batch_row(
     received: int,
 ) -> dict:
     """The ledger row of a batch, with the pool-relative path it is filed under."""
-    stamp = time.strftime("%Y-%m-%dT%H-%M-%S", time.gmtime(received / 1000))
+    stamp = format_ms(received, "%Y-%m-%dT%H-%M-%S")
     return {
         "study_id": study,
         "subject_id": subject,

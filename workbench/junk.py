@@ -22,11 +22,12 @@ from pathlib import Path
 import polars as pl
 from sqlalchemy import select
 
-from workbench.catalog import DAY_MS, Catalog, now_ms, open_catalog, rejections
+from workbench.catalog import Catalog, open_catalog, rejections
 from workbench.config import Config
 from workbench.errors import InvalidName
 from workbench.identifiers import check_name, resolve_inside
 from workbench.pool import DataPool
+from workbench.times import DAY_MS, now_ms
 
 
 @dataclass(frozen=True)

@@ -37,11 +37,12 @@ from pathlib import Path
 
 from sqlalchemy import delete, select, update
 
-from workbench.catalog import Catalog, job_events, jobs, now_ms, open_catalog, pipeline_runs
+from workbench.catalog import Catalog, job_events, jobs, open_catalog, pipeline_runs
 from workbench.config import Config
 from workbench.errors import ConfigError, PipelineBusy
 from workbench.pool import make_folders, modes_in, open_new_file, private_umask, secure_file
 from workbench.templates import load_schema, schema_validator
+from workbench.times import DAY_MS, STAMP, format_ms, now_ms
 
 log = logging.getLogger("workbench.pipelines")
 
@@ -249,9 +250,7 @@ def _run_once(
     config, catalog, pipeline: Pipeline, values: dict, trigger: str, attempt: int
 ) -> RunRecord:
     started = now_ms()
-    stamp = datetime.datetime.fromtimestamp(started / 1000, datetime.UTC).strftime(
-        "%Y%m%dT%H%M%S%fZ"
-    )
+    stamp = format_ms(started, f"{STAMP}%fZ")
     relative = f"runs/{pipeline.name}/{stamp}-{params_hash(values)}.ipynb"
     output = config.pool / relative
     versions = _versions()
@@ -558,7 +557,7 @@ def prune_runs(config: Config, catalog: Catalog, pipeline: str) -> int:
     """Delete the runs beyond ``keep_runs`` or older than ``keep_days`` (notebook and record)."""
     keep = config.pipelines
     r = pipeline_runs.c
-    oldest = now_ms() - keep.keep_days * 86_400_000
+    oldest = now_ms() - keep.keep_days * DAY_MS
     with catalog.engine.connect() as conn:
         rows = conn.execute(
             select(r.id, r.notebook, r.started_at)

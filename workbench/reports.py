@@ -34,15 +34,15 @@ from pathlib import Path
 
 import polars as pl
 
-from workbench.catalog import now_ms, open_catalog
+from workbench.catalog import open_catalog
 from workbench.config import Config
 from workbench.errors import InvalidName, WorkbenchError
 from workbench.instruments import Instrument, instrument, last_per_session, list_instruments
 from workbench.pool import make_folders, write_file_atomically, write_parquet_atomically
-from workbench.status import HOUR_MS, LEFT_STATUSES
+from workbench.status import LEFT_STATUSES
 from workbench.tables_csv import csv_bytes
+from workbench.times import DAY_MS, HOUR_MS, now_ms
 
-DAY_MS = 86_400_000
 Z95 = 1.959963984540054  # the normal quantile of a two-sided 95 % interval
 COMPLIANCE_TARGET = 80.0  # % of expected EMA prompts answered, the usual threshold
 LOST_AFTER_DAYS = 14  # without session_days, a participant silent this long is lost

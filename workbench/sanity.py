@@ -31,7 +31,7 @@ import polars as pl
 from sqlalchemy import select
 from tqdm import tqdm
 
-from workbench.catalog import Catalog, dialect_insert, now_ms, open_catalog, state, uploads
+from workbench.catalog import Catalog, dialect_insert, open_catalog, state, uploads
 from workbench.config import Config
 from workbench.errors import UploadRejected
 from workbench.ingest import parse_batch, span_of_batch
@@ -39,6 +39,7 @@ from workbench.json_limits import check_json
 from workbench.pool import DataPool, write_file_atomically
 from workbench.status import write_csv_atomically
 from workbench.studies import get_study, list_studies
+from workbench.times import now_ms
 
 SETTLE_MS = 60_000  # rows younger than this wait for the next incremental run
 CHUNK = 512  # files per task handed to a worker process

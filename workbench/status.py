@@ -34,7 +34,6 @@ from workbench.catalog import (
     devices,
     dialect_insert,
     fetch_tuples,
-    now_ms,
     state,
     status_current,
     status_history,
@@ -47,9 +46,7 @@ from workbench.errors import MailError
 from workbench.pool import DataPool, write_file_atomically, write_parquet_atomically
 from workbench.studies import Study, get_study, list_studies
 from workbench.tables_csv import csv_bytes
-
-HOUR_MS = 3_600_000
-DAY_MS = 24 * HOUR_MS
+from workbench.times import DAY_MS, HOUR_MS, now_ms  # noqa: F401  (importable from here too)
 
 # Activity codes: 0-4 are JTrack's dashboard codes; 5 means none of them applies.
 NO_DATA, LEFT_EARLY, OVER_NOT_LEFT, COMPLETED, SEVERAL_DEVICES, OK = range(6)

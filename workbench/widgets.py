@@ -44,6 +44,7 @@ from workbench.dashboards import (
 from workbench.errors import WorkbenchError
 from workbench.reports import COMPLIANCE_TARGET
 from workbench.status import refresh_status, render
+from workbench.times import MINUTES, format_ms
 
 STYLE = """<style>
 .wb-title{font-size:22px;font-weight:600;margin:4px 0 8px}
@@ -95,7 +96,7 @@ def _section(title: str) -> w.HTML:
 def _time(ms: int | None) -> str:
     if ms is None:
         return ""
-    return dt.datetime.fromtimestamp(ms / 1000, dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    return format_ms(ms, MINUTES)
 
 
 class _Dashboard:

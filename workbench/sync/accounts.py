@@ -34,7 +34,6 @@ from sqlalchemy import delete, select, text, update
 from workbench.catalog import (
     Catalog,
     alerts,
-    now_ms,
     subjects,
     sync_accounts,
     sync_auth_states,
@@ -53,6 +52,7 @@ from workbench.errors import (
 from workbench.pool import make_folders, open_new_file
 from workbench.sync.providers import Provider, get_provider
 from workbench.sync.settings import SyncSettings, sync_settings
+from workbench.times import now_ms
 
 log = logging.getLogger("workbench.sync")
 

@@ -23,7 +23,7 @@ import logging
 import httpx
 from sqlalchemy import select
 
-from workbench.catalog import Catalog, dialect_insert, now_ms, sync_remote_files
+from workbench.catalog import Catalog, dialect_insert, sync_remote_files
 from workbench.config import Config
 from workbench.errors import DestinationFailed, SourceUnavailable, TokenRevoked
 from workbench.pool import write_file_atomically
@@ -31,6 +31,7 @@ from workbench.sync.accounts import Account, access_token
 from workbench.sync.providers import get_provider
 from workbench.sync.ratelimit import RateLimits, limit_key
 from workbench.sync.settings import sync_settings
+from workbench.times import now_ms
 
 log = logging.getLogger("workbench.sync")
 

@@ -35,7 +35,6 @@ from sqlalchemy import select, update
 from workbench.catalog import (
     Catalog,
     dialect_insert,
-    now_ms,
     open_catalog,
     sync_accounts,
     sync_checkpoints,
@@ -51,6 +50,7 @@ from workbench.sync.providers import Provider, get_provider
 from workbench.sync.ratelimit import RateLimits, limit_key
 from workbench.sync.settings import sync_settings
 from workbench.tables_csv import csv_bytes
+from workbench.times import now_ms, utc_datetime
 
 log = logging.getLogger("workbench.sync")
 
@@ -74,7 +74,7 @@ class SyncResult:
             f"{self.windows} windows, {self.records} records"
         )
         if self.resume_at:
-            when = dt.datetime.fromtimestamp(self.resume_at / 1000, dt.UTC)
+            when = utc_datetime(self.resume_at)
             text += f", resumes at {when:%H:%M:%S}Z"
         return text + (f" ({self.error})" if self.error else "")
 

@@ -37,11 +37,12 @@ import threading
 import httpx
 from sqlalchemy import select
 
-from workbench.catalog import Catalog, dialect_insert, now_ms, sync_limits
+from workbench.catalog import Catalog, dialect_insert, sync_limits
 from workbench.config import Config
 from workbench.errors import ConfigError
 from workbench.pool import make_folders, open_new_file
 from workbench.sync.settings import sync_settings
+from workbench.times import now_ms
 
 log = logging.getLogger("workbench.sync")
 

@@ -30,7 +30,6 @@ from sqlalchemy import and_, delete, func, or_, select
 
 from workbench.catalog import (
     Catalog,
-    now_ms,
     open_catalog,
     sync_accounts,
     sync_activities,
@@ -56,11 +55,9 @@ from workbench.sync.engine import SyncResult, _fetch_window, sync_account
 from workbench.sync.providers import get_provider
 from workbench.sync.ratelimit import RateLimits, limit_key
 from workbench.sync.settings import sync_settings
+from workbench.times import DAY_MS, HOUR_MS, format_ms, now_ms, utc_datetime
 
 log = logging.getLogger("workbench.sync")
-
-HOUR_MS = 3_600_000
-DAY_MS = 24 * HOUR_MS
 
 
 # ---------------------------------------------------------------------------- huey
@@ -68,7 +65,7 @@ DAY_MS = 24 * HOUR_MS
 
 def _eta(ms: int) -> dt.datetime:
     """An aware UTC datetime: huey reads a naive one as local time, to the whole second."""
-    return dt.datetime.fromtimestamp(ms / 1000, dt.UTC)
+    return utc_datetime(ms)
 
 
 _hueys: dict[tuple, object] = {}
@@ -239,7 +236,7 @@ def run_maintenance(
                 log.info(
                     "removing incomplete profile: account %d (%s/%s on %s), link started %s and "
                     "never completed",
-                    row.id, row.study_id, row.subject_id, row.provider, _iso(row.created_at),
+                    row.id, row.study_id, row.subject_id, row.provider, format_ms(row.created_at),
                 )  # fmt: skip
             if doomed:
                 conn.execute(delete(sync_accounts).where(a.id.in_([r.id for r in doomed])))
@@ -313,10 +310,6 @@ def _delete_orphans(conn, now: int) -> dict[str, int]:
         delete(sync_limits).where(sync_limits.c.blocked_until < now - DAY_MS)
     ).rowcount
     return {k: v for k, v in counts.items() if v}
-
-
-def _iso(ms: int) -> str:
-    return dt.datetime.fromtimestamp(ms / 1000, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 # ---------------------------------------------------------------------------- polling bridge
@@ -402,7 +395,7 @@ def poll_activities(
                         "progress": progress,
                         "goal": activity.goal,
                         "percent": percent,
-                        "at": _iso(now),
+                        "at": format_ms(now),
                     },
                     sort_keys=True,
                 ).encode()
@@ -447,8 +440,8 @@ def _progress(config, catalog, limits, activity, now: int) -> int:
     if account.status != "active":
         raise WorkbenchError(f"source account {account.id} is {account.status}")
     provider = get_provider(sync_settings(config), account.provider)
-    start = dt.datetime.fromtimestamp(activity.starts_at / 1000, dt.UTC).date()
-    until = dt.datetime.fromtimestamp(min(now, activity.ends_at) / 1000, dt.UTC).date()
+    start = utc_datetime(activity.starts_at).date()
+    until = utc_datetime(min(now, activity.ends_at)).date()
     end = max(until, start) + dt.timedelta(days=1)
     import httpx
 
