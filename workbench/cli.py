@@ -11,23 +11,12 @@ import sys
 
 import click
 
+from workbench.cli_errors import ErrorGroup
 from workbench.config import find_home, init_home, load_config
-from workbench.errors import WorkbenchError
 from workbench.times import utc_datetime
 
 
-class _Group(click.Group):
-    """Turns workbench errors into a one-line message and the error's exit code."""
-
-    def invoke(self, ctx):
-        try:
-            return super().invoke(ctx)
-        except WorkbenchError as exc:
-            click.echo(f"error: {exc.message}", err=True)
-            ctx.exit(exc.exit_code)
-
-
-@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=ErrorGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option(
     "--home",
     type=click.Path(file_okay=False),
@@ -623,7 +612,7 @@ def refresh(ctx, no_mail) -> None:
     click.echo(report.summary())
 
 
-class _DefaultToList(_Group):
+class _DefaultToList(ErrorGroup):
     """``workbench alerts [STUDY]`` lists; ``workbench alerts ack ID`` acknowledges."""
 
     def parse_args(self, ctx, args):

@@ -10,19 +10,8 @@ import json
 
 import click
 
-from workbench.errors import WorkbenchError
+from workbench.cli_errors import ErrorGroup
 from workbench.times import READABLE, format_ms
-
-
-class _SyncGroup(click.Group):
-    """Turns workbench errors into a one-line message and the error's exit code."""
-
-    def invoke(self, ctx):
-        try:
-            return super().invoke(ctx)
-        except WorkbenchError as exc:
-            click.echo(f"error: {exc.message}", err=True)
-            ctx.exit(exc.exit_code)
 
 
 def _config(ctx: click.Context):
@@ -35,7 +24,7 @@ def _time(ms: int | None) -> str:
     return format_ms(ms, READABLE) if ms else "-"
 
 
-@click.group(cls=_SyncGroup)
+@click.group(cls=ErrorGroup)
 def sync() -> None:
     """Sync with third-party APIs (wearables, data-donation platforms) within rate limits.
 
