@@ -933,3 +933,20 @@ def open_catalog(config) -> Catalog:
     catalog = Catalog(config.catalog_url)
     catalog.upgrade()
     return catalog
+
+
+@contextlib.contextmanager
+def borrowed_catalog(config, catalog: Catalog | None = None) -> Iterator[Catalog]:
+    """``catalog`` if the caller has one open, else the configuration's, opened for the block
+    and disposed of after it.
+
+    Example: ``with borrowed_catalog(config, catalog) as catalog: list_studies(catalog)``.
+    """
+    if catalog is not None:
+        yield catalog
+        return
+    opened = open_catalog(config)
+    try:
+        yield opened
+    finally:
+        opened.dispose()

@@ -68,11 +68,11 @@ from tqdm import tqdm
 
 from workbench.catalog import (
     Catalog,
+    borrowed_catalog,
     dialect_insert,
     export_deletions,
     export_marks,
     export_raw,
-    open_catalog,
 )
 from workbench.config import Config, SourceConfig
 from workbench.errors import (
@@ -695,50 +695,47 @@ def export_source(
     source_instruments(source)  # an unknown instrument stops the export before anything
     started = time.perf_counter()
     report = ExportReport(source=name)
-    own = catalog is None
-    catalog = catalog or open_catalog(config)
-    client: ExportClient | None = None
-    decrypter: Decrypter | None = None
-    lock: int | None = None
-    try:
-        lock = _source_lock(config, name)  # one export or rebuild of a source at a time
-        client = ExportClient(source, transport=transport)
-        decrypter = Decrypter(source)
-        report.resumed, report.safety_alerts = _finish_interrupted(
-            config, catalog, source, decrypter
-        )
-        listing = {t["name"]: t for t in client.tables()}
-        names = [n for n in sorted(listing) if source.wants(n) and (not tables or n in tables)]
-        for missing in sorted(set(tables or ()) - set(listing)):
-            report.tables.append(TableExport(missing, error="no such table on the server"))
-        for table in names:
-            result = TableExport(table)
-            report.tables.append(result)
-            if not TABLE_NAME.fullmatch(table):
-                result.error = "the table name cannot be used as a file name"
-                log.error("%s: table %r skipped: %s", name, table, result.error)
-                continue
-            try:
-                _export_table(
-                    config, catalog, client, source, decrypter, listing[table], result, progress
-                )
-            except WorkbenchError as exc:  # e.g. SourceUnavailable, TableRefused
-                result.error = exc.message
-                log.error("%s/%s: %s; progress so far is kept", name, table, exc.message)
-    except SourceUnavailable as exc:
-        log.critical("source %s is down: %s", name, exc.message)
-        raise
-    finally:
-        if client is not None:
-            client.close()
-        if decrypter is not None:
-            decrypter.close()
-        if lock is not None:
-            # safety alerts are mailed at once, even when the source failed part-way
-            report.safety_mailed = mail_pending(config, catalog, source)
-            os.close(lock)
-        if own:
-            catalog.dispose()
+    with borrowed_catalog(config, catalog) as catalog:
+        client: ExportClient | None = None
+        decrypter: Decrypter | None = None
+        lock: int | None = None
+        try:
+            lock = _source_lock(config, name)  # one export or rebuild of a source at a time
+            client = ExportClient(source, transport=transport)
+            decrypter = Decrypter(source)
+            report.resumed, report.safety_alerts = _finish_interrupted(
+                config, catalog, source, decrypter
+            )
+            listing = {t["name"]: t for t in client.tables()}
+            names = [n for n in sorted(listing) if source.wants(n) and (not tables or n in tables)]
+            for missing in sorted(set(tables or ()) - set(listing)):
+                report.tables.append(TableExport(missing, error="no such table on the server"))
+            for table in names:
+                result = TableExport(table)
+                report.tables.append(result)
+                if not TABLE_NAME.fullmatch(table):
+                    result.error = "the table name cannot be used as a file name"
+                    log.error("%s: table %r skipped: %s", name, table, result.error)
+                    continue
+                try:
+                    _export_table(
+                        config, catalog, client, source, decrypter, listing[table], result, progress
+                    )
+                except WorkbenchError as exc:  # e.g. SourceUnavailable, TableRefused
+                    result.error = exc.message
+                    log.error("%s/%s: %s; progress so far is kept", name, table, exc.message)
+        except SourceUnavailable as exc:
+            log.critical("source %s is down: %s", name, exc.message)
+            raise
+        finally:
+            if client is not None:
+                client.close()
+            if decrypter is not None:
+                decrypter.close()
+            if lock is not None:
+                # safety alerts are mailed at once, even when the source failed part-way
+                report.safety_mailed = mail_pending(config, catalog, source)
+                os.close(lock)
     report.seconds = time.perf_counter() - started
     log.info("%s", report.summary())
     return report
@@ -1136,10 +1133,8 @@ def rebuild_decoded(
     chosen = [config.source(check_name("source", source))] if source else list(config.sources)
     if table is not None:
         check_name("table", table)  # before anything is deleted
-    own = catalog is None
-    catalog = catalog or open_catalog(config)
     done: dict[str, int] = {}
-    try:
+    with borrowed_catalog(config, catalog) as catalog:
         for src in chosen:
             r = export_raw.c
             query = select(export_raw).where(r.source == src.name).order_by(r.id)
@@ -1180,9 +1175,6 @@ def rebuild_decoded(
                 mail_pending(config, catalog, src)
                 os.close(lock)
                 decrypter.close()
-    finally:
-        if own:
-            catalog.dispose()
     return done
 
 

@@ -37,7 +37,7 @@ from pathlib import Path
 
 from sqlalchemy import delete, select, update
 
-from workbench.catalog import Catalog, job_events, jobs, open_catalog, pipeline_runs
+from workbench.catalog import Catalog, borrowed_catalog, job_events, jobs, pipeline_runs
 from workbench.config import Config
 from workbench.errors import ConfigError, PipelineBusy
 from workbench.pool import make_folders, modes_in, open_new_file, private_umask, secure_file
@@ -224,26 +224,18 @@ def run_pipeline(
     """
     pipeline = get_pipeline(config, name)
     values = {**pipeline.parameters, **(parameters or {}), "home": str(config.home)}
-    own = catalog is None
-    catalog = catalog or open_catalog(config)
     folder = config.pool / "runs" / pipeline.name
-    try:
-        with _exclusive(folder, pipeline.name):
-            _close_stale_runs(catalog, pipeline.name)
-            record = None
-            for attempt in range(1, pipeline.retries + 2):
-                record = _run_once(config, catalog, pipeline, values, trigger, attempt)
-                if record.status == "succeeded":
-                    break
-                log.warning(
-                    "pipeline %s attempt %d %s: %s", name, attempt, record.status, record.error
-                )
-            record.attempts = attempt
-            prune_runs(config, catalog, pipeline.name)
-            return record
-    finally:
-        if own:
-            catalog.dispose()
+    with borrowed_catalog(config, catalog) as catalog, _exclusive(folder, pipeline.name):
+        _close_stale_runs(catalog, pipeline.name)
+        record = None
+        for attempt in range(1, pipeline.retries + 2):
+            record = _run_once(config, catalog, pipeline, values, trigger, attempt)
+            if record.status == "succeeded":
+                break
+            log.warning("pipeline %s attempt %d %s: %s", name, attempt, record.status, record.error)
+        record.attempts = attempt
+        prune_runs(config, catalog, pipeline.name)
+        return record
 
 
 def _run_once(

@@ -31,7 +31,7 @@ import polars as pl
 from sqlalchemy import select
 from tqdm import tqdm
 
-from workbench.catalog import Catalog, dialect_insert, open_catalog, state, uploads
+from workbench.catalog import Catalog, borrowed_catalog, dialect_insert, state, uploads
 from workbench.config import Config
 from workbench.errors import UploadRejected
 from workbench.ingest import parse_batch, span_of_batch
@@ -99,9 +99,7 @@ def sanity_check(
     Example: ``sanity_check(config, full=True).ok``.
     """
     started = time.perf_counter()
-    own = catalog is None
-    catalog = catalog or open_catalog(config)
-    try:
+    with borrowed_catalog(config, catalog) as catalog:
         chosen = [get_study(catalog, study).id] if study else [s.id for s in list_studies(catalog)]
         report = SanityReport(unrecorded_scanned=full)
         pool = DataPool(config.pool)
@@ -119,9 +117,6 @@ def sanity_check(
         if report.checked or report.failures:
             report.report_csv, report.report_json = _write_report(pool, report)
         return report
-    finally:
-        if own:
-            catalog.dispose()
 
 
 def _watermark_key(study_id: str) -> str:

@@ -581,12 +581,10 @@ def refresh_status(
     Example: ``refresh_status(load_config("demo-home")).summary()``.
     """
     from workbench import alerts
-    from workbench.catalog import open_catalog
+    from workbench.catalog import borrowed_catalog
 
     started = time.perf_counter()
-    own = catalog is None
-    catalog = catalog or open_catalog(config)
-    try:
+    with borrowed_catalog(config, catalog) as catalog:
         report = RefreshReport()
         folded = _fold_now(catalog)
         report.folded = folded.rows
@@ -616,9 +614,6 @@ def refresh_status(
                 report.mail_error = str(exc)
         report.seconds = time.perf_counter() - started
         return report
-    finally:
-        if own:
-            catalog.dispose()
 
 
 def status_csv_path(pool: DataPool, study_id: str) -> Path:

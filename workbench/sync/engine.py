@@ -34,8 +34,8 @@ from sqlalchemy import select, update
 
 from workbench.catalog import (
     Catalog,
+    borrowed_catalog,
     dialect_insert,
-    open_catalog,
     sync_accounts,
     sync_checkpoints,
     sync_raw,
@@ -265,56 +265,60 @@ def sync_account(
 
     Example: ``sync_account(config, 3).status``.
     """
-    own_catalog = catalog is None
-    catalog = catalog or open_catalog(config)
-    own_limits = limits is None
-    limits = limits or RateLimits(config, catalog)
-    try:
-        account = get_account(catalog, account_id)
-        if account.status != "active":
-            run_id = _start_run(catalog, account_id, trigger, status="skipped")
-            result = SyncResult(
-                account_id,
-                run_id,
-                "revoked" if account.status == "revoked" else "skipped",
-                error=f"the account is {account.status}",
-            )
-            _finish_run(catalog, SyncResult(**{**result.__dict__, "status": "skipped"}))
-            return result
-        with account_lock(config, catalog, f"run-{account_id}", blocking=False) as taken:
-            if not taken:
+    with borrowed_catalog(config, catalog) as catalog:
+        own_limits = limits is None
+        limits = limits or RateLimits(config, catalog)
+        try:
+            account = get_account(catalog, account_id)
+            if account.status != "active":
                 run_id = _start_run(catalog, account_id, trigger, status="skipped")
                 result = SyncResult(
-                    account_id, run_id, "skipped", error="another run of this account is going on"
+                    account_id,
+                    run_id,
+                    "revoked" if account.status == "revoked" else "skipped",
+                    error=f"the account is {account.status}",
                 )
-                _finish_run(catalog, result)
-                log.info("account %d: a run is going on; this one is skipped", account_id)
+                _finish_run(catalog, SyncResult(**{**result.__dict__, "status": "skipped"}))
                 return result
-            with catalog.writing() as conn:  # runs left 'running' died with their worker
-                conn.execute(
-                    update(sync_runs)
-                    .where(sync_runs.c.account_id == account_id, sync_runs.c.status == "running")
-                    .values(status="interrupted", error="its worker stopped before the run ended")
-                )
-            result = SyncResult(account_id, _start_run(catalog, account_id, trigger), "running")
-            try:
-                _run(config, catalog, limits, account, result, today or today_utc())
-            except BaseException as exc:
-                result.status, result.error = "failed", f"{type(exc).__name__}: {exc}"
+            with account_lock(config, catalog, f"run-{account_id}", blocking=False) as taken:
+                if not taken:
+                    run_id = _start_run(catalog, account_id, trigger, status="skipped")
+                    result = SyncResult(
+                        account_id,
+                        run_id,
+                        "skipped",
+                        error="another run of this account is going on",
+                    )
+                    _finish_run(catalog, result)
+                    log.info("account %d: a run is going on; this one is skipped", account_id)
+                    return result
+                with catalog.writing() as conn:  # runs left 'running' died with their worker
+                    conn.execute(
+                        update(sync_runs)
+                        .where(
+                            sync_runs.c.account_id == account_id, sync_runs.c.status == "running"
+                        )
+                        .values(
+                            status="interrupted", error="its worker stopped before the run ended"
+                        )
+                    )
+                result = SyncResult(account_id, _start_run(catalog, account_id, trigger), "running")
+                try:
+                    _run(config, catalog, limits, account, result, today or today_utc())
+                except BaseException as exc:
+                    result.status, result.error = "failed", f"{type(exc).__name__}: {exc}"
+                    _finish_run(catalog, result)
+                    raise
                 _finish_run(catalog, result)
-                raise
-            _finish_run(catalog, result)
-        log.info("%s", result.summary())
-        if result.status == "limited" and reschedule:
-            from workbench.sync.scheduled import queue_sync
+            log.info("%s", result.summary())
+            if result.status == "limited" and reschedule:
+                from workbench.sync.scheduled import queue_sync
 
-            queue_sync(config, account_id, eta_ms=result.resume_at, trigger="resume")
-        return result
-    finally:
-        if own_limits:
-            limits.close()
-        if own_catalog:
-            catalog.dispose()
+                queue_sync(config, account_id, eta_ms=result.resume_at, trigger="resume")
+            return result
+        finally:
+            if own_limits:
+                limits.close()
 
 
 def _run(config, catalog, limits, account: Account, result: SyncResult, today: dt.date) -> None:

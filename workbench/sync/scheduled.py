@@ -30,6 +30,7 @@ from sqlalchemy import and_, delete, func, or_, select
 
 from workbench.catalog import (
     Catalog,
+    borrowed_catalog,
     open_catalog,
     sync_accounts,
     sync_activities,
@@ -177,18 +178,13 @@ def due_accounts(catalog: Catalog, *, stale_days: float, now: int | None = None)
 
 def queue_due(config: Config, *, catalog: Catalog | None = None) -> list[int]:
     """Queue a sync of every due account on the scheduler; return their ids."""
-    own = catalog is None
-    catalog = catalog or open_catalog(config)
-    try:
+    with borrowed_catalog(config, catalog) as catalog:
         found = due_accounts(catalog, stale_days=sync_settings(config).stale_days)
         for account_id in found:
             queue_sync(config, account_id, trigger="due")
         if found:
             log.info("queued %d due accounts: %s", len(found), ", ".join(map(str, found)))
         return found
-    finally:
-        if own:
-            catalog.dispose()
 
 
 # ---------------------------------------------------------------------------- maintenance
@@ -219,12 +215,10 @@ def run_maintenance(
 ) -> MaintenanceReport:
     """The hourly sync maintenance (see the module's description)."""
     settings = sync_settings(config)
-    own = catalog is None
-    catalog = catalog or open_catalog(config)
     now = now_ms() if now is None else now
     report = MaintenanceReport()
     a = sync_accounts.c
-    try:
+    with borrowed_catalog(config, catalog) as catalog:
         grace = now - int(settings.incomplete_grace_hours * HOUR_MS)
         with catalog.writing() as conn:
             doomed = conn.execute(
@@ -285,9 +279,6 @@ def run_maintenance(
                 log.warning("account %d: token not refreshed: %s", account_id, exc.message)
         log.info("sync maintenance: %s", report.summary())
         return report
-    finally:
-        if own:
-            catalog.dispose()
 
 
 def _delete_orphans(conn, now: int) -> dict[str, int]:
@@ -364,74 +355,71 @@ def poll_activities(
     from workbench.sync.destinations import put_file
 
     settings = sync_settings(config)
-    own = catalog is None
-    catalog = catalog or open_catalog(config)
-    now = now_ms() if now is None else now
-    horizon = now + settings.poll_minutes * 60_000
-    act = sync_activities.c
-    report = PollReport()
-    limits = RateLimits(config, catalog)
-    try:
-        with catalog.engine.connect() as conn:
-            found = conn.execute(
-                select(sync_activities)
-                .where(
-                    or_(
-                        and_(act.starts_at >= now, act.starts_at < horizon),
-                        and_(act.ends_at >= now, act.ends_at < horizon),
+    with borrowed_catalog(config, catalog) as catalog:
+        now = now_ms() if now is None else now
+        horizon = now + settings.poll_minutes * 60_000
+        act = sync_activities.c
+        report = PollReport()
+        limits = RateLimits(config, catalog)
+        try:
+            with catalog.engine.connect() as conn:
+                found = conn.execute(
+                    select(sync_activities)
+                    .where(
+                        or_(
+                            and_(act.starts_at >= now, act.starts_at < horizon),
+                            and_(act.ends_at >= now, act.ends_at < horizon),
+                        )
                     )
-                )
-                .order_by(act.id)
-            ).all()
-        for activity in found:
-            progress = value = None
-            try:
-                progress = _progress(config, catalog, limits, activity, now)
-                percent = min(100, round(progress * 100 / activity.goal))
-                value = f"{percent}%"
-                body = json.dumps(
-                    {
-                        "activity": activity.name,
-                        "progress": progress,
-                        "goal": activity.goal,
-                        "percent": percent,
-                        "at": format_ms(now),
-                    },
-                    sort_keys=True,
-                ).encode()
-                destination = get_account(catalog, activity.destination_account)
-                put_file(
-                    config,
-                    catalog,
-                    destination,
-                    f"activity-{activity.id}-progress.json",
-                    body,
-                    description=f"progress of {activity.name}",
-                    tags=("workbench", "progress"),
-                )
-                status, detail = "written", None
-                report.written.append(activity.id)
-            except (WorkbenchError, DestinationFailed) as exc:
-                status, detail = "failed", exc.message
-                report.failed.append(activity.id)
-                log.warning("activity %d: %s", activity.id, exc.message)
-            with catalog.writing() as conn:
-                conn.execute(
-                    sync_poll_log.insert().values(
-                        activity_id=activity.id,
-                        at=now,
-                        progress=progress,
-                        value=value,
-                        status=status,
-                        detail=detail,
+                    .order_by(act.id)
+                ).all()
+            for activity in found:
+                progress = value = None
+                try:
+                    progress = _progress(config, catalog, limits, activity, now)
+                    percent = min(100, round(progress * 100 / activity.goal))
+                    value = f"{percent}%"
+                    body = json.dumps(
+                        {
+                            "activity": activity.name,
+                            "progress": progress,
+                            "goal": activity.goal,
+                            "percent": percent,
+                            "at": format_ms(now),
+                        },
+                        sort_keys=True,
+                    ).encode()
+                    destination = get_account(catalog, activity.destination_account)
+                    put_file(
+                        config,
+                        catalog,
+                        destination,
+                        f"activity-{activity.id}-progress.json",
+                        body,
+                        description=f"progress of {activity.name}",
+                        tags=("workbench", "progress"),
                     )
-                )
-        log.info("polling bridge: %s", report.summary())
-        return report
-    finally:
-        limits.close()
-        if own:
-            catalog.dispose()
+                    status, detail = "written", None
+                    report.written.append(activity.id)
+                except (WorkbenchError, DestinationFailed) as exc:
+                    status, detail = "failed", exc.message
+                    report.failed.append(activity.id)
+                    log.warning("activity %d: %s", activity.id, exc.message)
+                with catalog.writing() as conn:
+                    conn.execute(
+                        sync_poll_log.insert().values(
+                            activity_id=activity.id,
+                            at=now,
+                            progress=progress,
+                            value=value,
+                            status=status,
+                            detail=detail,
+                        )
+                    )
+            log.info("polling bridge: %s", report.summary())
+            return report
+        finally:
+            limits.close()
 
 
 def _progress(config, catalog, limits, activity, now: int) -> int:
