@@ -12,6 +12,7 @@ import contextlib
 import fcntl
 import operator
 import os
+import re
 import threading
 import zlib
 from collections import namedtuple
@@ -808,6 +809,56 @@ class Catalog:
             finally:
                 fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
 
+    @contextlib.contextmanager
+    def lock(self, name: str, *, blocking: bool = True) -> Iterator[bool]:
+        """A named lock held across processes while the block runs; yields whether it was
+        taken (always True when ``blocking``).
+
+        On PostgreSQL a session advisory lock (so across hosts); on SQLite an exclusive flock
+        on ``<database>.locks/<name>.lock`` beside the database file (a process-wide lock for
+        an in-memory database). Example: ``with catalog.lock("sync.run-3") as taken: ...``.
+        """
+        if not LOCK_NAME.fullmatch(name):
+            raise ValueError(f"lock name {name!r} is not of letters, digits, '.', '_' or '-'")
+        if not self.is_sqlite:
+            key = zlib.crc32(f"workbench.{name}".encode())
+            with self.engine.connect() as conn:
+                if blocking:
+                    conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": key})
+                    taken = True
+                else:
+                    taken = bool(
+                        conn.execute(text("SELECT pg_try_advisory_lock(:k)"), {"k": key}).scalar()
+                    )
+                try:
+                    yield taken
+                finally:
+                    if taken:
+                        conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+                    conn.commit()
+            return
+        if self._lock_path is None:
+            with self._thread_lock:
+                held = _MEMORY_LOCKS.setdefault(name, threading.Lock())
+            taken = held.acquire(blocking)
+            try:
+                yield taken
+            finally:
+                if taken:
+                    held.release()
+            return
+        folder = make_folders(Path(f"{self._lock_path}s"))
+        fd = open_new_file(folder / f"{name}.lock", os.O_RDWR | os.O_CREAT)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX if blocking else fcntl.LOCK_EX | fcntl.LOCK_NB)
+                taken = True
+            except BlockingIOError:
+                taken = False
+            yield taken
+        finally:
+            os.close(fd)  # releases the flock
+
     def sync(self) -> None:
         """Make every committed transaction durable against power loss.
 
@@ -926,6 +977,10 @@ def _configure_sqlite(engine: Engine, checkpoint_pages: int | None = None) -> No
             # file (with two fsyncs) while every writer waits; SQLite's default is 1,000 pages.
             cursor.execute(f"PRAGMA wal_autocheckpoint = {int(checkpoint_pages)}")
         cursor.close()
+
+
+LOCK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+_MEMORY_LOCKS: dict[str, threading.Lock] = {}
 
 
 def open_catalog(config) -> Catalog:

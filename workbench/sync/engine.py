@@ -45,7 +45,7 @@ from workbench.config import Config
 from workbench.errors import ConfigError, SourceUnavailable, TokenRevoked
 from workbench.export import merge_decoded
 from workbench.pool import make_dirs_durably, write_file_atomically, write_parquet_atomically
-from workbench.sync.accounts import Account, access_token, account_lock, get_account, mark_revoked
+from workbench.sync.accounts import Account, access_token, get_account, mark_revoked
 from workbench.sync.providers import Provider, get_provider
 from workbench.sync.ratelimit import RateLimits, limit_key
 from workbench.sync.settings import sync_settings
@@ -280,7 +280,7 @@ def sync_account(
                 )
                 _finish_run(catalog, SyncResult(**{**result.__dict__, "status": "skipped"}))
                 return result
-            with account_lock(config, catalog, f"run-{account_id}", blocking=False) as taken:
+            with catalog.lock(f"sync.run-{account_id}", blocking=False) as taken:
                 if not taken:
                     run_id = _start_run(catalog, account_id, trigger, status="skipped")
                     result = SyncResult(
