@@ -236,12 +236,13 @@ def enroll(ctx, study_id, count, as_json, out) -> None:
 
     config = _config(ctx)
     from workbench.catalog import open_catalog
+    from workbench.pool import DataPool
 
     made = enroll_subjects(open_catalog(config), study_id, count)
     if as_json:
         click.echo(json.dumps([{"subject": e.subject, "token": e.token} for e in made], indent=2))
         return
-    folder = Path(out) if out else config.pool / "enrollment" / study_id
+    folder = Path(out) if out else DataPool.of(config).enrollment / study_id
     sheet = write_enrollment_sheets(made, folder, server_url=config.server.public_url)
     click.echo(f"enrolled {len(made)} subjects ({made[0].subject} to {made[-1].subject})")
     click.echo(f"QR codes in {folder}; printable sheet {sheet}")
@@ -1055,6 +1056,7 @@ def run_command(ctx, name, parameters) -> None:
         workbench run attrition -p study demo
     """
     from workbench.pipelines import run_pipeline
+    from workbench.pool import DataPool
 
     values = {}
     for key, value in parameters:
@@ -1064,7 +1066,9 @@ def run_command(ctx, name, parameters) -> None:
             values[key] = value
     config = _config(ctx)
     record = run_pipeline(config, name, parameters=values)
-    where = config.pool / record.notebook if record.notebook else "no notebook was written"
+    where = (
+        DataPool.of(config).path(record.notebook) if record.notebook else "no notebook was written"
+    )
     click.echo(f"run {record.id} of {name}: {record.status} in {record.duration_ms / 1000:.1f} s")
     click.echo(f"notebook: {where}")
     if record.status != "succeeded":

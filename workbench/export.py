@@ -83,8 +83,8 @@ from workbench.errors import (
     WorkbenchError,
 )
 from workbench.pool import (
+    DataPool,
     fsync_dir,
-    make_dirs_durably,
     make_folders,
     open_new_file,
     write_file_atomically,
@@ -629,7 +629,7 @@ def _inside(folder: Path, name: str) -> Path:
 
 def source_folder(config: Config, source: str) -> Path:
     """Where a source's raw snapshots and decoded tables live (the name checked first)."""
-    return _inside(config.pool / "questionnaires", check_name("source", source))
+    return _inside(DataPool.of(config).questionnaires, check_name("source", source))
 
 
 def table_folder(config: Config, source: str, table: str, kind: str) -> Path:
@@ -893,24 +893,10 @@ def write_raw(
     )
     sha = hashlib.sha256(body).hexdigest()
     stamp = format_ms(fetched, STAMP)
+    pool = DataPool.of(config)
     folder = table_folder(config, source, table, "raw")
-    make_dirs_durably(folder)  # the snapshot's folder must outlive a power cut too
-    temporary = folder / f".{sha}.{os.getpid()}.tmp"
-    with os.fdopen(open_new_file(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), "wb") as handle:
-        handle.write(body)
-        handle.flush()
-        os.fsync(handle.fileno())
-    for n in range(1000):
-        final = folder / f"{table}_{stamp}_{sha[:12]}{'' if n == 0 else f'_{n}'}.json"
-        try:
-            os.link(temporary, final)  # never overwrites
-            break
-        except FileExistsError:
-            continue
-    os.unlink(temporary)
-    fsync_dir(folder)
+    relative = pool.store(body, pool.relative(folder / f"{table}_{stamp}_{sha[:12]}.json"))
     _fault_point("before-record")
-    relative = str(final.relative_to(config.pool))
     with catalog.writing() as conn:
         raw_id = conn.execute(
             export_raw.insert()
@@ -933,7 +919,7 @@ def write_raw(
 
 def read_raw(config: Config, row) -> list[dict]:
     """The rows of a recorded raw snapshot, after checking its SHA-256."""
-    body = (config.pool / row.path).read_bytes()
+    body = DataPool.of(config).path(row.path).read_bytes()
     if hashlib.sha256(body).hexdigest() != row.sha256:
         raise WorkbenchError(f"raw snapshot {row.path} no longer matches its recorded SHA-256")
     return orjson.loads(body)["rows"]
@@ -1003,7 +989,7 @@ def _adopt_unrecorded(config: Config, catalog: Catalog, source: str) -> None:
             conn.execute(select(export_raw.c.path).where(export_raw.c.source == source)).scalars()
         )
     for path in sorted(raw.glob("*/*")):
-        relative = str(path.relative_to(config.pool))
+        relative = DataPool.of(config).relative(path)
         if path.name.startswith(".") and path.name.endswith(".tmp"):
             log.warning("%s: removing %s, left by an interrupted run", source, relative)
             path.unlink()

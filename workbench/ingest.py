@@ -68,7 +68,7 @@ from workbench.errors import (
 from workbench.identifiers import check_identifier, is_identifier, resolve_inside
 from workbench.json_limits import check_json
 from workbench.ledger import LedgerWriter, insert_ignore
-from workbench.pool import DataPool, incoming_tag, sync_folders
+from workbench.pool import RAW_TAG, DataPool, incoming_tag, sync_folders
 from workbench.templates import load_schema, schema_validator
 from workbench.times import DAY_MS, MINUTES, format_ms, now_ms
 
@@ -777,7 +777,7 @@ def recover_incoming(config: Config, *, all_hosts: bool = False) -> dict[str, in
     Only this host's incoming folder is read, unless ``all_hosts`` (for a pool whose server
     moved to a machine with another name). Refuses to run while a server on this host writes.
     """
-    pool = DataPool(config.pool)
+    pool = DataPool.of(config)
     catalog = Catalog(config.catalog_url)
     catalog.upgrade()
     done = {"completed": 0, "reledgered": 0, "discarded": 0, "junk": 0}
@@ -806,6 +806,8 @@ def recover_incoming(config: Config, *, all_hosts: bool = False) -> dict[str, in
 def _recover_one(pool: DataPool, catalog: Catalog, incoming: Path) -> tuple[str, set[Path]]:
     tag = incoming_tag(incoming)
     kind, sha = tag[:1], tag[1:]
+    if tag == RAW_TAG:
+        return "discarded", set()  # a snapshot or sync window not yet recorded: fetched again
     table = uploads if kind == "b" else rejections
     with catalog.engine.connect() as conn:
         paths = [

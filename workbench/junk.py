@@ -96,7 +96,7 @@ def prune_junk(
 
     Example: ``prune_junk(config, older_than_days=30).summary()``.
     """
-    pool = DataPool(config.pool)
+    pool = DataPool.of(config)
     chosen = _selection(older_than_days, reason, study)
     with borrowed_catalog(config, catalog) as cat:
         with cat.engine.connect() as conn:

@@ -40,7 +40,14 @@ from sqlalchemy import delete, select, update
 from workbench.catalog import Catalog, borrowed_catalog, job_events, jobs, pipeline_runs
 from workbench.config import Config
 from workbench.errors import ConfigError, PipelineBusy
-from workbench.pool import make_folders, modes_in, open_new_file, private_umask, secure_file
+from workbench.pool import (
+    DataPool,
+    make_folders,
+    modes_in,
+    open_new_file,
+    private_umask,
+    secure_file,
+)
 from workbench.templates import load_schema, schema_validator
 from workbench.times import DAY_MS, STAMP, format_ms, now_ms
 
@@ -224,7 +231,7 @@ def run_pipeline(
     """
     pipeline = get_pipeline(config, name)
     values = {**pipeline.parameters, **(parameters or {}), "home": str(config.home)}
-    folder = config.pool / "runs" / pipeline.name
+    folder = DataPool.of(config).runs / pipeline.name
     with borrowed_catalog(config, catalog) as catalog, _exclusive(folder, pipeline.name):
         _close_stale_runs(catalog, pipeline.name)
         record = None
@@ -244,7 +251,7 @@ def _run_once(
     started = now_ms()
     stamp = format_ms(started, f"{STAMP}%fZ")
     relative = f"runs/{pipeline.name}/{stamp}-{params_hash(values)}.ipynb"
-    output = config.pool / relative
+    output = DataPool.of(config).path(relative)
     versions = _versions()
     with catalog.writing() as conn:
         run_id = conn.execute(
@@ -559,7 +566,7 @@ def prune_runs(config: Config, catalog: Catalog, pipeline: str) -> int:
     doomed = [row for n, row in enumerate(rows) if n >= keep.keep_runs or row.started_at < oldest]
     for row in doomed:
         if row.notebook:
-            (config.pool / row.notebook).unlink(missing_ok=True)
+            DataPool.of(config).path(row.notebook).unlink(missing_ok=True)
     if doomed:
         ids = [row.id for row in doomed]
         with catalog.writing() as conn:
@@ -580,7 +587,7 @@ def crontab_lines(config: Config) -> list[str]:
     """crontab lines that run every enabled pipeline with this installation's Python."""
     python = shlex.quote(str(Path(sys.executable).absolute()))
     home = shlex.quote(str(config.home))
-    logs = shlex.quote(str(config.pool / "logs" / "cron.log"))
+    logs = shlex.quote(str(DataPool.of(config).logs / "cron.log"))
     lines = [f"# workbench pipelines of {config.home} (times are UTC; set CRON_TZ=UTC if need be)"]
     for pipeline in load_pipelines(config).values():
         if pipeline.enabled:
@@ -603,7 +610,7 @@ def make_huey(config: Config, *, immediate: bool = False):
     if url:
         huey = RedisHuey("workbench", url=url, immediate=immediate, utc=True)
     else:
-        queue = config.pool / "scheduler.sqlite"
+        queue = DataPool.of(config).scheduler_queue
         make_folders(config.pool)
         os.close(open_new_file(queue, os.O_RDONLY | os.O_CREAT))  # SQLite keeps this mode
         huey = SqliteHuey("workbench", filename=str(queue), immediate=immediate, utc=True)

@@ -102,7 +102,7 @@ def sanity_check(
     with borrowed_catalog(config, catalog) as catalog:
         chosen = [get_study(catalog, study).id] if study else [s.id for s in list_studies(catalog)]
         report = SanityReport(unrecorded_scanned=full)
-        pool = DataPool(config.pool)
+        pool = DataPool.of(config)
         for study_id in chosen:
             rows, top = _rows_to_check(catalog, study_id, full=full, settle_ms=int(settle * 1000))
             report.checked += len(rows)

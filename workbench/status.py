@@ -594,7 +594,7 @@ def refresh_status(
             if studies
             else [s for s in list_studies(catalog) if s.active]
         )
-        pool = DataPool(config.pool)
+        pool = DataPool.of(config)
         for study in chosen:
             sums = _sums_from_cache(catalog, study.id, folded, pool.cache / "status")
             with catalog.engine.connect() as conn:

@@ -44,7 +44,11 @@ from workbench.catalog import (
 from workbench.config import Config
 from workbench.errors import ConfigError, SourceUnavailable, TokenRevoked
 from workbench.export import merge_decoded
-from workbench.pool import make_dirs_durably, write_file_atomically, write_parquet_atomically
+from workbench.pool import (
+    DataPool,
+    write_file_atomically,
+    write_parquet_atomically,
+)
 from workbench.sync.accounts import Account, access_token, get_account, mark_revoked
 from workbench.sync.providers import Provider, get_provider
 from workbench.sync.ratelimit import RateLimits, limit_key
@@ -110,12 +114,14 @@ def _advance(catalog: Catalog, account_id: int, stream: str, day: dt.date) -> No
 
 
 def decoded_folder(config: Config, provider: str, stream: str, account: Account):
-    return config.pool / "sync" / provider / "decoded" / stream / account.study / account.subject
+    return DataPool.of(config).sync_folder(
+        provider, "decoded", stream, account.study, account.subject
+    )
 
 
 def combine_stream(config: Config, provider: str, stream: str) -> pl.DataFrame:
     """Every decoded record of one provider's stream, all accounts, sorted by id."""
-    root = config.pool / "sync" / provider / "decoded" / stream
+    root = DataPool.of(config).sync_folder(provider, "decoded", stream)
     files = sorted(root.glob(f"*/*/{stream}_*.parquet"))
     if not files:
         return pl.DataFrame()
@@ -148,10 +154,10 @@ def store_window(
         }
     )
     sha = hashlib.sha256(body).hexdigest()
-    folder = config.pool / "sync" / provider.name / "raw" / account.study / account.subject / stream
-    make_dirs_durably(folder)
-    path = folder / f"{stream}_{start.isoformat()}_{fetched}_{sha[:12]}.json"
-    write_file_atomically(path, body)
+    pool = DataPool.of(config)
+    folder = pool.sync_folder(provider.name, "raw", account.study, account.subject, stream)
+    name = f"{stream}_{start.isoformat()}_{fetched}_{sha[:12]}.json"
+    relative = pool.store(body, pool.relative(folder / name))  # never over an earlier window
     with catalog.writing() as conn:
         raw_id = conn.execute(
             sync_raw.insert()
@@ -163,7 +169,7 @@ def store_window(
                 window_end=end.isoformat(),
                 complete=int(complete),
                 fetched_at=fetched,
-                path=str(path.relative_to(config.pool)),
+                path=relative,
                 sha256=sha,
                 bytes=len(body),
                 n_records=len(rows),

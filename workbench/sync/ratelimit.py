@@ -40,7 +40,7 @@ from sqlalchemy import select
 from workbench.catalog import Catalog, dialect_insert, sync_limits
 from workbench.config import Config
 from workbench.errors import ConfigError
-from workbench.pool import make_folders, open_new_file
+from workbench.pool import DataPool, make_folders, open_new_file
 from workbench.sync.settings import sync_settings
 from workbench.times import now_ms
 
@@ -100,7 +100,7 @@ class RateLimits:
         self.catalog = catalog
         self.safety_ms = settings.safety_ms
         self.redis_url = settings.redis_url
-        self.path = config.pool / "sync" / "ratelimits.sqlite"
+        self.path = DataPool.of(config).sync / "ratelimits.sqlite"
         self._buckets: dict[str, object] = {}
         self._puts = 0
         self._lock = threading.Lock()
