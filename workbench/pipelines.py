@@ -606,7 +606,7 @@ def make_huey(config: Config, *, immediate: bool = False):
     runs and a ``sync_task`` to queue account syncs: RedisHuey when a Redis URL is configured, else SqliteHuey in the pool."""
     from huey import RedisHuey, SqliteHuey, crontab
 
-    url = config.pipelines.redis_url
+    url = config.redis_url
     if url:
         huey = RedisHuey("workbench", url=url, immediate=immediate, utc=True)
     else:

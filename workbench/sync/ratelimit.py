@@ -3,7 +3,7 @@ provider's own signals, which win over the local count.
 
 The bucket is a pyrate-limiter ``SQLiteBucket`` in ``pool/sync/ratelimits.sqlite`` (one
 table per key, writes serialized across processes by a file lock), or a ``RedisBucket`` when
-the variable named by ``[sync] redis_url_env`` holds a Redis URL: chosen here and nowhere else.
+the variable named by ``[redis] url_env`` holds a Redis URL: chosen here and nowhere else.
 Every local window is ``safety_ms`` longer than the provider's, so requests that reach the
 provider a little later than they left never count twice in its window.
 
@@ -99,7 +99,7 @@ class RateLimits:
         settings = sync_settings(config)
         self.catalog = catalog
         self.safety_ms = settings.safety_ms
-        self.redis_url = settings.redis_url
+        self.redis_url = config.redis_url
         self.path = DataPool.of(config).sync / "ratelimits.sqlite"
         self._buckets: dict[str, object] = {}
         self._puts = 0

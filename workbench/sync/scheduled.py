@@ -76,7 +76,7 @@ _hueys_lock = threading.Lock()
 def _huey(config: Config):
     from workbench.pipelines import make_huey
 
-    key = (str(config.home), config.pipelines.redis_url)
+    key = (str(config.home), config.redis_url)
     with _hueys_lock:
         if key not in _hueys:
             _hueys[key] = make_huey(config)

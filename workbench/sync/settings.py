@@ -91,7 +91,6 @@ class SyncSettings:
     """The ``[sync]`` section."""
 
     key_env: str = "WORKBENCH_SYNC_KEY"  # Fernet key encrypting tokens at rest
-    redis_url_env: str = "WORKBENCH_REDIS_URL"  # set: rate-limit buckets in Redis
     stale_days: float = 4.0  # accounts not synced for this long are queued
     incomplete_grace_hours: float = 24.0  # links never completed are removed after this
     refresh_ahead_minutes: float = 75.0  # maintenance refreshes tokens expiring this soon
@@ -105,10 +104,6 @@ class SyncSettings:
     @property
     def key(self) -> str | None:
         return os.environ.get(self.key_env) or None
-
-    @property
-    def redis_url(self) -> str | None:
-        return os.environ.get(self.redis_url_env) or None
 
     def provider(self, name: str) -> ProviderConfig:
         for provider in self.providers:
