@@ -30,7 +30,7 @@ import orjson
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from workbench.catalog import now_ms, open_catalog  # noqa: E402
+from workbench.catalog import open_catalog  # noqa: E402
 from workbench.config import init_home  # noqa: E402
 from workbench.enrollment import enroll  # noqa: E402
 from workbench.refresh import refresh_status  # noqa: E402
@@ -38,6 +38,7 @@ from workbench.sanity import sanity_check  # noqa: E402
 from workbench.simulators.phones import make_batch  # noqa: E402
 from workbench.status import rebuild_aggregates, study_status  # noqa: E402
 from workbench.studies import JTRACK_SENSORS, create_study, definition_from_options  # noqa: E402
+from workbench.times import now_ms  # noqa: E402
 
 SENSORS = list(JTRACK_SENSORS[:10])  # the ten sensors of the issue: the JTrack list up to EMA
 DAY = 86_400_000

@@ -14,10 +14,11 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
-from workbench.catalog import now_ms, open_catalog
+from workbench.catalog import open_catalog
 from workbench.enrollment import enroll
 from workbench.refresh import refresh_status
 from workbench.studies import create_study, definition_from_options
+from workbench.times import now_ms
 
 DAY = 86_400_000
 HOUR = 3_600_000

@@ -13,16 +13,16 @@ from pathlib import Path
 
 import orjson
 from bottle import Bottle, HTTPResponse, request
+from workbench_server.bodies import read_body
 
 from workbench.config import Config
-from workbench.errors import BadRequest, BodyTooLarge, UploadRejected, WorkbenchError
+from workbench.errors import BadRequest, UploadRejected, WorkbenchError
 from workbench.ingest import Ingest, Upload
 from workbench.pool import private_umask
 
 log = logging.getLogger("workbench.server")
 
 OPENAPI = Path(__file__).with_name("openapi.yaml")
-CHUNK = 64 * 1024
 
 
 def create_app(config: Config) -> Bottle:
@@ -70,7 +70,7 @@ def create_app(config: Config) -> Bottle:
                 )
             )
         try:
-            upload.body = _read_body(limit)
+            upload.body = read_body(request.environ, limit=limit)
         except UploadRejected as exc:
             return failure(ingest.reject_unread(action, upload, exc))
         try:
@@ -189,31 +189,3 @@ def _header(name: str) -> str:
     and tokens are ASCII, so anything else simply fails the checks that follow.
     """
     return request.environ.get("HTTP_" + name.upper().replace("-", "_"), "")
-
-
-def _read_body(limit: int) -> bytes:
-    """Read the request body, refusing (413) anything over ``limit`` before reading it whole."""
-    length_header = request.environ.get("CONTENT_LENGTH", "")
-    stream = request.environ["wsgi.input"]
-    if length_header:
-        try:
-            length = int(length_header)
-        except ValueError:
-            raise BadRequest("Content-Length is not a number") from None
-        if length < 0:
-            raise BadRequest("Content-Length is negative")
-        if length > limit:
-            raise BodyTooLarge(f"body of {length} bytes is over the server's limit of {limit}")
-        body = stream.read(length)
-        if len(body) != length:
-            raise BadRequest("the body ended before Content-Length bytes")
-        return body
-    parts, size = [], 0
-    while True:
-        chunk = stream.read(CHUNK)
-        if not chunk:
-            return b"".join(parts)
-        size += len(chunk)
-        if size > limit:
-            raise BodyTooLarge(f"body is over the server's limit of {limit} bytes")
-        parts.append(chunk)

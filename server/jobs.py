@@ -24,15 +24,14 @@ from urllib.parse import quote, urlencode
 
 import orjson
 from bottle import Bottle, HTTPResponse, request
+from workbench_server.bodies import read_json_object
 
 from workbench import jobs
 from workbench.catalog import Catalog
 from workbench.config import JobsConfig
-from workbench.errors import BodyTooLarge, WorkbenchError
-from workbench.json_limits import decode_checked
+from workbench.errors import WorkbenchError
 
 MAX_BODY = 1024 * 1024  # configurations and events are small
-CHUNK = 64 * 1024
 
 
 def install_job_routes(app: Bottle, catalog: Catalog, *, limits: JobsConfig | None = None) -> None:
@@ -173,27 +172,6 @@ def _authorize(catalog: Catalog) -> str:
 
 def _json_body() -> dict:
     """The request body as a JSON object, read no further than :data:`MAX_BODY`."""
-    stream = request.environ["wsgi.input"]
-    length = request.environ.get("CONTENT_LENGTH", "")
-    if length:
-        try:
-            size = int(length)
-        except ValueError:
-            raise jobs.InvalidJobRequest("Content-Length is not a number") from None
-        if size > MAX_BODY:
-            raise BodyTooLarge(f"body of {size} bytes is over the tracker's limit of {MAX_BODY}")
-        raw = stream.read(size) if size > 0 else b""
-    elif "chunked" not in request.environ.get("HTTP_TRANSFER_ENCODING", "").lower():
-        raw = b""  # no Content-Length and not chunked: no body (never wait for the socket)
-    else:
-        parts, size = [], 0
-        while chunk := stream.read(CHUNK):
-            size += len(chunk)
-            if size > MAX_BODY:
-                raise BodyTooLarge(f"body is over the tracker's limit of {MAX_BODY} bytes")
-            parts.append(chunk)
-        raw = b"".join(parts)
-    body = decode_checked(raw, error=jobs.InvalidJobRequest)
-    if not isinstance(body, dict):
-        raise jobs.InvalidJobRequest("the body must be a JSON object")
-    return body
+    return read_json_object(
+        request.environ, limit=MAX_BODY, invalid=jobs.InvalidJobRequest, owner="tracker"
+    )

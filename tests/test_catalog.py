@@ -75,3 +75,33 @@ def test_a_version_1_catalog_gains_the_status_tables(home):
         assert conn.execute(text("SELECT count(*) FROM status_sensors")).scalar() == 0
         assert conn.execute(text("SELECT count(*) FROM alerts")).scalar() == 0
     catalog.dispose()
+
+
+def test_a_named_lock_holds_across_processes(home):
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys; from workbench.catalog import Catalog\n"
+        "with Catalog(sys.argv[1]).lock('sync.run-1', blocking=False) as taken:\n"
+        "    print(taken)\n"
+    )
+
+    def taken_elsewhere() -> str:
+        done = subprocess.run(
+            [sys.executable, "-c", probe, home.catalog_url],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert done.returncode == 0, done.stderr
+        return done.stdout.strip()
+
+    catalog = open_catalog(home)
+    try:
+        with catalog.lock("sync.run-1") as taken:
+            assert taken
+            assert taken_elsewhere() == "False"  # another process must not run alongside
+        assert taken_elsewhere() == "True"  # released when the block ends
+    finally:
+        catalog.dispose()

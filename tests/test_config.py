@@ -100,3 +100,30 @@ def test_bad_smtp_section_is_a_clear_error(tmp_path, section, message):
     (tmp_path / "workbench.toml").write_text(section)
     with pytest.raises(ConfigError, match=message):
         load_config(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        '[redis]\nurl_env = "LAB_REDIS"\n',
+        '[pipelines]\nredis_url_env = "LAB_REDIS"\n',  # a home made before [redis]
+        '[sync]\nredis_url_env = "LAB_REDIS"\n',
+        '[pipelines]\nredis_url_env = "LAB_REDIS"\n[sync]\nredis_url_env = "LAB_REDIS"\n',
+    ],
+)
+def test_one_redis_url_serves_the_queue_and_the_rate_limits(tmp_path, monkeypatch, text):
+    from workbench.sync.settings import sync_settings
+
+    (tmp_path / "workbench.toml").write_text(text)
+    monkeypatch.setenv("LAB_REDIS", "redis://127.0.0.1:6390/0")
+    config = load_config(tmp_path)
+    assert config.redis_url == "redis://127.0.0.1:6390/0"
+    sync_settings(config)  # the older key is not an unknown [sync] key
+
+
+def test_two_different_redis_variables_are_refused(tmp_path):
+    (tmp_path / "workbench.toml").write_text(
+        '[pipelines]\nredis_url_env = "A"\n[sync]\nredis_url_env = "B"\n'
+    )
+    with pytest.raises(ConfigError, match=r"set \[redis\] url_env"):
+        load_config(tmp_path)

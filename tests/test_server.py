@@ -199,7 +199,7 @@ def test_unknown_subject_is_403_and_not_kept(client, subjects, catalog, home):
 
 
 def test_left_subject_within_grace_is_filed_then_refused(phone, catalog, home):
-    from workbench.catalog import now_ms
+    from workbench.times import now_ms
 
     left = phone.set_status(1, time_left=now_ms())
     assert left.status_code == 200

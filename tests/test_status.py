@@ -228,7 +228,7 @@ def test_status_through_the_upload_server(client, catalog, subjects, home):
 
     phone = Phone(client, subjects[0])
     phone.register()
-    from workbench.catalog import now_ms
+    from workbench.times import now_ms
 
     recent = now_ms() - HOUR
     assert phone.upload(phone.batch("accelerometer", start=recent)).status_code == 200

@@ -20,7 +20,7 @@ from sqlalchemy import select, update
 
 from tests.test_pipelines import redis_url  # noqa: F401  (a real redis-server fixture)
 from workbench.alerts import list_alerts
-from workbench.catalog import now_ms, open_catalog, sync_accounts, sync_raw, sync_tokens
+from workbench.catalog import open_catalog, sync_accounts, sync_raw, sync_tokens
 from workbench.cli import cli
 from workbench.config import load_config
 from workbench.enrollment import enroll
@@ -44,6 +44,7 @@ from workbench.sync.accounts import access_token
 from workbench.sync.engine import checkpoint
 from workbench.sync.ratelimit import RateLimits
 from workbench.sync.settings import sync_settings
+from workbench.times import now_ms
 
 pytestmark = pytest.mark.slow
 FORK = multiprocessing.get_context("spawn")  # no locks inherited from test threads

@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from sqlalchemy import func, select
 
 from tests.conftest import Phone
-from workbench.catalog import devices, now_ms, open_catalog, rejections, uploads
+from workbench.catalog import devices, open_catalog, rejections, uploads
 from workbench.cli import cli
 from workbench.config import load_config
 from workbench.errors import BadRequest
@@ -24,6 +24,7 @@ from workbench.junk import list_junk, prune_junk
 from workbench.ledger import verify
 from workbench.sanity import check_files
 from workbench.subjects import remove_subject, reset_devices, restore_subject
+from workbench.times import now_ms
 
 
 def set_server(home, **values):

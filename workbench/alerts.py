@@ -35,20 +35,19 @@ Example::
 
 from __future__ import annotations
 
-import datetime
 import getpass
 from dataclasses import dataclass
 
 import polars as pl
 from sqlalchemy import case, select, update
 
-from workbench.catalog import Catalog, alerts, dialect_insert, now_ms
+from workbench.catalog import Catalog, alerts, dialect_insert
 from workbench.config import SmtpConfig
 from workbench.errors import AlreadyAcknowledged, MailError, NoteRequired, UnknownAlert
 from workbench.mail import send_mail
-from workbench.status import HOUR_MS
 from workbench.studies import Study
 from workbench.subject_state import Activity, DeviceStatus
+from workbench.times import HOUR_MS, iso_or_none, now_ms
 
 __all__ = [
     "ACTIONS",
@@ -113,15 +112,9 @@ class Alert:
         out = {name: getattr(self, name) for name in self.__dataclass_fields__}
         del out["instruction"]
         for name in ("since", "opened_at", "closed_at", "mailed_at", "acked_at"):
-            out[name] = _iso(out[name])
+            out[name] = iso_or_none(out[name])
         out["action"] = self.action
         return out
-
-
-def _iso(ms: int | None) -> str | None:
-    if ms is None:
-        return None
-    return datetime.datetime.fromtimestamp(ms / 1000, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def alert_conditions(study: Study, table: pl.DataFrame, *, now: int) -> dict:
@@ -142,7 +135,7 @@ def alert_conditions(study: Study, table: pl.DataFrame, *, now: int) -> dict:
     ):
         found[(r["subject_name"], r["device_id"], "stale")] = (
             r["last_data"],
-            f"no data from {r['device_id']} for over {hours:g} h (last at {_iso(r['last_data'])})",
+            f"no data from {r['device_id']} for over {hours:g} h (last at {iso_or_none(r['last_data'])})",
         )
     for r in t.filter((code == Activity.NO_DATA) & pl.col("last_data").is_null()).iter_rows(
         named=True
@@ -371,7 +364,7 @@ def safety_mail(alert: Alert) -> tuple[str, str]:
             f"Source:       {alert.study}",
             f"Participant:  {alert.subject}",
             f"Session:      {session}",
-            f"Since:        {_iso(alert.since)}",
+            f"Since:        {iso_or_none(alert.since)}",
             f"What:         {alert.detail}",
             f"To do:        {alert.action}",
             "",
@@ -414,7 +407,7 @@ def mail_new_alerts(catalog: Catalog, smtp: SmtpConfig, *, now: int | None = Non
     for alert in pending:
         where = f"{alert.subject}" + (f" / {alert.device}" if alert.device else "")
         lines += [
-            f"#{alert.id} [{alert.study}] {where}: {alert.kind} since {_iso(alert.since)}",
+            f"#{alert.id} [{alert.study}] {where}: {alert.kind} since {iso_or_none(alert.since)}",
             f"    {alert.detail}",
             f"    to do: {alert.action}",
         ]

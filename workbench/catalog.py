@@ -12,8 +12,8 @@ import contextlib
 import fcntl
 import operator
 import os
+import re
 import threading
-import time
 import zlib
 from collections import namedtuple
 from collections.abc import Callable, Iterator
@@ -42,6 +42,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from workbench.errors import CatalogError
 from workbench.pool import make_folders, open_new_file, secure_file
+from workbench.times import DAY_MS, now_ms  # noqa: F401  (importable from here too)
 
 SCHEMA_VERSION = 8
 
@@ -695,14 +696,6 @@ def fetch_tuples(conn: Connection, statement) -> list[tuple]:
         cursor.close()
 
 
-DAY_MS = 86_400_000  # milliseconds in a day
-
-
-def now_ms() -> int:
-    """Current time in milliseconds since the epoch."""
-    return time.time_ns() // 1_000_000
-
-
 def _create_private_database(path: Path) -> None:
     """Create the SQLite file with the pool's file mode before SQLite opens it (SQLite gives
     its -wal and -shm files the mode of the database), and set that mode on files an older
@@ -815,6 +808,56 @@ class Catalog:
                 yield
             finally:
                 fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+
+    @contextlib.contextmanager
+    def lock(self, name: str, *, blocking: bool = True) -> Iterator[bool]:
+        """A named lock held across processes while the block runs; yields whether it was
+        taken (always True when ``blocking``).
+
+        On PostgreSQL a session advisory lock (so across hosts); on SQLite an exclusive flock
+        on ``<database>.locks/<name>.lock`` beside the database file (a process-wide lock for
+        an in-memory database). Example: ``with catalog.lock("sync.run-3") as taken: ...``.
+        """
+        if not LOCK_NAME.fullmatch(name):
+            raise ValueError(f"lock name {name!r} is not of letters, digits, '.', '_' or '-'")
+        if not self.is_sqlite:
+            key = zlib.crc32(f"workbench.{name}".encode())
+            with self.engine.connect() as conn:
+                if blocking:
+                    conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": key})
+                    taken = True
+                else:
+                    taken = bool(
+                        conn.execute(text("SELECT pg_try_advisory_lock(:k)"), {"k": key}).scalar()
+                    )
+                try:
+                    yield taken
+                finally:
+                    if taken:
+                        conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+                    conn.commit()
+            return
+        if self._lock_path is None:
+            with self._thread_lock:
+                held = _MEMORY_LOCKS.setdefault(name, threading.Lock())
+            taken = held.acquire(blocking)
+            try:
+                yield taken
+            finally:
+                if taken:
+                    held.release()
+            return
+        folder = make_folders(Path(f"{self._lock_path}s"))
+        fd = open_new_file(folder / f"{name}.lock", os.O_RDWR | os.O_CREAT)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX if blocking else fcntl.LOCK_EX | fcntl.LOCK_NB)
+                taken = True
+            except BlockingIOError:
+                taken = False
+            yield taken
+        finally:
+            os.close(fd)  # releases the flock
 
     def sync(self) -> None:
         """Make every committed transaction durable against power loss.
@@ -936,8 +979,29 @@ def _configure_sqlite(engine: Engine, checkpoint_pages: int | None = None) -> No
         cursor.close()
 
 
+LOCK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+_MEMORY_LOCKS: dict[str, threading.Lock] = {}
+
+
 def open_catalog(config) -> Catalog:
     """Open (and create or upgrade) the catalog named by a :class:`~workbench.config.Config`."""
     catalog = Catalog(config.catalog_url)
     catalog.upgrade()
     return catalog
+
+
+@contextlib.contextmanager
+def borrowed_catalog(config, catalog: Catalog | None = None) -> Iterator[Catalog]:
+    """``catalog`` if the caller has one open, else the configuration's, opened for the block
+    and disposed of after it.
+
+    Example: ``with borrowed_catalog(config, catalog) as catalog: list_studies(catalog)``.
+    """
+    if catalog is not None:
+        yield catalog
+        return
+    opened = open_catalog(config)
+    try:
+        yield opened
+    finally:
+        opened.dispose()

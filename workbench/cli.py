@@ -11,22 +11,12 @@ import sys
 
 import click
 
+from workbench.cli_errors import ErrorGroup
 from workbench.config import find_home, init_home, load_config
-from workbench.errors import WorkbenchError
+from workbench.times import utc_datetime
 
 
-class _Group(click.Group):
-    """Turns workbench errors into a one-line message and the error's exit code."""
-
-    def invoke(self, ctx):
-        try:
-            return super().invoke(ctx)
-        except WorkbenchError as exc:
-            click.echo(f"error: {exc.message}", err=True)
-            ctx.exit(exc.exit_code)
-
-
-@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=ErrorGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option(
     "--home",
     type=click.Path(file_okay=False),
@@ -246,12 +236,13 @@ def enroll(ctx, study_id, count, as_json, out) -> None:
 
     config = _config(ctx)
     from workbench.catalog import open_catalog
+    from workbench.pool import DataPool
 
     made = enroll_subjects(open_catalog(config), study_id, count)
     if as_json:
         click.echo(json.dumps([{"subject": e.subject, "token": e.token} for e in made], indent=2))
         return
-    folder = Path(out) if out else config.pool / "enrollment" / study_id
+    folder = Path(out) if out else DataPool.of(config).enrollment / study_id
     sheet = write_enrollment_sheets(made, folder, server_url=config.server.public_url)
     click.echo(f"enrolled {len(made)} subjects ({made[0].subject} to {made[-1].subject})")
     click.echo(f"QR codes in {folder}; printable sheet {sheet}")
@@ -624,7 +615,7 @@ def refresh(ctx, no_mail) -> None:
     click.echo(report.summary())
 
 
-class _DefaultToList(_Group):
+class _DefaultToList(ErrorGroup):
     """``workbench alerts [STUDY]`` lists; ``workbench alerts ack ID`` acknowledges."""
 
     def parse_args(self, ctx, args):
@@ -1071,6 +1062,7 @@ def run_command(ctx, name, parameters) -> None:
         workbench run attrition -p study demo
     """
     from workbench.pipelines import run_pipeline
+    from workbench.pool import DataPool
 
     values = {}
     for key, value in parameters:
@@ -1080,7 +1072,9 @@ def run_command(ctx, name, parameters) -> None:
             values[key] = value
     config = _config(ctx)
     record = run_pipeline(config, name, parameters=values)
-    where = config.pool / record.notebook if record.notebook else "no notebook was written"
+    where = (
+        DataPool.of(config).path(record.notebook) if record.notebook else "no notebook was written"
+    )
     click.echo(f"run {record.id} of {name}: {record.status} in {record.duration_ms / 1000:.1f} s")
     click.echo(f"notebook: {where}")
     if record.status != "succeeded":
@@ -1194,7 +1188,6 @@ def runs(ctx, name, limit) -> None:
         workbench runs
         workbench runs status --limit 5
     """
-    import datetime
 
     from workbench.pipelines import list_runs
 
@@ -1207,7 +1200,7 @@ def runs(ctx, name, limit) -> None:
         click.echo("no runs yet")
         return
     for row in rows:
-        when = datetime.datetime.fromtimestamp(row["started_at"] / 1000, datetime.UTC)
+        when = utc_datetime(row["started_at"])
         took = "" if row["duration_ms"] is None else f"{row['duration_ms'] / 1000:6.1f} s"
         line = f"{row['id']:>5} {when:%Y-%m-%d %H:%M:%S} {row['pipeline']:<12} {row['status']:<9} {took:>8}  {row['notebook']}"
         if row["error"]:

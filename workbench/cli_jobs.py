@@ -7,26 +7,14 @@ A thin click layer over :mod:`workbench.jobs`, added to the ``workbench`` comman
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime
 from pathlib import Path
 
 import click
 
-from workbench.errors import WorkbenchError
+from workbench.cli_errors import ErrorGroup
+from workbench.times import READABLE, format_ms
 
 BAR_WIDTH = 20
-
-
-class _JobsGroup(click.Group):
-    """Turns workbench errors into a one-line message and the error's exit code (also when
-    the group runs on its own, as in tests)."""
-
-    def invoke(self, ctx):
-        try:
-            return super().invoke(ctx)
-        except WorkbenchError as exc:
-            click.echo(f"error: {exc.message}", err=True)
-            ctx.exit(exc.exit_code)
 
 
 def _catalog(ctx: click.Context):
@@ -43,10 +31,10 @@ def progress_bar(progress: float, width: int = BAR_WIDTH) -> str:
 
 
 def _time(ms: int) -> str:
-    return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+    return format_ms(ms, READABLE)
 
 
-@click.group(cls=_JobsGroup, invoke_without_command=True)
+@click.group(cls=ErrorGroup, invoke_without_command=True)
 @click.option(
     "--limit", type=click.IntRange(1, 10000), default=20, show_default=True, help="How many jobs."
 )

@@ -7,22 +7,11 @@ A thin click layer over :mod:`workbench.sync`, added to the ``workbench`` comman
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime
 
 import click
 
-from workbench.errors import WorkbenchError
-
-
-class _SyncGroup(click.Group):
-    """Turns workbench errors into a one-line message and the error's exit code."""
-
-    def invoke(self, ctx):
-        try:
-            return super().invoke(ctx)
-        except WorkbenchError as exc:
-            click.echo(f"error: {exc.message}", err=True)
-            ctx.exit(exc.exit_code)
+from workbench.cli_errors import ErrorGroup
+from workbench.times import READABLE, format_ms
 
 
 def _config(ctx: click.Context):
@@ -32,10 +21,10 @@ def _config(ctx: click.Context):
 
 
 def _time(ms: int | None) -> str:
-    return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%d %H:%M:%SZ") if ms else "-"
+    return format_ms(ms, READABLE) if ms else "-"
 
 
-@click.group(cls=_SyncGroup)
+@click.group(cls=ErrorGroup)
 def sync() -> None:
     """Sync with third-party APIs (wearables, data-donation platforms) within rate limits.
 

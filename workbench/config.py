@@ -127,14 +127,22 @@ class PipelinesConfig:
     """Where pipeline definitions are, how the scheduler queues runs and how long runs stay."""
 
     folder: Path = SHIPPED_PIPELINES  # a home without its own copies runs the shipped ones
-    redis_url_env: str = "WORKBENCH_REDIS_URL"  # RedisHuey when set, else SqliteHuey in the pool
     workers: int = 2
     keep_runs: int = 100  # executed notebooks and records kept per pipeline
     keep_days: int = 30  # and none older than this
 
+
+@dataclass(frozen=True)
+class RedisConfig:
+    """The ``[redis]`` section: the variable holding the Redis URL that the scheduler's queue
+    and the sync rate-limit buckets use (unset: SQLite files in the pool)."""
+
+    url_env: str = "WORKBENCH_REDIS_URL"
+
     @property
-    def redis_url(self) -> str | None:
-        return os.environ.get(self.redis_url_env) or None
+    def url(self) -> str | None:
+        """The Redis URL from the environment, or None."""
+        return os.environ.get(self.url_env) or None
 
 
 @dataclass(frozen=True)
@@ -164,6 +172,13 @@ class Config:
     # A group given read access to the pool (0640 files, 0750 folders); None: private (0600/0700).
     pool_group: str | None = None
     jobs: JobsConfig = field(default_factory=JobsConfig)
+    redis: RedisConfig = field(default_factory=RedisConfig)
+
+    @property
+    def redis_url(self) -> str | None:
+        """The one Redis URL (``[redis] url_env``), or None: the queue and the rate-limit
+        buckets then live in SQLite files in the pool."""
+        return self.redis.url
 
     def source(self, name: str) -> SourceConfig:
         """The source called ``name``, or :class:`ConfigError`."""
@@ -230,6 +245,8 @@ def config_from_dict(raw: dict, *, home: Path) -> Config:
                 raise ConfigError(f"[server] {name} must be a positive number of seconds")
     except TypeError as exc:
         raise ConfigError(f"bad [server] section: {exc}") from exc
+    pipelines, sync = dict(_section(raw, "pipelines")), dict(_section(raw, "sync"))
+    redis = _redis(_section(raw, "redis"), pipelines, sync)  # takes the older keys out first
     return Config(
         home=home,
         pool=pool,
@@ -237,11 +254,34 @@ def config_from_dict(raw: dict, *, home: Path) -> Config:
         server=server_cfg,
         smtp=_smtp(_section(raw, "smtp")),
         sources=_sources(raw.get("sources", []), home),
-        pipelines=_pipelines(_section(raw, "pipelines"), home),
-        sync=_section(raw, "sync"),
+        pipelines=_pipelines(pipelines, home),
+        sync=sync,
+        redis=redis,
         pool_group=group or None,
         jobs=_jobs(_section(raw, "jobs")),
     )
+
+
+def _redis(section: dict, pipelines: dict, sync: dict) -> RedisConfig:
+    """``[redis] url_env``, or the older ``[pipelines]`` and ``[sync] redis_url_env`` (still
+    read, and taken out of their sections, for homes made before ``[redis]``)."""
+    unknown = set(section) - set(RedisConfig.__dataclass_fields__)
+    if unknown:
+        raise ConfigError(f"unknown keys in [redis]: {', '.join(sorted(unknown))}")
+    older = {
+        name: part.pop("redis_url_env")
+        for name, part in (("pipelines", pipelines), ("sync", sync))
+        if "redis_url_env" in part
+    }
+    if "url_env" not in section and len(set(older.values())) > 1:
+        raise ConfigError(
+            "[pipelines] and [sync] redis_url_env name different variables: one Redis serves "
+            "both now; set [redis] url_env"
+        )
+    url_env = section.get("url_env") or next(iter(older.values()), RedisConfig.url_env)
+    if not isinstance(url_env, str):
+        raise ConfigError("[redis] url_env must be the name of an environment variable")
+    return RedisConfig(url_env=url_env)
 
 
 def _jobs(section: dict) -> JobsConfig:

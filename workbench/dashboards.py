@@ -43,7 +43,7 @@ import polars as pl
 from sqlalchemy import func, literal, select
 
 from workbench.alerts import Alert, list_alerts, list_safety_alerts
-from workbench.catalog import Catalog, devices, fetch_tuples, now_ms, open_catalog, uploads
+from workbench.catalog import Catalog, borrowed_catalog, devices, fetch_tuples, uploads
 from workbench.config import HOME_ENV, Config
 from workbench.errors import UnprotectedDashboards, WorkbenchError
 from workbench.pool import make_folders, modes_in, open_new_file
@@ -54,10 +54,11 @@ from workbench.reports import (
     completion_by_session,
     subset_attrition,
 )
-from workbench.status import DAY_MS, HOUR_MS, study_status
+from workbench.status import study_status
 from workbench.studies import Study, get_study, list_studies
 from workbench.subject_state import LEFT_STATUSES, Activity, SubjectState
 from workbench.templates import SHIPPED_NOTEBOOKS
+from workbench.times import DAY_MS, HOUR_MS, now_ms
 
 DASHBOARDS = SHIPPED_NOTEBOOKS / "dashboards"  # the shipped ones; a home has its own copies
 
@@ -139,9 +140,7 @@ def status_view(
 
     Example: ``status_view(config, "demo").counts["stale"]``.
     """
-    own = catalog is None
-    catalog = catalog or open_catalog(config)
-    try:
+    with borrowed_catalog(config, catalog) as catalog:
         now = now_ms() if now is None else now
         study = get_study(catalog, study_id)
         table = study_status(catalog, study_id, now=now)
@@ -151,9 +150,6 @@ def status_view(
         items = safety + [
             a for a in list_alerts(catalog, study_id) if a.acked_at is None and not a.is_safety
         ]
-    finally:
-        if own:
-            catalog.dispose()
     staleness = float(study.definition["staleness_hours"])
     subjects = subject_states(table, staleness_hours=staleness)
     table = table.join(subjects.select("subject_name", "state"), on="subject_name", how="left")
@@ -176,13 +172,8 @@ def status_view(
 
 def study_choices(config: Config, *, catalog: Catalog | None = None) -> list[str]:
     """The active studies, by id."""
-    own = catalog is None
-    catalog = catalog or open_catalog(config)
-    try:
+    with borrowed_catalog(config, catalog) as catalog:
         return [s.id for s in list_studies(catalog) if s.active]
-    finally:
-        if own:
-            catalog.dispose()
 
 
 def daily_completeness(

@@ -16,7 +16,7 @@ import polars as pl
 
 from workbench.config import Config
 from workbench.errors import InvalidName, WorkbenchError
-from workbench.pool import fsync_dir, make_folders, write_file_atomically
+from workbench.pool import DataPool, fsync_dir, make_folders, write_file_atomically
 from workbench.writers import csv_bytes, write_parquet_atomically
 
 TABLE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
@@ -50,7 +50,7 @@ def _inside(folder: Path, name: str) -> Path:
 
 def source_folder(config: Config, source: str) -> Path:
     """Where a source's raw snapshots and decoded tables live (the name checked first)."""
-    return _inside(config.pool / "questionnaires", check_name("source", source))
+    return _inside(DataPool.of(config).questionnaires, check_name("source", source))
 
 
 def table_folder(config: Config, source: str, table: str, kind: str) -> Path:

@@ -14,10 +14,11 @@ from pathlib import Path
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
-from workbench.catalog import Catalog, now_ms, subjects
+from workbench.catalog import Catalog, subjects
 from workbench.errors import StudyArchived
 from workbench.pool import make_folders, write_file_atomically
 from workbench.studies import get_study
+from workbench.times import now_ms
 
 
 @dataclass(frozen=True)

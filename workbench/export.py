@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import datetime
 import fcntl
 import hashlib
 import logging
@@ -68,12 +67,11 @@ from tqdm import tqdm
 
 from workbench.catalog import (
     Catalog,
+    borrowed_catalog,
     dialect_insert,
     export_deletions,
     export_marks,
     export_raw,
-    now_ms,
-    open_catalog,
 )
 from workbench.config import Config, SourceConfig
 from workbench.decoded import (
@@ -92,12 +90,12 @@ from workbench.errors import (
     WorkbenchError,
 )
 from workbench.pool import (
-    fsync_dir,
-    make_dirs_durably,
+    DataPool,
     make_folders,
     open_new_file,
 )
 from workbench.safety import check_new_rows, mail_pending, source_instruments
+from workbench.times import STAMP, format_ms, now_ms
 
 log = logging.getLogger("workbench.export")
 
@@ -614,50 +612,47 @@ def export_source(
     )  # an unknown instrument stops the export before anything
     started = time.perf_counter()
     report = ExportReport(source=name)
-    own = catalog is None
-    catalog = catalog or open_catalog(config)
-    client: ExportClient | None = None
-    decrypter: Decrypter | None = None
-    lock: int | None = None
-    try:
-        lock = _source_lock(config, name)  # one export or rebuild of a source at a time
-        client = ExportClient(source, transport=transport)
-        decrypter = Decrypter(source)
-        report.resumed, report.safety_alerts = _finish_interrupted(
-            config, catalog, source, decrypter
-        )
-        listing = {t["name"]: t for t in client.tables()}
-        names = [n for n in sorted(listing) if source.wants(n) and (not tables or n in tables)]
-        for missing in sorted(set(tables or ()) - set(listing)):
-            report.tables.append(TableExport(missing, error="no such table on the server"))
-        for table in names:
-            result = TableExport(table)
-            report.tables.append(result)
-            if not TABLE_NAME.fullmatch(table):
-                result.error = "the table name cannot be used as a file name"
-                log.error("%s: table %r skipped: %s", name, table, result.error)
-                continue
-            try:
-                _export_table(
-                    config, catalog, client, source, decrypter, listing[table], result, progress
-                )
-            except WorkbenchError as exc:  # e.g. SourceUnavailable, TableRefused
-                result.error = exc.message
-                log.error("%s/%s: %s; progress so far is kept", name, table, exc.message)
-    except SourceUnavailable as exc:
-        log.critical("source %s is down: %s", name, exc.message)
-        raise
-    finally:
-        if client is not None:
-            client.close()
-        if decrypter is not None:
-            decrypter.close()
-        if lock is not None:
-            # safety alerts are mailed at once, even when the source failed part-way
-            report.safety_mailed = mail_pending(config, catalog, source)
-            os.close(lock)
-        if own:
-            catalog.dispose()
+    with borrowed_catalog(config, catalog) as catalog:
+        client: ExportClient | None = None
+        decrypter: Decrypter | None = None
+        lock: int | None = None
+        try:
+            lock = _source_lock(config, name)  # one export or rebuild of a source at a time
+            client = ExportClient(source, transport=transport)
+            decrypter = Decrypter(source)
+            report.resumed, report.safety_alerts = _finish_interrupted(
+                config, catalog, source, decrypter
+            )
+            listing = {t["name"]: t for t in client.tables()}
+            names = [n for n in sorted(listing) if source.wants(n) and (not tables or n in tables)]
+            for missing in sorted(set(tables or ()) - set(listing)):
+                report.tables.append(TableExport(missing, error="no such table on the server"))
+            for table in names:
+                result = TableExport(table)
+                report.tables.append(result)
+                if not TABLE_NAME.fullmatch(table):
+                    result.error = "the table name cannot be used as a file name"
+                    log.error("%s: table %r skipped: %s", name, table, result.error)
+                    continue
+                try:
+                    _export_table(
+                        config, catalog, client, source, decrypter, listing[table], result, progress
+                    )
+                except WorkbenchError as exc:  # e.g. SourceUnavailable, TableRefused
+                    result.error = exc.message
+                    log.error("%s/%s: %s; progress so far is kept", name, table, exc.message)
+        except SourceUnavailable as exc:
+            log.critical("source %s is down: %s", name, exc.message)
+            raise
+        finally:
+            if client is not None:
+                client.close()
+            if decrypter is not None:
+                decrypter.close()
+            if lock is not None:
+                # safety alerts are mailed at once, even when the source failed part-way
+                report.safety_mailed = mail_pending(config, catalog, source)
+                os.close(lock)
     report.seconds = time.perf_counter() - started
     log.info("%s", report.summary())
     return report
@@ -812,24 +807,10 @@ def write_raw(
         option=orjson.OPT_NON_STR_KEYS,
     )
     sha = hashlib.sha256(body).hexdigest()
-    stamp = datetime.datetime.fromtimestamp(fetched / 1000, datetime.UTC).strftime("%Y%m%dT%H%M%S")
+    stamp = format_ms(fetched, STAMP)
+    pool = DataPool.of(config)
     folder = table_folder(config, source, table, "raw")
-    make_dirs_durably(folder)  # the snapshot's folder must outlive a power cut too
-    temporary = folder / f".{sha}.{os.getpid()}.tmp"
-    with os.fdopen(open_new_file(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), "wb") as handle:
-        handle.write(body)
-        handle.flush()
-        os.fsync(handle.fileno())
-    for n in range(1000):
-        final = folder / f"{table}_{stamp}_{sha[:12]}{'' if n == 0 else f'_{n}'}.json"
-        try:
-            os.link(temporary, final)  # never overwrites
-            break
-        except FileExistsError:
-            continue
-    os.unlink(temporary)
-    fsync_dir(folder)
-    relative = str(final.relative_to(config.pool))
+    relative = pool.store(body, pool.relative(folder / f"{table}_{stamp}_{sha[:12]}.json"))
     with catalog.writing() as conn:
         raw_id = conn.execute(
             export_raw.insert()
@@ -852,7 +833,7 @@ def write_raw(
 
 def read_raw(config: Config, row) -> list[dict]:
     """The rows of a recorded raw snapshot, after checking its SHA-256."""
-    body = (config.pool / row.path).read_bytes()
+    body = DataPool.of(config).path(row.path).read_bytes()
     if hashlib.sha256(body).hexdigest() != row.sha256:
         raise WorkbenchError(f"raw snapshot {row.path} no longer matches its recorded SHA-256")
     return orjson.loads(body)["rows"]
@@ -922,7 +903,7 @@ def _adopt_unrecorded(config: Config, catalog: Catalog, source: str) -> None:
             conn.execute(select(export_raw.c.path).where(export_raw.c.source == source)).scalars()
         )
     for path in sorted(raw.glob("*/*")):
-        relative = str(path.relative_to(config.pool))
+        relative = DataPool.of(config).relative(path)
         if path.name.startswith(".") and path.name.endswith(".tmp"):
             log.warning("%s: removing %s, left by an interrupted run", source, relative)
             path.unlink()
@@ -1033,10 +1014,8 @@ def rebuild_decoded(
     chosen = [config.source(check_name("source", source))] if source else list(config.sources)
     if table is not None:
         check_name("table", table)  # before anything is deleted
-    own = catalog is None
-    catalog = catalog or open_catalog(config)
     done: dict[str, int] = {}
-    try:
+    with borrowed_catalog(config, catalog) as catalog:
         for src in chosen:
             r = export_raw.c
             query = select(export_raw).where(r.source == src.name).order_by(r.id)
@@ -1077,7 +1056,4 @@ def rebuild_decoded(
                 mail_pending(config, catalog, src)
                 os.close(lock)
                 decrypter.close()
-    finally:
-        if own:
-            catalog.dispose()
     return done

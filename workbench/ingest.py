@@ -28,7 +28,6 @@ import threading
 import time
 import zipfile
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -38,13 +37,11 @@ from sqlalchemy import and_, bindparam, func, select
 from sqlalchemy.exc import IntegrityError
 
 from workbench.catalog import (
-    DAY_MS,
     Catalog,
     Prepared,
     devices,
     dialect_insert,
     junk_usage,
-    now_ms,
     rejections,
     studies,
     subjects,
@@ -71,9 +68,10 @@ from workbench.errors import (
 from workbench.identifiers import check_identifier, is_identifier, resolve_inside
 from workbench.json_limits import check_json
 from workbench.ledger import LedgerWriter, insert_ignore
-from workbench.pool import DataPool, incoming_tag, sync_folders
+from workbench.pool import RAW_TAG, DataPool, incoming_tag, sync_folders
 from workbench.subject_state import DeviceStatus
 from workbench.templates import load_schema, schema_validator
+from workbench.times import DAY_MS, MINUTES, format_ms, now_ms
 
 log = logging.getLogger("workbench.ingest")
 
@@ -626,10 +624,7 @@ class Ingest:
         left = max((s.time_left or 0) for s in states)
         if now_ms() - left > grace_ms:
             raise _keep(
-                SubjectNotActive(
-                    f"{subject_id!r} left the study on "
-                    f"{datetime.fromtimestamp(left / 1000, UTC):%Y-%m-%d %H:%M} UTC"
-                )
+                SubjectNotActive(f"{subject_id!r} left the study on {format_ms(left, MINUTES)}")
             )
 
     def _rejected(
@@ -654,7 +649,7 @@ class Ingest:
         if keep and not self.storage_ok():
             keep, why_not = False, "the server's disk is nearly full"
         if keep:
-            stamp = time.strftime("%Y-%m-%d/%H%M%S", time.gmtime(received / 1000))
+            stamp = format_ms(received, "%Y-%m-%d/%H%M%S")
             path = f"junk/{stamp}-{exc.code}-{sha[:16]}-{os.urandom(4).hex()}.json"
             incoming = self.pool.write_incoming(upload.body, tag=f"j{sha}")
         try:
@@ -755,7 +750,7 @@ def batch_row(
     received: int,
 ) -> dict:
     """The ledger row of a batch, with the pool-relative path it is filed under."""
-    stamp = time.strftime("%Y-%m-%dT%H-%M-%S", time.gmtime(received / 1000))
+    stamp = format_ms(received, "%Y-%m-%dT%H-%M-%S")
     return {
         "study_id": study,
         "subject_id": subject,
@@ -787,7 +782,7 @@ def recover_incoming(config: Config, *, all_hosts: bool = False) -> dict[str, in
     Only this host's incoming folder is read, unless ``all_hosts`` (for a pool whose server
     moved to a machine with another name). Refuses to run while a server on this host writes.
     """
-    pool = DataPool(config.pool)
+    pool = DataPool.of(config)
     catalog = Catalog(config.catalog_url)
     catalog.upgrade()
     done = {"completed": 0, "reledgered": 0, "discarded": 0, "junk": 0}
@@ -816,6 +811,8 @@ def recover_incoming(config: Config, *, all_hosts: bool = False) -> dict[str, in
 def _recover_one(pool: DataPool, catalog: Catalog, incoming: Path) -> tuple[str, set[Path]]:
     tag = incoming_tag(incoming)
     kind, sha = tag[:1], tag[1:]
+    if tag == RAW_TAG:
+        return "discarded", set()  # a snapshot or sync window not yet recorded: fetched again
     table = uploads if kind == "b" else rejections
     with catalog.engine.connect() as conn:
         paths = [

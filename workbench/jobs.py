@@ -49,7 +49,6 @@ from workbench.catalog import (
     job_configurations,
     job_events,
     jobs,
-    now_ms,
 )
 from workbench.config import JobsConfig
 from workbench.enrollment import hash_token
@@ -67,6 +66,7 @@ from workbench.errors import (  # noqa: F401  (re-exported: the job-tracking err
     UnknownJobConfig,
     WorkbenchError,
 )
+from workbench.times import now_ms
 from workbench.tracker import (  # noqa: F401  (re-exported: the configurations)
     JobConfig,
     JobConfigManager,

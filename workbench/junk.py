@@ -22,11 +22,12 @@ from pathlib import Path
 import polars as pl
 from sqlalchemy import select
 
-from workbench.catalog import DAY_MS, Catalog, now_ms, open_catalog, rejections
+from workbench.catalog import Catalog, borrowed_catalog, rejections
 from workbench.config import Config
 from workbench.errors import InvalidName
 from workbench.identifiers import check_name, resolve_inside
 from workbench.pool import DataPool
+from workbench.times import DAY_MS, now_ms
 
 
 @dataclass(frozen=True)
@@ -59,7 +60,7 @@ def list_junk(
     query = _selection(older_than_days, reason, study)
     if not include_pruned:
         query = query.where(rejections.c.pruned_at.is_(None))
-    with _borrowed(config, catalog) as cat, cat.engine.connect() as conn:
+    with borrowed_catalog(config, catalog) as cat, cat.engine.connect() as conn:
         rows = conn.execute(query.order_by(rejections.c.id)).all()
     schema = {
         "id": pl.Int64,
@@ -95,9 +96,9 @@ def prune_junk(
 
     Example: ``prune_junk(config, older_than_days=30).summary()``.
     """
-    pool = DataPool(config.pool)
+    pool = DataPool.of(config)
     chosen = _selection(older_than_days, reason, study)
-    with _borrowed(config, catalog) as cat:
+    with borrowed_catalog(config, catalog) as cat:
         with cat.engine.connect() as conn:
             fresh = conn.execute(chosen.where(rejections.c.pruned_at.is_(None))).all()
         if dry_run:
@@ -157,15 +158,3 @@ def _junk_file(pool: DataPool, relative: str) -> Path:
     if pool.junk.resolve() not in path.parents:
         raise InvalidName(f"the junk row's file {relative!r} is not inside junk/; not touched")
     return path
-
-
-@contextlib.contextmanager
-def _borrowed(config: Config, catalog: Catalog | None):
-    if catalog is not None:
-        yield catalog
-        return
-    opened = open_catalog(config)
-    try:
-        yield opened
-    finally:
-        opened.dispose()

@@ -69,12 +69,12 @@ def verify(
 
 
 def _verify_once(config: Config, *, check_hashes: bool, progress: bool) -> list[Discrepancy]:
-    pool = DataPool(config.pool)
+    pool = DataPool.of(config)
     found: list[Discrepancy] = []
     # Files first, rows second: a row is committed before its file is linked, so every file
     # seen here has its row in the query below.
     stored = []
-    for top in (pool.studies, pool.junk, *sorted(pool.root.glob("questionnaires/*/raw"))):
+    for top in (pool.studies, pool.junk, *sorted(pool.questionnaires.glob("*/raw"))):
         for folder, _dirs, files in os.walk(top):
             stored.extend(os.path.relpath(os.path.join(folder, n), pool.root) for n in files)
     incoming = pool.incoming_files(all_hosts=True)

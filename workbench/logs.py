@@ -24,7 +24,7 @@ import logging.handlers
 from pathlib import Path
 
 from workbench.config import Config, SmtpConfig
-from workbench.pool import make_folders, open_new_file
+from workbench.pool import DataPool, make_folders, open_new_file
 
 LOGGER = "workbench"
 FORMAT = "%(asctime)s %(levelname)-8s %(name)s: %(message)s"
@@ -75,7 +75,7 @@ def setup_logging(config: Config, *, folder: Path | None = None) -> logging.Logg
     """Attach the tiered files (in ``pool/logs`` unless ``folder``) and, with SMTP configured,
     mail for critical events, to the ``workbench`` logger; return it. Calling it again for the
     same folder changes nothing."""
-    folder = folder or config.pool / "logs"
+    folder = folder or DataPool.of(config).logs
     make_folders(folder)
     logger = logging.getLogger(LOGGER)
     logger.setLevel(logging.DEBUG)

@@ -48,11 +48,19 @@ from pathlib import Path
 from sqlalchemy import delete, select, update
 
 from workbench import scheduler
-from workbench.catalog import Catalog, job_events, jobs, now_ms, open_catalog, pipeline_runs
+from workbench.catalog import Catalog, borrowed_catalog, job_events, jobs, pipeline_runs
 from workbench.config import Config
 from workbench.errors import ConfigError, PipelineBusy
-from workbench.pool import make_folders, modes_in, open_new_file, private_umask, secure_file
+from workbench.pool import (
+    DataPool,
+    make_folders,
+    modes_in,
+    open_new_file,
+    private_umask,
+    secure_file,
+)
 from workbench.templates import load_schema, schema_validator
+from workbench.times import DAY_MS, STAMP, format_ms, now_ms
 
 log = logging.getLogger("workbench.pipelines")
 
@@ -257,26 +265,18 @@ def run_pipeline(
     """
     pipeline = get_pipeline(config, name)
     values = {**pipeline.parameters, **(parameters or {}), "home": str(config.home)}
-    own = catalog is None
-    catalog = catalog or open_catalog(config)
-    folder = config.pool / "runs" / pipeline.name
-    try:
-        with _exclusive(folder, pipeline.name):
-            _close_stale_runs(catalog, pipeline.name)
-            record = None
-            for attempt in range(1, pipeline.retries + 2):
-                record = _run_with_a_kernel(config, catalog, pipeline, values, trigger, attempt)
-                if record.status in ("succeeded", KERNEL_FAILED):
-                    break  # a machine that cannot start kernels is not helped by the retries
-                log.warning(
-                    "pipeline %s attempt %d %s: %s", name, attempt, record.status, record.error
-                )
-            record.attempts = attempt
-            prune_runs(config, catalog, pipeline.name)
-            return record
-    finally:
-        if own:
-            catalog.dispose()
+    folder = DataPool.of(config).runs / pipeline.name
+    with borrowed_catalog(config, catalog) as catalog, _exclusive(folder, pipeline.name):
+        _close_stale_runs(catalog, pipeline.name)
+        record = None
+        for attempt in range(1, pipeline.retries + 2):
+            record = _run_with_a_kernel(config, catalog, pipeline, values, trigger, attempt)
+            if record.status in ("succeeded", KERNEL_FAILED):
+                break  # a machine that cannot start kernels is not helped by the retries
+            log.warning("pipeline %s attempt %d %s: %s", name, attempt, record.status, record.error)
+        record.attempts = attempt
+        prune_runs(config, catalog, pipeline.name)
+        return record
 
 
 def _run_with_a_kernel(
@@ -307,11 +307,9 @@ def _run_once(
     config, catalog, pipeline: Pipeline, values: dict, trigger: str, attempt: int
 ) -> RunRecord:
     started = now_ms()
-    stamp = datetime.datetime.fromtimestamp(started / 1000, datetime.UTC).strftime(
-        "%Y%m%dT%H%M%S%fZ"
-    )
+    stamp = format_ms(started, f"{STAMP}%fZ")
     relative = f"runs/{pipeline.name}/{stamp}-{params_hash(values)}.ipynb"
-    output = config.pool / relative
+    output = DataPool.of(config).path(relative)
     versions = _versions()
     with catalog.writing() as conn:
         run_id = conn.execute(
@@ -660,7 +658,7 @@ def prune_runs(config: Config, catalog: Catalog, pipeline: str) -> int:
     """Delete the runs beyond ``keep_runs`` or older than ``keep_days`` (notebook and record)."""
     keep = config.pipelines
     r = pipeline_runs.c
-    oldest = now_ms() - keep.keep_days * 86_400_000
+    oldest = now_ms() - keep.keep_days * DAY_MS
     with catalog.engine.connect() as conn:
         rows = conn.execute(
             select(r.id, r.notebook, r.started_at)
@@ -670,7 +668,7 @@ def prune_runs(config: Config, catalog: Catalog, pipeline: str) -> int:
     doomed = [row for n, row in enumerate(rows) if n >= keep.keep_runs or row.started_at < oldest]
     for row in doomed:
         if row.notebook:
-            (config.pool / row.notebook).unlink(missing_ok=True)
+            DataPool.of(config).path(row.notebook).unlink(missing_ok=True)
     if doomed:
         ids = [row.id for row in doomed]
         with catalog.writing() as conn:
@@ -691,7 +689,7 @@ def crontab_lines(config: Config) -> list[str]:
     """crontab lines that run every enabled pipeline with this installation's Python."""
     python = shlex.quote(str(Path(sys.executable).absolute()))
     home = shlex.quote(str(config.home))
-    logs = shlex.quote(str(config.pool / "logs" / "cron.log"))
+    logs = shlex.quote(str(DataPool.of(config).logs / "cron.log"))
     lines = [f"# workbench pipelines of {config.home} (times are UTC; set CRON_TZ=UTC if need be)"]
     for pipeline in load_pipelines(config).values():
         if pipeline.enabled:

@@ -2,8 +2,9 @@
 
 Every file enters the pool the same way: written to this host's incoming folder and fsynced,
 then hard-linked under its final name (which fails rather than overwrite). The new name is made
-durable at once for junk (:meth:`DataPool.publish`) or by the upload server's background sync
-for batches; the incoming name goes only after that. Raw files are never modified or deleted.
+durable at once for junk (:meth:`DataPool.publish`), questionnaire snapshots and sync windows
+(:meth:`DataPool.store`), or by the upload server's background sync for batches; the incoming
+name goes only after that. Raw files are never modified or deleted.
 
 Every file and folder the workbench makes is private to its user whatever the umask: files
 0600, folders 0700. With ``[pool] group`` the pool is shared read-only with that group: files
@@ -35,6 +36,7 @@ if TYPE_CHECKING:
 
 INCOMING = ".incoming"
 PART_SUFFIX = ".part"
+RAW_TAG = "r"  # incoming files of DataPool.store: never recorded before they are linked
 
 
 @dataclass(frozen=True)
@@ -161,6 +163,13 @@ class DataPool:
         self.reports = self.root / "reports"
         self.enrollment = self.root / "enrollment"
         self.resources = self.root / "resources"
+        # Questionnaire exports: questionnaires/<source>/raw/ (snapshots) and decoded/.
+        self.questionnaires = self.root / "questionnaires"
+        # Third-party syncs: sync/<provider>/raw/, decoded/, written/, and the rate limits.
+        self.sync = self.root / "sync"
+        self.runs = self.root / "runs"  # executed notebooks of the pipelines
+        self.logs = self.root / "logs"
+        self.scheduler_queue = self.root / "scheduler.sqlite"  # the queue without Redis
         # Derived data that can always be rebuilt from the catalog (e.g. status sums).
         self.cache = self.root / ".cache"
         # One incoming folder per host, so recovery on one host never touches another's writes.
@@ -173,6 +182,28 @@ class DataPool:
         Example: ``DataPool.of(load_config()).create()``.
         """
         return cls(config.pool, group=config.pool_group)
+
+    def path(self, relative: str | Path) -> Path:
+        """The full path of a pool-relative name, as the catalog records it.
+
+        Example: ``pool.path(row.path).read_bytes()``.
+        """
+        return self.root / relative
+
+    def relative(self, path: Path) -> str:
+        """The pool-relative name the catalog records for a path inside the pool.
+
+        Example: ``pool.relative(pool.logs / "cron.log") == "logs/cron.log"``.
+        """
+        return str(Path(path).relative_to(self.root))
+
+    def sync_folder(self, provider: str, kind: str, *parts: str) -> Path:
+        """A third-party provider's folder of one ``kind`` (``raw``, ``decoded``, ``written``),
+        then ``parts`` (study, subject, stream...).
+
+        Example: ``pool.sync_folder("gh", "decoded", "steps")``.
+        """
+        return self.sync.joinpath(provider, kind, *parts)
 
     def create(self) -> None:
         """Create the pool's folders (idempotent) with the modes of its ``group`` setting.
@@ -268,6 +299,38 @@ class DataPool:
         fsync_dir(final.parent)
         os.unlink(incoming)
         return final
+
+    def store(self, data: bytes, relative: str) -> str:
+        """Store ``data`` durably as a new raw file at the pool-relative name ``relative`` (or
+        ``<stem>_1<suffix>``, ``_2``... if it is taken); return the name used.
+
+        The way every raw file enters the pool: written and fsynced in the incoming folder,
+        linked under its final name (which never overwrites), the folder fsynced, the
+        incoming name removed. A crash leaves at most an incoming file, which ``workbench
+        recover`` discards (whoever stored it had not recorded it yet). Holds the incoming
+        folder's shared lock meanwhile, so recovery never takes a file being stored.
+
+        Example: ``pool.store(body, "questionnaires/mt/raw/PHQ9/PHQ9_20240501T000000.json")``.
+        """
+        stem, dot, suffix = relative.rpartition(".")
+        stem, suffix = (stem, dot + suffix) if dot and "/" not in suffix else (relative, "")
+        lock = self.hold_incoming()
+        try:
+            incoming = self.write_incoming(data, tag=RAW_TAG)
+            try:
+                for n in itertools.count():
+                    name = relative if n == 0 else f"{stem}_{n}{suffix}"
+                    try:
+                        final = self.link(incoming, name)
+                        break
+                    except FileExistsError:
+                        continue
+                fsync_dir(final.parent)
+            finally:
+                os.unlink(incoming)
+        finally:
+            os.close(lock)
+        return name
 
     def incoming_files(self, *, all_hosts: bool = False) -> list[Path]:
         """Files in this host's incoming folder (or every host's): a running server's pending

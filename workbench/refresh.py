@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass, field
 
 from workbench.alerts import mail_new_alerts, update_alerts
-from workbench.catalog import Catalog, now_ms, open_catalog
+from workbench.catalog import Catalog, borrowed_catalog, now_ms
 from workbench.config import Config
 from workbench.errors import MailError
 from workbench.pool import DataPool
@@ -76,9 +76,7 @@ def refresh_status(
     Example: ``refresh_status(load_config("demo-home")).summary()``.
     """
     started = time.perf_counter()
-    own = catalog is None
-    catalog = catalog or open_catalog(config)
-    try:
+    with borrowed_catalog(config, catalog) as catalog:
         report = RefreshReport()
         folded = fold_new_uploads(catalog)
         report.folded = folded.rows
@@ -88,7 +86,7 @@ def refresh_status(
             if studies
             else [s for s in list_studies(catalog) if s.active]
         )
-        pool = DataPool(config.pool)
+        pool = DataPool.of(config)
         for study in chosen:
             sums = sums_from_cache(catalog, study.id, folded, pool.cache / "status")
             with catalog.engine.connect() as conn:
@@ -108,6 +106,3 @@ def refresh_status(
                 report.mail_error = str(exc)
         report.seconds = time.perf_counter() - started
         return report
-    finally:
-        if own:
-            catalog.dispose()

@@ -33,15 +33,15 @@ from pathlib import Path
 
 import polars as pl
 
-from workbench.catalog import now_ms, open_catalog
+from workbench.catalog import open_catalog
 from workbench.config import Config
 from workbench.errors import InvalidName, WorkbenchError
 from workbench.instruments import Instrument, instrument, last_per_session, list_instruments
-from workbench.status import HOUR_MS
+from workbench.pool import DataPool
 from workbench.subject_state import DROPPED, LEFT_STATUSES, Disposition
+from workbench.times import DAY_MS, HOUR_MS, now_ms
 from workbench.writers import write_report
 
-DAY_MS = 86_400_000
 Z95 = 1.959963984540054  # the normal quantile of a two-sided 95 % interval
 COMPLIANCE_TARGET = 80.0  # % of expected EMA prompts answered, the usual threshold
 LOST_AFTER_DAYS = 14  # without session_days, a participant silent this long is lost
@@ -639,7 +639,7 @@ def answered_prompts(config: Config, catalog, study_id: str) -> pl.DataFrame:
     found: set[tuple[str, str, int]] = set()
     for subject, path in stored:
         try:
-            records = orjson.loads((config.pool / path).read_bytes())
+            records = orjson.loads(DataPool.of(config).path(path).read_bytes())
         except (OSError, orjson.JSONDecodeError) as exc:
             log.warning("EMA batch %s left out of compliance: %s", path, exc)
             continue
@@ -1050,7 +1050,7 @@ def write_questionnaire_report(config: Config, source: str | None = None) -> Wri
     used = sorted(set(table["instrument"].drop_nulls().to_list()))
     instruments = [instrument(name, config=config) for name in used]
     paths = write_report(
-        config.pool / "reports" / "questionnaires",
+        DataPool.of(config).reports / "questionnaires",
         f"quality_{source or 'all'}",
         {"columns": table, **psychometrics, "change": change},
         title=f"Questionnaire data quality: {source or 'all sources'}",
@@ -1080,7 +1080,7 @@ def write_participant_report(config: Config, source: str | None = None) -> Writt
     """
     table = participant_report(config, source)
     paths = write_report(
-        config.pool / "reports" / "questionnaires",
+        DataPool.of(config).reports / "questionnaires",
         f"participants_{source or 'all'}",
         {"participants": table},
         title=f"Missing questionnaires per participant: {source or 'all sources'}",
@@ -1111,7 +1111,7 @@ def write_attrition_report(
             f"({result.compliance.height - started.height} never started, counted apart)"
         )
     paths = write_report(
-        config.pool / "reports" / "attrition",
+        DataPool.of(config).reports / "attrition",
         name,
         result.tables(),
         title=f"Attrition: {name}",

@@ -31,10 +31,11 @@ from workbench.alerts import (
     open_safety_alerts,
     pending_safety_alerts,
 )
-from workbench.catalog import Catalog, now_ms
+from workbench.catalog import Catalog
 from workbench.config import Config, SourceConfig
 from workbench.errors import MailError, WorkbenchError
 from workbench.instruments import Instrument, instrument, score
+from workbench.times import now_ms
 
 log = logging.getLogger("workbench.safety")
 

@@ -31,13 +31,14 @@ import polars as pl
 from sqlalchemy import select
 from tqdm import tqdm
 
-from workbench.catalog import Catalog, dialect_insert, now_ms, open_catalog, state, uploads
+from workbench.catalog import Catalog, borrowed_catalog, dialect_insert, state, uploads
 from workbench.config import Config
 from workbench.errors import UploadRejected
 from workbench.ingest import parse_batch, span_of_batch
 from workbench.json_limits import check_json
 from workbench.pool import DataPool, write_file_atomically
 from workbench.studies import get_study, list_studies
+from workbench.times import now_ms
 from workbench.writers import write_csv_atomically
 
 SETTLE_MS = 60_000  # rows younger than this wait for the next incremental run
@@ -98,12 +99,10 @@ def sanity_check(
     Example: ``sanity_check(config, full=True).ok``.
     """
     started = time.perf_counter()
-    own = catalog is None
-    catalog = catalog or open_catalog(config)
-    try:
+    with borrowed_catalog(config, catalog) as catalog:
         chosen = [get_study(catalog, study).id] if study else [s.id for s in list_studies(catalog)]
         report = SanityReport(unrecorded_scanned=full)
-        pool = DataPool(config.pool)
+        pool = DataPool.of(config)
         for study_id in chosen:
             rows, top = _rows_to_check(catalog, study_id, full=full, settle_ms=int(settle * 1000))
             report.checked += len(rows)
@@ -118,9 +117,6 @@ def sanity_check(
         if report.checked or report.failures:
             report.report_csv, report.report_json = _write_report(pool, report)
         return report
-    finally:
-        if own:
-            catalog.dispose()
 
 
 def _watermark_key(study_id: str) -> str:

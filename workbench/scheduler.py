@@ -1,7 +1,7 @@
 """The task queue: its backend, the tasks that run on it, and queueing one now or later.
 
 The backend is chosen here and nowhere else: RedisHuey when a Redis URL is configured
-(``[pipelines] redis_url_env``), else SqliteHuey in the pool (``scheduler.sqlite``). The modules
+(``[redis] url_env``), else SqliteHuey in the pool (``scheduler.sqlite``). The modules
 that own work register it by name, with the home as first argument, and queue it by name:
 
 - :func:`task` registers a task (``run_pipeline`` in :mod:`workbench.pipelines`,
@@ -28,7 +28,7 @@ from typing import Any
 
 from workbench.config import Config
 from workbench.errors import ConfigError
-from workbench.pool import make_folders, open_new_file
+from workbench.pool import DataPool, make_folders, open_new_file
 
 # name -> body(home, *args); what each enabled module adds to every queue
 _TASKS: dict[str, Callable[..., Any]] = {}
@@ -111,11 +111,11 @@ def open_queue(config: Config, *, immediate: bool = False) -> Queue:
     """
     from huey import RedisHuey, SqliteHuey, crontab
 
-    url = config.pipelines.redis_url
+    url = config.redis_url
     if url:
         huey = RedisHuey("workbench", url=url, immediate=immediate, utc=True)
     else:
-        path = config.pool / "scheduler.sqlite"
+        path = DataPool.of(config).scheduler_queue
         make_folders(config.pool)
         os.close(open_new_file(path, os.O_RDONLY | os.O_CREAT))  # SQLite keeps this mode
         huey = SqliteHuey("workbench", filename=str(path), immediate=immediate, utc=True)
@@ -144,7 +144,7 @@ def queue_task(config: Config, name: str, *args: Any, eta_ms: int | None = None)
 
     Example: ``queue_task(config, "sync_account", 3, "resume", eta_ms=resume_at)``.
     """
-    key = (str(config.home), config.pipelines.redis_url)
+    key = (str(config.home), config.redis_url)
     with _queues_lock:
         if key not in _queues:
             _queues[key] = open_queue(config)

@@ -32,7 +32,6 @@ from workbench.catalog import (
     devices,
     dialect_insert,
     fetch_tuples,
-    now_ms,
     state,
     status_current,
     status_history,
@@ -43,10 +42,8 @@ from workbench.catalog import (
 from workbench.pool import DataPool
 from workbench.studies import Study, get_study
 from workbench.subject_state import ACTIVITY_LABELS, LEFT_STATUSES, Activity, DeviceStatus
+from workbench.times import DAY_MS, HOUR_MS, now_ms  # noqa: F401  (importable from here too)
 from workbench.writers import write_parquet_atomically
-
-HOUR_MS = 3_600_000
-DAY_MS = 24 * HOUR_MS
 
 # The columns of JTrack's status CSV, in its order; per sensor follow <sensor>_n_batches and
 # <sensor>_last_time_received.

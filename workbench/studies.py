@@ -10,10 +10,11 @@ from pathlib import Path
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
-from workbench.catalog import Catalog, now_ms, studies
+from workbench.catalog import Catalog, studies
 from workbench.errors import InvalidDefinition, StudyArchived, StudyExists, UnknownStudy
 from workbench.identifiers import check_name
 from workbench.templates import load_schema, schema_validator
+from workbench.times import now_ms
 
 # The sensors the JTrack app knows, used when a study names none.
 JTRACK_SENSORS = (

@@ -19,11 +19,12 @@ from dataclasses import dataclass
 
 from sqlalchemy import func, select
 
-from workbench.catalog import Catalog, devices, now_ms, subjects
+from workbench.catalog import Catalog, devices, subjects
 from workbench.errors import UnknownSubject
 from workbench.identifiers import check_name
 from workbench.studies import get_study
 from workbench.subject_state import DeviceStatus
+from workbench.times import now_ms
 
 REMOVED = DeviceStatus.REMOVED
 ACTIVE = DeviceStatus.ACTIVE

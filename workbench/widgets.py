@@ -44,6 +44,7 @@ from workbench.dashboards import (
 from workbench.errors import WorkbenchError
 from workbench.refresh import refresh_status
 from workbench.reports import COMPLIANCE_TARGET
+from workbench.times import MINUTES, format_ms
 from workbench.writers import render
 
 STYLE = """<style>
@@ -96,7 +97,7 @@ def _section(title: str) -> w.HTML:
 def _time(ms: int | None) -> str:
     if ms is None:
         return ""
-    return dt.datetime.fromtimestamp(ms / 1000, dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    return format_ms(ms, MINUTES)
 
 
 class _Dashboard:

@@ -90,7 +90,7 @@ def run_demo(
         print(render(table, "table").decode(), end="")
         print(
             f"{len(open_alerts)} open alerts: workbench --home {home} alerts {DEMO_STUDY}; "
-            f"status CSV: {status_csv_path(DataPool(config.pool), DEMO_STUDY)}"
+            f"status CSV: {status_csv_path(DataPool.of(config), DEMO_STUDY)}"
         )
         questionnaires = _export_questionnaires(config)
         _link_sync_demo(config, url, queue=keep_serving)
@@ -141,7 +141,7 @@ def _start_dashboards(config, port: int) -> subprocess.Popen:
     )
 
     url = f"http://127.0.0.1:{port}"
-    log = config.pool / "logs" / "dashboards.log"
+    log = DataPool.of(config).logs / "dashboards.log"
     access = dashboard_access()
     process = serve_dashboards(config, port=port, log=log, access=access)
     wait_for_dashboards(url, process=process, token=access.token)
@@ -211,7 +211,7 @@ def _export_questionnaires(config) -> subprocess.Popen | None:
             f"{alert.device or 'none'}: {alert.detail}"
         )
     print(
-        f"decoded tables: {config.pool / 'questionnaires' / DEMO_SOURCE / 'decoded'}; "
+        f"decoded tables: {DataPool.of(config).questionnaires / DEMO_SOURCE / 'decoded'}; "
         f"study server: {source.url}/export/"
     )
     return process

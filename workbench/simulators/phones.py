@@ -22,13 +22,13 @@ import httpx
 import orjson
 from tqdm import tqdm
 
-from workbench.catalog import now_ms, open_catalog
+from workbench.catalog import open_catalog
 from workbench.config import Config
 from workbench.enrollment import Enrollment, enroll
 from workbench.errors import WorkbenchError
 from workbench.studies import get_study
+from workbench.times import DAY_MS, now_ms
 
-DAY_MS = 86_400_000
 SILENT_SHARE = 0.15
 LEAVING_SHARE = 0.15
 RETRY_SHARE = 0.05

@@ -5,7 +5,7 @@ account and returns the provider's authorization URL; the provider sends the par
 to the server's ``/sync/callback`` with a code, and :func:`complete_link` exchanges it for
 tokens. Tokens are encrypted at rest with Fernet (the key comes from the variable named by
 ``[sync] key_env``). :func:`access_token` refreshes a token close to expiry under a lock per
-account that holds across processes (:func:`account_lock`), re-reads the token after taking
+account that holds across processes (the catalog's named lock), re-reads the token after taking
 it (another process may have refreshed it meanwhile: refresh tokens are single-use) and
 stores the new pair in one transaction. A provider refusing a token marks the account
 revoked and opens an alert, so a scheduled job does not retry it in a loop.
@@ -19,13 +19,8 @@ Example::
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import logging
-import os
 import secrets
-import zlib
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import httpx
@@ -34,7 +29,6 @@ from sqlalchemy import delete, select, text, update
 from workbench.catalog import (
     Catalog,
     alerts,
-    now_ms,
     subjects,
     sync_accounts,
     sync_auth_states,
@@ -50,9 +44,9 @@ from workbench.errors import (
     UnknownStudy,
     UnknownSubject,
 )
-from workbench.pool import make_folders, open_new_file
 from workbench.sync.providers import Provider, get_provider
 from workbench.sync.settings import SyncSettings, sync_settings
+from workbench.times import now_ms
 
 log = logging.getLogger("workbench.sync")
 
@@ -160,47 +154,6 @@ def _decrypt(cipher, value: str | None) -> str | None:
             "a stored token cannot be decrypted with the key in the environment: it was "
             "encrypted with another key"
         ) from None
-
-
-# ---------------------------------------------------------------------------- locks
-
-
-@contextlib.contextmanager
-def account_lock(
-    config: Config, catalog: Catalog, name: str, *, blocking: bool = True
-) -> Iterator[bool]:
-    """A lock held across processes while the block runs; yields whether it was taken
-    (always True when ``blocking``). On PostgreSQL a session advisory lock (so across hosts),
-    elsewhere an exclusive flock on ``pool/sync/locks/<name>.lock``."""
-    if not catalog.is_sqlite:
-        key = zlib.crc32(f"workbench.sync.{name}".encode())
-        with catalog.engine.connect() as conn:
-            if blocking:
-                conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": key})
-                taken = True
-            else:
-                taken = bool(
-                    conn.execute(text("SELECT pg_try_advisory_lock(:k)"), {"k": key}).scalar()
-                )
-            try:
-                yield taken
-            finally:
-                if taken:
-                    conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": key})
-                conn.commit()
-        return
-    folder = config.pool / "sync" / "locks"
-    make_folders(folder)
-    fd = open_new_file(folder / f"{name}.lock", os.O_RDWR | os.O_CREAT)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX if blocking else fcntl.LOCK_EX | fcntl.LOCK_NB)
-            taken = True
-        except BlockingIOError:
-            taken = False
-        yield taken
-    finally:
-        os.close(fd)  # releases the flock
 
 
 # ---------------------------------------------------------------------------- linking
@@ -419,7 +372,7 @@ def access_token(
         raise TokenRevoked(f"account {account.id} has no token: link it again")
     if not _needs_refresh(token, stale_generation, ahead_ms):
         return token.access, token.generation
-    with account_lock(config, catalog, f"token-{account.id}"):
+    with catalog.lock(f"sync.token-{account.id}"):
         token = _read_token(catalog, cipher, account.id)  # another process may have refreshed
         if not _needs_refresh(token, stale_generation, ahead_ms):
             return token.access, token.generation

@@ -23,14 +23,15 @@ import logging
 import httpx
 from sqlalchemy import select
 
-from workbench.catalog import Catalog, dialect_insert, now_ms, sync_remote_files
+from workbench.catalog import Catalog, dialect_insert, sync_remote_files
 from workbench.config import Config
 from workbench.errors import DestinationFailed, SourceUnavailable, TokenRevoked
-from workbench.pool import write_file_atomically
+from workbench.pool import DataPool, write_file_atomically
 from workbench.sync.accounts import Account, access_token
 from workbench.sync.providers import get_provider
 from workbench.sync.ratelimit import RateLimits, limit_key
 from workbench.sync.settings import sync_settings
+from workbench.times import now_ms
 
 log = logging.getLogger("workbench.sync")
 
@@ -56,17 +57,10 @@ def put_file(
             config, catalog, account, provider, name, data, description, tags
         )
     else:
-        path = (
-            config.pool
-            / "sync"
-            / provider.name
-            / "written"
-            / account.study
-            / account.subject
-            / name
-        )
+        pool = DataPool.of(config)
+        path = pool.sync_folder(provider.name, "written", account.study, account.subject, name)
         write_file_atomically(path, data)
-        remote = str(path.relative_to(config.pool))
+        remote = pool.relative(path)
     now = now_ms()
     sha = hashlib.sha256(data).hexdigest()
     with catalog.writing() as conn:

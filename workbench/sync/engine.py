@@ -35,9 +35,8 @@ from sqlalchemy import select, update
 from workbench import scheduler
 from workbench.catalog import (
     Catalog,
+    borrowed_catalog,
     dialect_insert,
-    now_ms,
-    open_catalog,
     sync_accounts,
     sync_checkpoints,
     sync_raw,
@@ -46,11 +45,12 @@ from workbench.catalog import (
 from workbench.config import Config
 from workbench.decoded import merge_decoded
 from workbench.errors import ConfigError, SourceUnavailable, TokenRevoked
-from workbench.pool import make_dirs_durably, write_file_atomically
-from workbench.sync.accounts import Account, access_token, account_lock, get_account, mark_revoked
+from workbench.pool import DataPool, write_file_atomically
+from workbench.sync.accounts import Account, access_token, get_account, mark_revoked
 from workbench.sync.providers import Provider, get_provider
 from workbench.sync.ratelimit import RateLimits, limit_key
 from workbench.sync.settings import sync_settings
+from workbench.times import now_ms, utc_datetime
 from workbench.writers import csv_bytes, write_parquet_atomically
 
 log = logging.getLogger("workbench.sync")
@@ -75,7 +75,7 @@ class SyncResult:
             f"{self.windows} windows, {self.records} records"
         )
         if self.resume_at:
-            when = dt.datetime.fromtimestamp(self.resume_at / 1000, dt.UTC)
+            when = utc_datetime(self.resume_at)
             text += f", resumes at {when:%H:%M:%S}Z"
         return text + (f" ({self.error})" if self.error else "")
 
@@ -111,12 +111,14 @@ def _advance(catalog: Catalog, account_id: int, stream: str, day: dt.date) -> No
 
 
 def decoded_folder(config: Config, provider: str, stream: str, account: Account):
-    return config.pool / "sync" / provider / "decoded" / stream / account.study / account.subject
+    return DataPool.of(config).sync_folder(
+        provider, "decoded", stream, account.study, account.subject
+    )
 
 
 def combine_stream(config: Config, provider: str, stream: str) -> pl.DataFrame:
     """Every decoded record of one provider's stream, all accounts, sorted by id."""
-    root = config.pool / "sync" / provider / "decoded" / stream
+    root = DataPool.of(config).sync_folder(provider, "decoded", stream)
     files = sorted(root.glob(f"*/*/{stream}_*.parquet"))
     if not files:
         return pl.DataFrame()
@@ -149,10 +151,10 @@ def store_window(
         }
     )
     sha = hashlib.sha256(body).hexdigest()
-    folder = config.pool / "sync" / provider.name / "raw" / account.study / account.subject / stream
-    make_dirs_durably(folder)
-    path = folder / f"{stream}_{start.isoformat()}_{fetched}_{sha[:12]}.json"
-    write_file_atomically(path, body)
+    pool = DataPool.of(config)
+    folder = pool.sync_folder(provider.name, "raw", account.study, account.subject, stream)
+    name = f"{stream}_{start.isoformat()}_{fetched}_{sha[:12]}.json"
+    relative = pool.store(body, pool.relative(folder / name))  # never over an earlier window
     with catalog.writing() as conn:
         raw_id = conn.execute(
             sync_raw.insert()
@@ -164,7 +166,7 @@ def store_window(
                 window_end=end.isoformat(),
                 complete=int(complete),
                 fetched_at=fetched,
-                path=str(path.relative_to(config.pool)),
+                path=relative,
                 sha256=sha,
                 bytes=len(body),
                 n_records=len(rows),
@@ -283,54 +285,58 @@ def sync_account(
 
     Example: ``sync_account(config, 3).status``.
     """
-    own_catalog = catalog is None
-    catalog = catalog or open_catalog(config)
-    own_limits = limits is None
-    limits = limits or RateLimits(config, catalog)
-    try:
-        account = get_account(catalog, account_id)
-        if account.status != "active":
-            run_id = _start_run(catalog, account_id, trigger, status="skipped")
-            result = SyncResult(
-                account_id,
-                run_id,
-                "revoked" if account.status == "revoked" else "skipped",
-                error=f"the account is {account.status}",
-            )
-            _finish_run(catalog, SyncResult(**{**result.__dict__, "status": "skipped"}))
-            return result
-        with account_lock(config, catalog, f"run-{account_id}", blocking=False) as taken:
-            if not taken:
+    with borrowed_catalog(config, catalog) as catalog:
+        own_limits = limits is None
+        limits = limits or RateLimits(config, catalog)
+        try:
+            account = get_account(catalog, account_id)
+            if account.status != "active":
                 run_id = _start_run(catalog, account_id, trigger, status="skipped")
                 result = SyncResult(
-                    account_id, run_id, "skipped", error="another run of this account is going on"
+                    account_id,
+                    run_id,
+                    "revoked" if account.status == "revoked" else "skipped",
+                    error=f"the account is {account.status}",
                 )
-                _finish_run(catalog, result)
-                log.info("account %d: a run is going on; this one is skipped", account_id)
+                _finish_run(catalog, SyncResult(**{**result.__dict__, "status": "skipped"}))
                 return result
-            with catalog.writing() as conn:  # runs left 'running' died with their worker
-                conn.execute(
-                    update(sync_runs)
-                    .where(sync_runs.c.account_id == account_id, sync_runs.c.status == "running")
-                    .values(status="interrupted", error="its worker stopped before the run ended")
-                )
-            result = SyncResult(account_id, _start_run(catalog, account_id, trigger), "running")
-            try:
-                _run(config, catalog, limits, account, result, today or today_utc())
-            except BaseException as exc:
-                result.status, result.error = "failed", f"{type(exc).__name__}: {exc}"
+            with catalog.lock(f"sync.run-{account_id}", blocking=False) as taken:
+                if not taken:
+                    run_id = _start_run(catalog, account_id, trigger, status="skipped")
+                    result = SyncResult(
+                        account_id,
+                        run_id,
+                        "skipped",
+                        error="another run of this account is going on",
+                    )
+                    _finish_run(catalog, result)
+                    log.info("account %d: a run is going on; this one is skipped", account_id)
+                    return result
+                with catalog.writing() as conn:  # runs left 'running' died with their worker
+                    conn.execute(
+                        update(sync_runs)
+                        .where(
+                            sync_runs.c.account_id == account_id, sync_runs.c.status == "running"
+                        )
+                        .values(
+                            status="interrupted", error="its worker stopped before the run ended"
+                        )
+                    )
+                result = SyncResult(account_id, _start_run(catalog, account_id, trigger), "running")
+                try:
+                    _run(config, catalog, limits, account, result, today or today_utc())
+                except BaseException as exc:
+                    result.status, result.error = "failed", f"{type(exc).__name__}: {exc}"
+                    _finish_run(catalog, result)
+                    raise
                 _finish_run(catalog, result)
-                raise
-            _finish_run(catalog, result)
-        log.info("%s", result.summary())
-        if result.status == "limited" and reschedule and result.resume_at:
-            queue_sync(config, account_id, eta_ms=result.resume_at, trigger="resume")
-        return result
-    finally:
-        if own_limits:
-            limits.close()
-        if own_catalog:
-            catalog.dispose()
+            log.info("%s", result.summary())
+            if result.status == "limited" and reschedule and result.resume_at:
+                queue_sync(config, account_id, eta_ms=result.resume_at, trigger="resume")
+            return result
+        finally:
+            if own_limits:
+                limits.close()
 
 
 def _run(config, catalog, limits, account: Account, result: SyncResult, today: dt.date) -> None:

@@ -3,7 +3,7 @@ provider's own signals, which win over the local count.
 
 The bucket is a pyrate-limiter ``SQLiteBucket`` in ``pool/sync/ratelimits.sqlite`` (one
 table per key, writes serialized across processes by a file lock), or a ``RedisBucket`` when
-the variable named by ``[sync] redis_url_env`` holds a Redis URL: chosen here and nowhere else.
+the variable named by ``[redis] url_env`` holds a Redis URL: chosen here and nowhere else.
 Every local window is ``safety_ms`` longer than the provider's, so requests that reach the
 provider a little later than they left never count twice in its window.
 
@@ -37,11 +37,12 @@ import threading
 import httpx
 from sqlalchemy import select
 
-from workbench.catalog import Catalog, dialect_insert, now_ms, sync_limits
+from workbench.catalog import Catalog, dialect_insert, sync_limits
 from workbench.config import Config
 from workbench.errors import ConfigError
-from workbench.pool import make_folders, open_new_file
+from workbench.pool import DataPool, make_folders, open_new_file
 from workbench.sync.settings import sync_settings
+from workbench.times import now_ms
 
 log = logging.getLogger("workbench.sync")
 
@@ -98,8 +99,8 @@ class RateLimits:
         settings = sync_settings(config)
         self.catalog = catalog
         self.safety_ms = settings.safety_ms
-        self.redis_url = settings.redis_url
-        self.path = config.pool / "sync" / "ratelimits.sqlite"
+        self.redis_url = config.redis_url
+        self.path = DataPool.of(config).sync / "ratelimits.sqlite"
         self._buckets: dict[str, object] = {}
         self._puts = 0
         self._lock = threading.Lock()

@@ -31,7 +31,7 @@ from sqlalchemy import and_, delete, func, or_, select
 from workbench import scheduler
 from workbench.catalog import (
     Catalog,
-    now_ms,
+    borrowed_catalog,
     open_catalog,
     sync_accounts,
     sync_activities,
@@ -57,11 +57,9 @@ from workbench.sync.engine import SYNC_TASK, SyncResult, _fetch_window, queue_sy
 from workbench.sync.providers import get_provider
 from workbench.sync.ratelimit import RateLimits, limit_key
 from workbench.sync.settings import sync_settings
+from workbench.times import DAY_MS, HOUR_MS, format_ms, now_ms, utc_datetime
 
 log = logging.getLogger("workbench.sync")
-
-HOUR_MS = 3_600_000
-DAY_MS = 24 * HOUR_MS
 
 
 # ---------------------------------------------------------------------------- the task
@@ -134,18 +132,13 @@ def due_accounts(catalog: Catalog, *, stale_days: float, now: int | None = None)
 
 def queue_due(config: Config, *, catalog: Catalog | None = None) -> list[int]:
     """Queue a sync of every due account on the scheduler; return their ids."""
-    own = catalog is None
-    catalog = catalog or open_catalog(config)
-    try:
+    with borrowed_catalog(config, catalog) as catalog:
         found = due_accounts(catalog, stale_days=sync_settings(config).stale_days)
         for account_id in found:
             queue_sync(config, account_id, trigger="due")
         if found:
             log.info("queued %d due accounts: %s", len(found), ", ".join(map(str, found)))
         return found
-    finally:
-        if own:
-            catalog.dispose()
 
 
 # ---------------------------------------------------------------------------- maintenance
@@ -176,12 +169,10 @@ def run_maintenance(
 ) -> MaintenanceReport:
     """The hourly sync maintenance (see the module's description)."""
     settings = sync_settings(config)
-    own = catalog is None
-    catalog = catalog or open_catalog(config)
     now = now_ms() if now is None else now
     report = MaintenanceReport()
     a = sync_accounts.c
-    try:
+    with borrowed_catalog(config, catalog) as catalog:
         grace = now - int(settings.incomplete_grace_hours * HOUR_MS)
         with catalog.writing() as conn:
             doomed = conn.execute(
@@ -193,7 +184,7 @@ def run_maintenance(
                 log.info(
                     "removing incomplete profile: account %d (%s/%s on %s), link started %s and "
                     "never completed",
-                    row.id, row.study_id, row.subject_id, row.provider, _iso(row.created_at),
+                    row.id, row.study_id, row.subject_id, row.provider, format_ms(row.created_at),
                 )  # fmt: skip
             if doomed:
                 conn.execute(delete(sync_accounts).where(a.id.in_([r.id for r in doomed])))
@@ -242,9 +233,6 @@ def run_maintenance(
                 log.warning("account %d: token not refreshed: %s", account_id, exc.message)
         log.info("sync maintenance: %s", report.summary())
         return report
-    finally:
-        if own:
-            catalog.dispose()
 
 
 def _delete_orphans(conn, now: int) -> dict[str, int]:
@@ -267,10 +255,6 @@ def _delete_orphans(conn, now: int) -> dict[str, int]:
         delete(sync_limits).where(sync_limits.c.blocked_until < now - DAY_MS)
     ).rowcount
     return {k: v for k, v in counts.items() if v}
-
-
-def _iso(ms: int) -> str:
-    return dt.datetime.fromtimestamp(ms / 1000, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 # ---------------------------------------------------------------------------- polling bridge
@@ -325,74 +309,71 @@ def poll_activities(
     from workbench.sync.destinations import put_file
 
     settings = sync_settings(config)
-    own = catalog is None
-    catalog = catalog or open_catalog(config)
-    now = now_ms() if now is None else now
-    horizon = now + settings.poll_minutes * 60_000
-    act = sync_activities.c
-    report = PollReport()
-    limits = RateLimits(config, catalog)
-    try:
-        with catalog.engine.connect() as conn:
-            found = conn.execute(
-                select(sync_activities)
-                .where(
-                    or_(
-                        and_(act.starts_at >= now, act.starts_at < horizon),
-                        and_(act.ends_at >= now, act.ends_at < horizon),
+    with borrowed_catalog(config, catalog) as catalog:
+        now = now_ms() if now is None else now
+        horizon = now + settings.poll_minutes * 60_000
+        act = sync_activities.c
+        report = PollReport()
+        limits = RateLimits(config, catalog)
+        try:
+            with catalog.engine.connect() as conn:
+                found = conn.execute(
+                    select(sync_activities)
+                    .where(
+                        or_(
+                            and_(act.starts_at >= now, act.starts_at < horizon),
+                            and_(act.ends_at >= now, act.ends_at < horizon),
+                        )
                     )
-                )
-                .order_by(act.id)
-            ).all()
-        for activity in found:
-            progress = value = None
-            try:
-                progress = _progress(config, catalog, limits, activity, now)
-                percent = min(100, round(progress * 100 / activity.goal))
-                value = f"{percent}%"
-                body = json.dumps(
-                    {
-                        "activity": activity.name,
-                        "progress": progress,
-                        "goal": activity.goal,
-                        "percent": percent,
-                        "at": _iso(now),
-                    },
-                    sort_keys=True,
-                ).encode()
-                destination = get_account(catalog, activity.destination_account)
-                put_file(
-                    config,
-                    catalog,
-                    destination,
-                    f"activity-{activity.id}-progress.json",
-                    body,
-                    description=f"progress of {activity.name}",
-                    tags=("workbench", "progress"),
-                )
-                status, detail = "written", None
-                report.written.append(activity.id)
-            except (WorkbenchError, DestinationFailed) as exc:
-                status, detail = "failed", exc.message
-                report.failed.append(activity.id)
-                log.warning("activity %d: %s", activity.id, exc.message)
-            with catalog.writing() as conn:
-                conn.execute(
-                    sync_poll_log.insert().values(
-                        activity_id=activity.id,
-                        at=now,
-                        progress=progress,
-                        value=value,
-                        status=status,
-                        detail=detail,
+                    .order_by(act.id)
+                ).all()
+            for activity in found:
+                progress = value = None
+                try:
+                    progress = _progress(config, catalog, limits, activity, now)
+                    percent = min(100, round(progress * 100 / activity.goal))
+                    value = f"{percent}%"
+                    body = json.dumps(
+                        {
+                            "activity": activity.name,
+                            "progress": progress,
+                            "goal": activity.goal,
+                            "percent": percent,
+                            "at": format_ms(now),
+                        },
+                        sort_keys=True,
+                    ).encode()
+                    destination = get_account(catalog, activity.destination_account)
+                    put_file(
+                        config,
+                        catalog,
+                        destination,
+                        f"activity-{activity.id}-progress.json",
+                        body,
+                        description=f"progress of {activity.name}",
+                        tags=("workbench", "progress"),
                     )
-                )
-        log.info("polling bridge: %s", report.summary())
-        return report
-    finally:
-        limits.close()
-        if own:
-            catalog.dispose()
+                    status, detail = "written", None
+                    report.written.append(activity.id)
+                except (WorkbenchError, DestinationFailed) as exc:
+                    status, detail = "failed", exc.message
+                    report.failed.append(activity.id)
+                    log.warning("activity %d: %s", activity.id, exc.message)
+                with catalog.writing() as conn:
+                    conn.execute(
+                        sync_poll_log.insert().values(
+                            activity_id=activity.id,
+                            at=now,
+                            progress=progress,
+                            value=value,
+                            status=status,
+                            detail=detail,
+                        )
+                    )
+            log.info("polling bridge: %s", report.summary())
+            return report
+        finally:
+            limits.close()
 
 
 def _progress(config, catalog, limits, activity, now: int) -> int:
@@ -401,8 +382,8 @@ def _progress(config, catalog, limits, activity, now: int) -> int:
     if account.status != "active":
         raise WorkbenchError(f"source account {account.id} is {account.status}")
     provider = get_provider(sync_settings(config), account.provider)
-    start = dt.datetime.fromtimestamp(activity.starts_at / 1000, dt.UTC).date()
-    until = dt.datetime.fromtimestamp(min(now, activity.ends_at) / 1000, dt.UTC).date()
+    start = utc_datetime(activity.starts_at).date()
+    until = utc_datetime(min(now, activity.ends_at)).date()
     end = max(until, start) + dt.timedelta(days=1)
     import httpx
 

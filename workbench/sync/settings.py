@@ -8,6 +8,8 @@ Example::
 
 from __future__ import annotations
 
+import functools
+import json
 import os
 import re
 from dataclasses import dataclass, field, fields
@@ -91,7 +93,6 @@ class SyncSettings:
     """The ``[sync]`` section."""
 
     key_env: str = "WORKBENCH_SYNC_KEY"  # Fernet key encrypting tokens at rest
-    redis_url_env: str = "WORKBENCH_REDIS_URL"  # set: rate-limit buckets in Redis
     stale_days: float = 4.0  # accounts not synced for this long are queued
     incomplete_grace_hours: float = 24.0  # links never completed are removed after this
     refresh_ahead_minutes: float = 75.0  # maintenance refreshes tokens expiring this soon
@@ -106,10 +107,6 @@ class SyncSettings:
     def key(self) -> str | None:
         return os.environ.get(self.key_env) or None
 
-    @property
-    def redis_url(self) -> str | None:
-        return os.environ.get(self.redis_url_env) or None
-
     def provider(self, name: str) -> ProviderConfig:
         for provider in self.providers:
             if provider.name == name:
@@ -119,8 +116,18 @@ class SyncSettings:
 
 
 def sync_settings(config: Config) -> SyncSettings:
-    """The checked ``[sync]`` section of ``config`` (defaults when absent)."""
-    raw = dict(config.sync)
+    """The checked ``[sync]`` section of ``config`` (defaults when absent), parsed once per
+    section as written: every later call answers the same frozen settings.
+
+    Example: ``sync_settings(load_config()).stale_days``.
+    """
+    written = json.dumps(config.sync, sort_keys=True, default=str)
+    return _parsed(written, config.server.public_url)
+
+
+@functools.lru_cache(maxsize=32)
+def _parsed(written: str, public_url: str) -> SyncSettings:
+    raw = json.loads(written)
     providers = raw.pop("providers", [])
     known = {f.name for f in fields(SyncSettings)} - {"providers"}
     unknown = set(raw) - known
@@ -133,7 +140,7 @@ def sync_settings(config: Config) -> SyncSettings:
     if settings.stale_days <= 0 or settings.poll_minutes < 1 or settings.inline_wait < 0:
         raise ConfigError("[sync] stale_days and poll_minutes must be positive")
     if not settings.callback_url:
-        url = config.server.public_url.rstrip("/") + "/sync/callback"
+        url = public_url.rstrip("/") + "/sync/callback"
         settings = SyncSettings(**{**_as_dict(settings), "callback_url": url})
     return settings
 
