@@ -214,3 +214,33 @@ def test_an_unknown_pool_group_is_a_clear_error(tmp_path):
     assert result.output.strip() == (
         "error: [pool] group 'no-such-team-x' does not exist on this host"
     )
+
+
+def test_making_a_database_private_never_drops_the_locks_sqlite_holds(tmp_path):
+    """Closing any descriptor of a file drops the process's POSIX locks on it; SQLite's locks
+    must survive the workbench making its database private again (as opening a catalog does)."""
+    import sqlite3
+    import subprocess
+    import sys
+
+    from workbench.pool import create_private_file
+
+    path = tmp_path / "catalog.sqlite"
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("CREATE TABLE t (x)")
+    holder.execute("BEGIN EXCLUSIVE")  # a lock SQLite holds with fcntl
+    create_private_file(path)  # what opening a second catalog in this process does
+    other = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sqlite3, sys; c = sqlite3.connect(sys.argv[1], timeout=0); "
+            "c.execute('BEGIN EXCLUSIVE')",
+            str(path),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert other.returncode != 0 and "locked" in other.stderr
+    holder.execute("ROLLBACK")
+    holder.close()

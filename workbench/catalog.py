@@ -41,7 +41,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
 from workbench.errors import CatalogError
-from workbench.pool import make_folders, open_new_file, secure_file
+from workbench.pool import create_private_file, make_folders, open_new_file, secure_file
 from workbench.times import DAY_MS, now_ms  # noqa: F401  (importable from here too)
 
 SCHEMA_VERSION = 8
@@ -701,7 +701,7 @@ def _create_private_database(path: Path) -> None:
     its -wal and -shm files the mode of the database), and set that mode on files an older
     workbench made."""
     make_folders(path.parent)
-    os.close(open_new_file(path, os.O_RDONLY | os.O_CREAT))
+    create_private_file(path)
     for suffix in ("-wal", "-shm", "-journal", ".lock"):
         secure_file(path.with_name(path.name + suffix))
 

@@ -143,6 +143,18 @@ def secure_file(path: Path) -> Path:
     return path
 
 
+def create_private_file(path: Path) -> Path:
+    """Create ``path`` empty with the mode its folder gives if it does not exist, else give it
+    that mode, without ever opening an existing file: closing any descriptor of a SQLite
+    database drops every POSIX lock this process holds on it, which can corrupt it."""
+    path = Path(path)
+    try:
+        os.close(open_new_file(path, os.O_RDONLY | os.O_CREAT | os.O_EXCL))
+    except FileExistsError:
+        secure_file(path)
+    return path
+
+
 def private_umask(group: str | None = None) -> int:
     """Set the process umask to the pool's (0o077, or 0o027 with a ``group``) and return the
     old one: a second defence at entry points, which no writer relies on."""

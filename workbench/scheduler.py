@@ -20,7 +20,6 @@ Example::
 from __future__ import annotations
 
 import datetime as dt
-import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,7 +27,7 @@ from typing import Any
 
 from workbench.config import Config
 from workbench.errors import ConfigError
-from workbench.pool import DataPool, make_folders, open_new_file
+from workbench.pool import DataPool, create_private_file, make_folders
 
 # name -> body(home, *args); what each enabled module adds to every queue
 _TASKS: dict[str, Callable[..., Any]] = {}
@@ -117,7 +116,7 @@ def open_queue(config: Config, *, immediate: bool = False) -> Queue:
     else:
         path = DataPool.of(config).scheduler_queue
         make_folders(config.pool)
-        os.close(open_new_file(path, os.O_RDONLY | os.O_CREAT))  # SQLite keeps this mode
+        create_private_file(path)  # SQLite keeps this mode
         huey = SqliteHuey("workbench", filename=str(path), immediate=immediate, utc=True)
     queue = Queue(huey, str(config.home))
     for name in list(_TASKS):

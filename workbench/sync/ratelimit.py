@@ -40,7 +40,7 @@ from sqlalchemy import select
 from workbench.catalog import Catalog, dialect_insert, sync_limits
 from workbench.config import Config
 from workbench.errors import ConfigError
-from workbench.pool import DataPool, make_folders, open_new_file
+from workbench.pool import DataPool, create_private_file, make_folders, open_new_file
 from workbench.sync.settings import sync_settings
 from workbench.times import now_ms
 
@@ -132,7 +132,7 @@ class RateLimits:
         make_folders(self.path.parent)
         lock = _FileLock(f"{self.path}.lock")
         with lock:
-            os.close(open_new_file(self.path, os.O_RDONLY | os.O_CREAT))  # SQLite keeps this mode
+            create_private_file(self.path)  # SQLite keeps this mode
             conn = sqlite3.connect(
                 str(self.path), isolation_level="DEFERRED", check_same_thread=False, timeout=30
             )
