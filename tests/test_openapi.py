@@ -32,6 +32,7 @@ from workbench import errors
 from workbench.enrollment import enroll
 from workbench.ledger import verify
 from workbench.studies import archive_study, create_study, definition_from_options
+from workbench.templates import SHIPPED_NOTEBOOKS, SHIPPED_PIPELINES
 
 OPENAPI = Path(__file__).resolve().parent.parent / "server" / "openapi.yaml"
 METHODS = {"get", "put", "post", "delete", "patch", "head", "options", "trace"}
@@ -185,10 +186,14 @@ def assert_nothing_outside_pool(tmp_path: Path, home) -> None:
     extra = [
         p.name
         for p in home.home.iterdir()
-        if p.name not in ("workbench.toml", home.pool.name)
+        if p.name not in ("workbench.toml", home.pool.name, "pipelines", "notebooks")
         and not re.fullmatch(r"server-\d+\.log", p.name)
     ]
     assert extra == []
+    # the copies `workbench init` made of the shipped pipelines and notebooks, untouched
+    for name, shipped in (("pipelines", SHIPPED_PIPELINES), ("notebooks", SHIPPED_NOTEBOOKS)):
+        copied = {p.relative_to(home.home / name) for p in (home.home / name).rglob("*")}
+        assert copied == {p.relative_to(shipped) for p in shipped.rglob("*")}
     assert home.pool == home.home / "pool"
     assert verify(home) == []
 
