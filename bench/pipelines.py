@@ -14,6 +14,7 @@ Prints, in the same run:
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import statistics
@@ -61,7 +62,7 @@ def main() -> None:
                 f'name = "t{n}"\nnotebook = "pipes/trivial.ipynb"\ncron = "0 0 1 1 *"\n'
             )
         path = home / "workbench.toml"
-        path.write_text(path.read_text().replace('folder = ""', f'folder = "{folder}"'))
+        path.write_text(re.sub(r"(?m)^folder = .*$", f'folder = "{folder}"', path.read_text()))
         config = load_config(home)
 
         plain, piped = [], []
