@@ -24,37 +24,8 @@ import pytest
 import requests
 
 from tests.conftest import REPO, ServerProcess
+from tests.test_jobs import README_FILE  # the trackerapi README's configurations, verbatim
 from workbench.jobs import create_api_key, get_job, list_job_configs, list_jobs
-
-# The configurations file of the trackerapi README, verbatim.
-README_FILE = """\
-{
-  "$schema": "./job-configurations-schema.generated.json",
-  "job_configs": [
-    {
-      "name": "My Job",
-      "tag": "my_job",
-      "step_configurations": [
-        {
-          "name": "Say Hello",
-          "tag": "say_hello",
-          "points": 10
-        },
-        {
-          "name": "Generate Random Number",
-          "tag": "random_number",
-          "points": 15
-        },
-        {
-          "name": "Say Bye",
-          "tag": "say_bye",
-          "points": 10
-        }
-      ]
-    }
-  ]
-}
-"""
 
 # The trackerapi README's job script (Part B, step 3), verbatim but for the import, which
 # names the workbench's module, and the two placeholders, which the test fills in.

@@ -43,13 +43,12 @@ def check_name(kind: str, value: object) -> str:
 
     Example: ``check_name("study", "demo")``.
     """
-    if not is_identifier(kind, value):
-        shown = value if isinstance(value, str) else type(value).__name__
+    try:
+        return check_identifier(kind, value)
+    except BadRequest as exc:
         raise InvalidName(
-            f"invalid {kind} name {str(shown)[:80]!r}: use letters, digits, '_' and '-' "
-            f"(pattern {PATTERNS[kind].pattern})"
-        )
-    return value
+            exc.message.replace(f"invalid {kind} identifier", f"invalid {kind} name", 1)
+        ) from None
 
 
 def resolve_inside(folder: Path, relative: str, *, what: str) -> Path:
