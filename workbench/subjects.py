@@ -9,7 +9,7 @@ coordinator resets it (e.g. after a lost phone).
 Example::
 
     remove_subject(catalog, "demo", "demo_00001_1", by="coordinator")
-    restore_subject(catalog, "demo", "demo_00001_1", by="coordinator")
+    restore_subject(catalog, "demo", "demo_00001_1")
 """
 
 from __future__ import annotations
@@ -71,9 +71,7 @@ def remove_subject(
     return _standing(catalog, study, subject, changed)
 
 
-def restore_subject(
-    catalog: Catalog, study: str, subject: str, *, by: str | None = None
-) -> SubjectStanding:
+def restore_subject(catalog: Catalog, study: str, subject: str) -> SubjectStanding:
     """Lift a removal: the subject's removed devices become active again and uploads are
     accepted as before.
 
@@ -81,7 +79,6 @@ def restore_subject(
     """
     study, subject = _checked(catalog, study, subject)
     now = now_ms()
-    del by  # recorded by the removal; a restore clears it
     with catalog.writing() as conn:
         _require(conn, study, subject)
         conn.execute(
