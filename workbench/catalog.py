@@ -44,7 +44,7 @@ from workbench.errors import CatalogError
 from workbench.pool import create_private_file, make_folders, open_new_file, secure_file
 from workbench.times import DAY_MS, now_ms  # noqa: F401  (importable from here too)
 
-SCHEMA_VERSION = 8
+SCHEMA_VERSION = 9
 
 # A migration upgrades the catalog from version N-1 to N; it is keyed by N.
 MIGRATIONS: dict[int, Callable[[Connection], None]] = {}
@@ -84,6 +84,8 @@ subjects = Table(
     Column("removed_at", BigInteger),
     Column("removed_by", String(128)),
     Column("devices_reset_at", BigInteger),
+    # Version 9: the subject's own IANA time zone, overriding the study's (null: the study's).
+    Column("timezone", String(64)),
     Index("ix_subjects_token_hash", "token_hash"),
 )
 
@@ -621,6 +623,30 @@ def _add_safety(conn: Connection) -> None:
 
 
 MIGRATIONS[8] = _add_safety
+
+
+# --- version 9: sensor tables -----------------------------------------------------------
+
+# Per study and sensor: the last ledger id compacted into the sensor tables, and the time
+# zones the tables' local days were cut in (a change of zone rebuilds them).
+table_builds = Table(
+    "table_builds",
+    metadata,
+    Column("study_id", String(64), primary_key=True),
+    Column("sensor", String(64), primary_key=True),
+    Column("watermark", BigInteger, nullable=False),
+    Column("zones", Text, nullable=False),
+    Column("built_at", BigInteger, nullable=False),
+)
+
+
+def _add_sensor_tables(conn: Connection) -> None:
+    metadata.create_all(conn, tables=[table_builds])
+    if "timezone" not in {c["name"] for c in inspect(conn).get_columns("subjects")}:
+        conn.exec_driver_sql("ALTER TABLE subjects ADD COLUMN timezone VARCHAR(64)")
+
+
+MIGRATIONS[9] = _add_sensor_tables
 
 
 def dialect_insert(engine: Engine, table: Table):

@@ -106,8 +106,15 @@ def study() -> None:
     type=click.Path(exists=True, dir_okay=False),
     help="Read the definition from a JSON file: a workbench study definition or a JTrack study JSON.",
 )
+@click.option(
+    "--timezone",
+    default=None,
+    help="IANA time zone of the participants, for local days (default UTC), e.g. Europe/Berlin.",
+)
 @click.pass_context
-def study_create(ctx, study_id, duration, sensors, auth, checksum_required, from_file) -> None:
+def study_create(
+    ctx, study_id, duration, sensors, auth, checksum_required, from_file, timezone
+) -> None:
     """Create STUDY from options or from a definition file.
 
     \b
@@ -125,12 +132,15 @@ def study_create(ctx, study_id, duration, sensors, auth, checksum_required, from
         definition = studies.definition_from_options(
             study_id, duration_days=duration, sensors=names, auth=auth
         )
+    if timezone is not None:
+        definition["timezone"] = timezone
     if checksum_required:
         definition["checksum_required"] = True
     created = studies.create_study(catalog, definition)
     click.echo(
         f"created study {created.id}: {created.definition['duration_days']} days, "
-        f"sensors {', '.join(created.sensors)}, auth {created.definition['auth']}"
+        f"sensors {', '.join(created.sensors)}, auth {created.definition['auth']}, "
+        f"time zone {created.definition['timezone']}"
     )
     if created.definition["auth"] == "legacy":
         click.echo(
@@ -382,6 +392,34 @@ def subject_reset_devices(ctx, study_id, subject_id) -> None:
     catalog = _catalog(ctx)
     try:
         click.echo(_standing_line(reset_devices(catalog, study_id, subject_id)))
+    finally:
+        catalog.dispose()
+
+
+@subject.command("timezone")
+@click.argument("study_id", metavar="STUDY")
+@click.argument("subject_id", metavar="SUBJECT")
+@click.argument("zone", metavar="ZONE", required=False)
+@click.option("--clear", is_flag=True, help="Use the study's time zone again.")
+@click.pass_context
+def subject_timezone(ctx, study_id, subject_id, zone, clear) -> None:
+    """Give SUBJECT a time zone of its own (an IANA name such as America/New_York), for a
+    participant who lives elsewhere than the study's zone; local days of sensor tables, yield
+    and features follow it (the next `tables build` rebuilds the tables it moves).
+
+    \b
+    Example:
+        workbench subject timezone demo demo_00003 America/New_York
+        workbench subject timezone demo demo_00003 --clear
+    """
+    from workbench.subjects import set_timezone
+
+    if bool(zone) == bool(clear):
+        raise click.UsageError("give a ZONE or --clear, not both")
+    catalog = _catalog(ctx)
+    try:
+        now = set_timezone(catalog, study_id, subject_id, None if clear else zone)
+        click.echo(f"{subject_id} of {study_id}: time zone {now}")
     finally:
         catalog.dispose()
 

@@ -275,6 +275,14 @@ class TableRefused(WorkbenchError):
     code = "table_refused"
 
 
+class InvalidTimezone(WorkbenchError):
+    """A study's or a subject's time zone is not an IANA name this machine knows."""
+
+    status = 400
+    exit_code = 2
+    code = "invalid_timezone"
+
+
 class InvalidName(WorkbenchError):
     status = 400
     exit_code = 2

@@ -180,6 +180,8 @@ class DataPool:
         # Third-party syncs: sync/<provider>/raw/, decoded/, written/, and the rate limits.
         self.sync = self.root / "sync"
         self.runs = self.root / "runs"  # executed notebooks of the pipelines
+        # Sensor tables: tables/<study>/<sensor>/day=<local day>/subject=<id>/part-*.parquet
+        self.tables = self.root / "tables"
         self.logs = self.root / "logs"
         self.scheduler_queue = self.root / "scheduler.sqlite"  # the queue without Redis
         # Derived data that can always be rebuilt from the catalog (e.g. status sums).

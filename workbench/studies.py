@@ -11,10 +11,16 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
 from workbench.catalog import Catalog, studies
-from workbench.errors import InvalidDefinition, StudyArchived, StudyExists, UnknownStudy
+from workbench.errors import (
+    InvalidDefinition,
+    InvalidTimezone,
+    StudyArchived,
+    StudyExists,
+    UnknownStudy,
+)
 from workbench.identifiers import check_name
 from workbench.templates import load_schema, schema_validator
-from workbench.times import now_ms
+from workbench.times import check_timezone, now_ms
 
 # The sensors the JTrack app knows, used when a study names none.
 JTRACK_SENSORS = (
@@ -73,6 +79,11 @@ def validate_definition(definition: dict) -> dict:
             f"invalid study definition:\n  resources: {resources!r} must be a folder inside "
             "the workbench home, given relative to it"
         )
+    if "timezone" in definition:
+        try:
+            check_timezone(definition["timezone"])
+        except InvalidTimezone as exc:
+            raise InvalidDefinition(f"invalid study definition:\n  timezone: {exc}") from None
     return with_defaults(definition)
 
 
@@ -94,6 +105,7 @@ def definition_from_options(
     duration_days: int = 28,
     sensors: list[str] | None = None,
     auth: str = "token",
+    timezone: str = "UTC",
 ) -> dict:
     """A study definition from the few options of ``workbench study create``."""
     names = sensors or list(DEFAULT_SENSORS)
@@ -102,6 +114,7 @@ def definition_from_options(
         "duration_days": duration_days,
         "sensors": {name: {"batches_per_day": DEFAULT_BATCHES_PER_DAY} for name in names},
         "auth": auth,
+        "timezone": timezone,
     }
 
 

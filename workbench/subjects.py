@@ -24,7 +24,7 @@ from workbench.errors import UnknownSubject
 from workbench.identifiers import check_name
 from workbench.studies import get_study
 from workbench.subject_state import DeviceStatus
-from workbench.times import now_ms
+from workbench.times import check_timezone, now_ms
 
 REMOVED = DeviceStatus.REMOVED
 ACTIVE = DeviceStatus.ACTIVE
@@ -107,6 +107,37 @@ def reset_devices(catalog: Catalog, study: str, subject: str) -> SubjectStanding
             subjects.update().where(_subject_key(study, subject)).values(devices_reset_at=now_ms())
         )
     return _standing(catalog, study, subject, 0)
+
+
+def set_timezone(catalog: Catalog, study: str, subject: str, zone: str | None) -> str:
+    """Give ``subject`` a time zone of its own (an IANA name), or None for the study's; return
+    the zone now in force. Sensor tables, yield and features cut local days in it; the next
+    ``tables build`` rebuilds what the change moves.
+
+    Example: ``set_timezone(catalog, "demo", "demo_00001_1", "America/New_York")``.
+    """
+    study, subject = _checked(catalog, study, subject)
+    if zone is not None:
+        zone = check_timezone(zone)
+    with catalog.writing() as conn:
+        _require(conn, study, subject)
+        conn.execute(subjects.update().where(_subject_key(study, subject)).values(timezone=zone))
+    return zone or get_study(catalog, study).definition.get("timezone", "UTC")
+
+
+def study_zones(catalog: Catalog, study: str) -> tuple[str, dict[str, str]]:
+    """The study's time zone and the subjects' own zones (only those that have one).
+
+    Example: ``default, own = study_zones(catalog, "demo")``.
+    """
+    default = get_study(catalog, study).definition.get("timezone") or "UTC"
+    with catalog.engine.connect() as conn:
+        rows = conn.execute(
+            select(subjects.c.subject_id, subjects.c.timezone).where(
+                (subjects.c.study_id == study) & subjects.c.timezone.is_not(None)
+            )
+        ).all()
+    return default, {row.subject_id: row.timezone for row in rows}
 
 
 def _checked(catalog: Catalog, study: str, subject: str) -> tuple[str, str]:

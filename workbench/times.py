@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import datetime
 import time
+import zoneinfo
+
+from workbench.errors import InvalidTimezone
 
 SECOND_MS = 1_000
 MINUTE_MS = 60 * SECOND_MS
@@ -50,3 +53,19 @@ def iso_or_none(ms: int | None) -> str | None:
     Example: ``iso_or_none(None) is None``.
     """
     return None if ms is None else format_ms(ms)
+
+
+def check_timezone(name: str) -> str:
+    """``name`` if it is an IANA time zone this machine knows, else :class:`InvalidTimezone`.
+
+    Example: ``check_timezone("Europe/Berlin")``.
+    """
+    if not isinstance(name, str) or not name or name != name.strip():
+        raise InvalidTimezone(f"{name!r} is not an IANA time zone name such as 'Europe/Berlin'")
+    try:
+        zoneinfo.ZoneInfo(name)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        raise InvalidTimezone(
+            f"unknown time zone {name!r}: give an IANA name such as 'Europe/Berlin' or 'UTC'"
+        ) from None
+    return name
