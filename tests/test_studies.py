@@ -68,7 +68,8 @@ def test_study_commands(home):
     )
     assert created.exit_code == 0, created.output
     assert (
-        "created study walk: 10 days, sensors accelerometer, location, auth token, time zone UTC" in created.output
+        "created study walk: 10 days, sensors accelerometer, location, auth token, time zone UTC"
+        in created.output
     )
     imported = run(home, "study", "create", "sleep2020", "--from", str(JTRACK))
     assert imported.exit_code == 0 and "legacy auth" in imported.output

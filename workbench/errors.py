@@ -275,6 +275,22 @@ class TableRefused(WorkbenchError):
     code = "table_refused"
 
 
+class NoSensorTable(WorkbenchError):
+    """The study neither records this sensor nor has a table of it."""
+
+    status = 404
+    exit_code = 3
+    code = "no_sensor_table"
+
+
+class TablesError(WorkbenchError):
+    """A sensor table cannot be built (the message says why)."""
+
+    status = 409
+    exit_code = 1
+    code = "tables_error"
+
+
 class InvalidTimezone(WorkbenchError):
     """A study's or a subject's time zone is not an IANA name this machine knows."""
 
