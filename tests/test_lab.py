@@ -237,6 +237,18 @@ def test_a_port_in_use_is_refused(home):
     assert f"error: port {port} on 127.0.0.1 is in use already" in result.output
 
 
+def test_make_run_goes_on_without_jupyterlab_when_its_port_is_taken(home, capsys):
+    from workbench.simulators.demo import _start_lab
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert _start_lab(home, port) is None
+    printed = capsys.readouterr().out
+    assert f"JupyterLab not started: port {port} on 127.0.0.1 is in use already" in printed
+
+
 def test_the_token_is_random_per_start_unless_set():
     first, second = lab_access(environ={}), lab_access(environ={})
     assert first.token != second.token and len(first.token) >= 40

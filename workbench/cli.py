@@ -1419,13 +1419,21 @@ def simulate(ctx, study_id, subjects, days, url, batches_per_day, records, clien
     show_default=True,
     help="Port for the Voila dashboards while serving (0: no dashboards).",
 )
+@click.option(
+    "--lab-port",
+    type=click.IntRange(0, 65535),
+    default=8888,
+    show_default=True,
+    help="Port for JupyterLab while serving (0: no JupyterLab).",
+)
 @click.pass_context
-def demo(ctx, port, subjects, days, exit_after, dashboards_port) -> None:
+def demo(ctx, port, subjects, days, exit_after, dashboards_port, lab_port) -> None:
     """Set up a demo home, start the upload server and feed it simulated phones.
 
     Creates workbench.toml and the pool if missing, a "demo" study, starts the server,
     runs the simulator against it, checks the pool with verify, then keeps serving until
-    Ctrl-C with the scheduler and the Voila dashboards (their addresses are printed).
+    Ctrl-C with the scheduler, the Voila dashboards and JupyterLab (their addresses are
+    printed, with their tokens).
 
     \b
     Example:
@@ -1441,6 +1449,7 @@ def demo(ctx, port, subjects, days, exit_after, dashboards_port) -> None:
         days=days,
         keep_serving=not exit_after,
         dashboards_port=dashboards_port,
+        lab_port=lab_port,
     )
 
 

@@ -157,7 +157,7 @@ def check_port_free(host: str, port: int) -> None:
             if exc.errno == errno.EADDRINUSE:
                 raise PortInUse(
                     f"port {port} on {host} is in use already: stop what serves there or "
-                    "choose another with --port"
+                    "choose another port"
                 ) from exc
             raise PortInUse(f"cannot listen on {host}:{port}: {exc.strerror}") from exc
 
