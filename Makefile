@@ -5,6 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PORT   ?= 8080
 DASHBOARDS_PORT ?= 8866
+LAB_PORT ?= 8888
 HOME_DIR ?= demo-home
 
 .PHONY: run test lint docs format bench hooks clean system-deps
@@ -34,10 +35,11 @@ system-deps:
 	  (apt-get install -y -qq postgresql || \
 	   (apt-get update -qq && apt-get install -y -qq postgresql)) >/dev/null; }
 
-## run: demo study, upload server on $(PORT), simulated phones, the scheduler and the
-## dashboards on $(DASHBOARDS_PORT); serves until Ctrl-C
+## run: demo study, upload server on $(PORT), simulated phones, the scheduler, the
+## dashboards on $(DASHBOARDS_PORT) and JupyterLab on $(LAB_PORT); serves until Ctrl-C
 run: $(STAMP)
-	$(BIN)/workbench --home $(HOME_DIR) demo --port $(PORT) --dashboards-port $(DASHBOARDS_PORT)
+	$(BIN)/workbench --home $(HOME_DIR) demo --port $(PORT) --dashboards-port $(DASHBOARDS_PORT) \
+	  --lab-port $(LAB_PORT)
 
 ## test: the whole suite (pytest exits non-zero when no test is collected)
 test: $(STAMP) system-deps

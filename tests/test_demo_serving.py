@@ -1,6 +1,6 @@
 """`make run` as a user sees it: `workbench demo` keeps serving the upload server, the
-scheduler and the dashboards over the demo pool, prints their addresses (the dashboards' with
-their token), and stops them all on SIGTERM."""
+scheduler, the dashboards and JupyterLab over the demo pool, prints their addresses (the
+dashboards' and JupyterLab's with their tokens), and stops them all on SIGTERM."""
 
 from __future__ import annotations
 
@@ -44,10 +44,11 @@ def test_demo_serves_dashboards_over_the_demo_pool(tmp_path):
     config.write_text(
         config.read_text().replace(":9000", f":{free_port()}").replace(":9100", f":{free_port()}")
     )
-    port, dashboards_port = free_port(), free_port()
+    port, dashboards_port, lab_port = free_port(), free_port(), free_port()
     process = subprocess.Popen(
         [sys.executable, "-m", "workbench.cli", "--home", str(home), "demo", "--port", str(port),
-         "--dashboards-port", str(dashboards_port), "--subjects", "4", "--days", "2"],
+         "--dashboards-port", str(dashboards_port), "--lab-port", str(lab_port),
+         "--subjects", "4", "--days", "2"],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True,
         env={**os.environ, "MT_USER": "demo", "MT_PASSWORD": "demo"},
     )  # fmt: skip
@@ -67,6 +68,17 @@ def test_demo_serves_dashboards_over_the_demo_pool(tmp_path):
         for url in urls.values():
             bare = httpx.get(url.split("?")[0], timeout=30)
             assert bare.status_code == 302 and "/login" in bare.headers["location"]
+        # JupyterLab on the demo home's notebooks, behind a token of its own
+        lab = re.search(r"^JupyterLab: (http://127\.0\.0\.1:(\d+)/lab)\?token=([\w-]+)$",
+                        output, re.M)  # fmt: skip
+        assert lab and int(lab.group(2)) == lab_port, output
+        lab_root, lab_token = f"http://127.0.0.1:{lab_port}", lab.group(3)
+        assert len(lab_token) >= 40 and lab_token not in urls["landing page"]
+        listing = httpx.get(f"{lab_root}/api/contents", params={"token": lab_token}, timeout=30)
+        assert "status.ipynb" in {item["name"] for item in listing.json()["content"]}
+        assert httpx.get(f"{lab_root}/api/contents", timeout=30).status_code == 403
+        bare = httpx.get(lab.group(1), timeout=30)
+        assert bare.status_code == 302 and "/login" in bare.headers["location"]
 
         from playwright.sync_api import sync_playwright
 
@@ -102,7 +114,8 @@ def test_demo_serves_dashboards_over_the_demo_pool(tmp_path):
         os.killpg(process.pid, signal.SIGTERM)
         process.wait(timeout=60)
     # every server the demo started stopped with it (within a minute on a loaded machine)
-    for url in (f"http://127.0.0.1:{port}/health", urls.get("landing page", "")):
+    lab_status = f"http://127.0.0.1:{lab_port}/api/status"
+    for url in (f"http://127.0.0.1:{port}/health", urls.get("landing page", ""), lab_status):
         deadline = time.monotonic() + 60
         while url and time.monotonic() < deadline:
             try:

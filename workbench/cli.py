@@ -1215,6 +1215,53 @@ def dashboards(ctx, host, port, cold, no_auth) -> None:
 
 
 @cli.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", type=click.IntRange(1, 65535), default=8888, show_default=True)
+@click.option(
+    "--browser/--no-browser",
+    default=False,
+    show_default=True,
+    help="Open JupyterLab in this machine's web browser.",
+)
+@click.pass_context
+def lab(ctx, host, port, browser) -> None:
+    """Start JupyterLab on the home until Ctrl-C, where researchers open the study's data.
+
+    Its root folder is the home's notebooks/ (the copies `workbench init` made), and its
+    default kernel imports this workbench with the home set: workbench.load_config() in a
+    cell is this home's configuration. Pages need the token carried in the printed URL,
+    random per start unless set in WORKBENCH_LAB_TOKEN. JupyterLab keeps its settings,
+    workspaces and runtime files in the home's private .lab/ folder, not in ~/.jupyter.
+    A port in use is refused.
+
+    \b
+    Example:
+        workbench lab --port 8888
+        # then open the printed http://127.0.0.1:8888/lab?token=...
+        WORKBENCH_LAB_TOKEN=... workbench --home ~/sleep-lab lab
+    """
+    import signal
+
+    from workbench.dashboards import stop_process
+    from workbench.lab import lab_access, lab_url, serve_lab, wait_for_lab
+
+    config = _config(ctx)
+    access = lab_access()
+    url = f"http://{host}:{port}"
+    process = serve_lab(config, port=port, host=host, access=access, browser=browser)
+    # SIGTERM (e.g. from a process manager) stops it like Ctrl-C: JupyterLab and its kernels
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        wait_for_lab(url, process=process, access=access)
+        click.echo(f"JupyterLab: {lab_url(url, access)}")
+        process.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        stop_process(process)
+
+
+@cli.command()
 @click.argument("name", required=False)
 @click.option("--limit", type=click.IntRange(1, 10000), default=20, show_default=True)
 @click.pass_context
@@ -1410,13 +1457,21 @@ def simulate(ctx, study_id, subjects, days, url, batches_per_day, records, clien
     show_default=True,
     help="Port for the Voila dashboards while serving (0: no dashboards).",
 )
+@click.option(
+    "--lab-port",
+    type=click.IntRange(0, 65535),
+    default=8888,
+    show_default=True,
+    help="Port for JupyterLab while serving (0: no JupyterLab).",
+)
 @click.pass_context
-def demo(ctx, port, subjects, days, exit_after, dashboards_port) -> None:
+def demo(ctx, port, subjects, days, exit_after, dashboards_port, lab_port) -> None:
     """Set up a demo home, start the upload server and feed it simulated phones.
 
     Creates workbench.toml and the pool if missing, a "demo" study, starts the server,
     runs the simulator against it, checks the pool with verify, then keeps serving until
-    Ctrl-C with the scheduler and the Voila dashboards (their addresses are printed).
+    Ctrl-C with the scheduler, the Voila dashboards and JupyterLab (their addresses are
+    printed, with their tokens).
 
     \b
     Example:
@@ -1432,6 +1487,7 @@ def demo(ctx, port, subjects, days, exit_after, dashboards_port) -> None:
         days=days,
         keep_serving=not exit_after,
         dashboards_port=dashboards_port,
+        lab_port=lab_port,
     )
 
 

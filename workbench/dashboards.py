@@ -558,17 +558,24 @@ def serve_dashboards(
 
 
 def wait_for_dashboards(
-    url: str, *, process: subprocess.Popen, timeout: float = 120, token: str = ""
+    url: str,
+    *,
+    process: subprocess.Popen,
+    timeout: float = 120,
+    token: str = "",
+    path: str = "/",
+    name: str = "the dashboard server",
 ) -> None:
-    """Wait until Voila at ``url`` answers its landing page (with ``token``, or by sending
-    to its login page); raise if it exits or times out."""
+    """Wait until the Jupyter server (Voila, or ``name``) at ``url`` answers ``path``, by
+    default the landing page (with ``token``, or by sending to its login page); raise if it
+    exits or times out."""
     deadline = time.monotonic() + timeout
     params = {"token": token} if token else None
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise WorkbenchError(f"the dashboard server exited with status {process.returncode}")
+            raise WorkbenchError(f"{name} exited with status {process.returncode}")
         try:
-            answer = httpx.get(url + "/", params=params, timeout=2)
+            answer = httpx.get(url + path, params=params, timeout=2)
             if answer.status_code == 200 or (
                 answer.is_redirect and "/login" in answer.headers.get("location", "")
             ):
@@ -576,7 +583,7 @@ def wait_for_dashboards(
         except httpx.HTTPError:
             pass
         time.sleep(0.25)
-    raise WorkbenchError(f"the dashboard server did not answer at {url} within {timeout:.0f} s")
+    raise WorkbenchError(f"{name} did not answer at {url} within {timeout:.0f} s")
 
 
 def dashboard_urls(url: str, access: DashboardAccess | None = None) -> dict[str, str]:

@@ -50,6 +50,7 @@ upload server into an HTTP status and a JSON body (``status`` and ``code`` attri
     │   ├── TooManyEvents          the job holds [jobs] max_events events already
     │   └── MetadataTooLarge       event metadata over [jobs] max_metadata_bytes
     ├── UnprotectedDashboards      dashboards without sign-in on a non-loopback address (exit 2)
+    ├── PortInUse                  a server's port is taken already, or cannot be listened on (exit 2)
     ├── InstrumentMismatch         a table lacks item columns of the instrument it is scored with (exit 2)
     └── JobConfigConflict          a job configuration's tag and version registered with other steps (HTTP 409, exit 4)
 """
@@ -326,6 +327,11 @@ class MetadataTooLarge(JobLimitExceeded):
 class UnprotectedDashboards(WorkbenchError):
     exit_code = 2
     code = "unprotected_dashboards"
+
+
+class PortInUse(WorkbenchError):
+    exit_code = 2
+    code = "port_in_use"
 
 
 class InstrumentMismatch(WorkbenchError):

@@ -38,8 +38,11 @@ def run_demo(
     days: int = 3,
     keep_serving: bool = True,
     dashboards_port: int | None = 8866,
+    lab_port: int | None = 8888,
 ) -> None:
-    """Initialise ``home`` if needed, create the demo study, serve, simulate and verify."""
+    """Initialise ``home`` if needed, create the demo study, serve, simulate and verify; then
+    keep serving with the scheduler, the dashboards and JupyterLab (a port of 0 or None: not
+    that one) until Ctrl-C or SIGTERM."""
     if not (home / CONFIG_NAME).exists():
         init_home(home)
     config = load_config(home)
@@ -59,7 +62,7 @@ def run_demo(
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     _sync_environment(config)  # the server's OAuth2 callback stores encrypted tokens
     server = subprocess.Popen(serve_command(home, port=port), start_new_session=True)
-    questionnaires = scheduler = dashboards = None
+    questionnaires = scheduler = dashboards = lab = None
     try:
         wait_for_server(url, process=server)
         print(f"upload server running at {url} (health: {url}/health, API: {url}/openapi.yaml)")
@@ -99,6 +102,8 @@ def run_demo(
             scheduler = _start_scheduler(config)
             if dashboards_port:
                 dashboards = _start_dashboards(config, dashboards_port)
+            if lab_port:
+                lab = _start_lab(config, lab_port)
             print(f"\nupload server: {url}   (Ctrl-C to stop)")
             server.wait()
     except KeyboardInterrupt:
@@ -106,7 +111,7 @@ def run_demo(
     finally:
         from workbench.dashboards import stop_process
 
-        for process in (server, questionnaires, scheduler, dashboards):
+        for process in (server, questionnaires, scheduler, dashboards, lab):
             if process is not None:
                 stop_process(process)
 
@@ -148,6 +153,32 @@ def _start_dashboards(config, port: int) -> subprocess.Popen:
     for name, address in dashboard_urls(url, access).items():
         print(f"dashboards, {name}: {address}")
     print(f"dashboards log: {log}")
+    return process
+
+
+def _start_lab(config, port: int) -> subprocess.Popen | None:
+    """Start JupyterLab on the demo home behind a token and print its address, the token in
+    it; when its port is taken, say so and go on without it."""
+    from workbench.errors import PortInUse
+    from workbench.lab import lab_access, lab_url, serve_lab, wait_for_lab
+
+    url = f"http://127.0.0.1:{port}"
+    log = DataPool.of(config).logs / "lab.log"
+    access = lab_access()
+    try:
+        process = serve_lab(config, port=port, access=access, log=log)
+    except PortInUse as exc:
+        print(f"JupyterLab not started: {exc.message} (--lab-port, or make run LAB_PORT=...)")
+        return None
+    try:
+        wait_for_lab(url, process=process, access=access)
+    except BaseException:
+        from workbench.dashboards import stop_process
+
+        stop_process(process)
+        raise
+    print(f"JupyterLab: {lab_url(url, access)}")
+    print(f"JupyterLab log: {log}")
     return process
 
 
