@@ -32,6 +32,7 @@ from workbench.features.timeline import spans
 
 EARTH_RADIUS_KM = 6371.0088  # mean Earth radius (IUGG)
 NO_PLACE = -1
+GRID_DEGREES = 1e-4
 
 
 @dataclass(frozen=True)
@@ -97,8 +98,6 @@ def usable_fixes(frame: pl.DataFrame, params: LocationParams) -> pl.DataFrame:
 
 def _places(fixes: pl.DataFrame, params: LocationParams) -> pl.DataFrame:
     """``fixes`` with ``moving`` and ``place`` (DBSCAN label per subject, -1 for none)."""
-    from sklearn.cluster import DBSCAN
-
     near = pl.col("step_minutes") <= params.max_fix_minutes
     speed_in = pl.col("step_kmh").shift(1).over("subject")
     near_in = near.shift(1).over("subject").fill_null(False)
@@ -106,19 +105,34 @@ def _places(fixes: pl.DataFrame, params: LocationParams) -> pl.DataFrame:
     fixes = fixes.with_columns(moving=speed > params.static_speed_kmh)
     parts = []
     for part in fixes.partition_by("subject", maintain_order=True):
-        labels = np.full(part.height, NO_PLACE, dtype=np.int64)
-        still = ~part.get_column("moving").to_numpy()
-        if still.sum() >= params.min_samples:
-            points = np.radians(part.select("lat", "lon").to_numpy()[still])
-            model = DBSCAN(
-                eps=params.eps_m / 1000 / EARTH_RADIUS_KM,
-                min_samples=params.min_samples,
-                metric="haversine",
-                algorithm="ball_tree",
-            )
-            labels[still] = model.fit(points).labels_
-        parts.append(part.with_columns(place=pl.Series(labels)))
+        parts.append(part.with_columns(place=pl.Series(_cluster(part, params), dtype=pl.Int64)))
     return pl.concat(parts)
+
+
+def _cluster(part: pl.DataFrame, params: LocationParams) -> np.ndarray:
+    """DBSCAN labels of one subject's fixes (-1 for moving fixes and noise).
+
+    Stationary fixes are first pooled on a grid of ``GRID_DEGREES`` (about 11 m), each cell
+    weighted by its fixes: the same clusters, without a subject's thousands of fixes at home
+    all being neighbours of each other.
+    """
+    from sklearn.cluster import DBSCAN
+
+    labels = np.full(part.height, NO_PLACE, dtype=np.int64)
+    still = ~part.get_column("moving").to_numpy()
+    if still.sum() < params.min_samples:
+        return labels
+    cells = np.round(part.select("lat", "lon").to_numpy()[still] / GRID_DEGREES).astype(np.int64)
+    unique, inverse, counts = np.unique(cells, axis=0, return_inverse=True, return_counts=True)
+    model = DBSCAN(
+        eps=params.eps_m / 1000 / EARTH_RADIUS_KM,
+        min_samples=params.min_samples,
+        metric="haversine",
+        algorithm="ball_tree",
+    )
+    cell_labels = model.fit(np.radians(unique * GRID_DEGREES), sample_weight=counts).labels_
+    labels[still] = cell_labels[inverse.ravel()]
+    return labels
 
 
 def _homes(pieces: pl.DataFrame, fixes: pl.DataFrame, params: LocationParams) -> pl.DataFrame:
