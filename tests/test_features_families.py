@@ -273,9 +273,8 @@ def test_app_minutes_come_from_cumulative_snapshots_never_summed():
 
 
 def test_a_day_with_only_zero_usage_has_no_entropy_and_a_reason():
-    result = compute_family("application_usage" and "app_usage", {
-        "application_usage": table([snapshot(9, "Mail", 0)])
-    })  # fmt: skip
+    frames = {"application_usage": table([snapshot(9, "Mail", 0)])}
+    result = compute_family("app_usage", frames)
     got = row(result)
     assert (got["app_minutes_total"], got["app_count"], got["app_entropy"]) == (0, 0, None)
     assert result.reasons == {"app_entropy: no app in the foreground": 1}
