@@ -29,6 +29,7 @@ upload server into an HTTP status and a JSON body (``status`` and ``code`` attri
     ├── SourceUnavailable          a study server cannot be reached or keeps failing (exit 7)
     ├── ExportFailed               an export stored what it could but some tables failed (exit 8)
     ├── UnknownInstrument          no instrument definition of that name (exit 4)
+    ├── UnknownFeatureFamily       no feature family of that name (exit 4)
     ├── PipelineBusy               a run of that pipeline is in progress (exit 9)
     ├── InvalidJobRequest          a malformed job-tracking request (HTTP 400, exit 2)
     │   ├── InvalidJobConfig       job configurations that fail their schema (HTTP 400, exit 2)
@@ -197,6 +198,11 @@ class ExportFailed(WorkbenchError):
 class UnknownInstrument(WorkbenchError):
     exit_code = 4
     code = "unknown_instrument"
+
+
+class UnknownFeatureFamily(WorkbenchError):
+    exit_code = 4
+    code = "unknown_feature_family"
 
 
 class PipelineBusy(WorkbenchError):
