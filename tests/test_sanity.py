@@ -15,7 +15,9 @@ from tests.conftest import Phone
 from workbench import sanity as sanity_module
 from workbench.catalog import uploads
 from workbench.cli import cli
+from workbench.enrollment import enroll
 from workbench.sanity import check_files, sanity_check
+from workbench.studies import create_study, definition_from_options
 
 
 @pytest.fixture
@@ -87,6 +89,8 @@ def _records(n=2, **change):
             "sensorname": "accelerometer",
             "timestamp": 1000 * (i + 1),
             "x": 0.1,
+            "y": 0.2,
+            "z": 9.81,
         }
         if i == n - 1:
             record.update(change)
@@ -134,3 +138,32 @@ def test_cli_exits_1_when_a_file_fails(home, stored):
     bad = runner.invoke(cli, ["--home", str(home.home), "sanity", "--full"])
     assert bad.exit_code == 1
     assert f"{stored[5].path}: size:" in bad.output
+
+
+def test_a_batch_that_does_not_fit_its_sensor_schema_is_reported(home, catalog, client, subjects):
+    phone = Phone(client, subjects[0])
+    phone.register()
+    good = phone.batch("location", n=5)
+    assert phone.upload(good).status_code == 200
+    bad = phone.batch("location", n=5)
+    for record in bad[2:]:
+        del record["accuracy"]  # the server files it; only the sensor schema knows the field
+    assert phone.upload(bad).status_code == 200
+    report = sanity_check(home, catalog=catalog, settle=0)
+    assert report.checked == 2 and len(report.failures) == 1
+    (failure,) = report.failures
+    assert failure.reason.startswith("schema: location sensor schema: record 2:")
+    assert "accuracy" in failure.reason and "(and 2 more records)" in failure.reason
+    with catalog.engine.connect() as conn:
+        paths = list(conn.execute(select(uploads.c.path).order_by(uploads.c.id)).scalars())
+    assert failure.path == paths[1]  # the valid batch is not reported
+
+
+def test_a_sensor_without_a_schema_passes_in_the_generic_shape(home, catalog, client):
+    create_study(catalog, definition_from_options("other", sensors=["thermometer"]))
+    (person,) = enroll(catalog, "other", 1)
+    phone = Phone(client, person, study="other")
+    assert phone.register().status_code == 200
+    assert phone.upload(phone.batch("thermometer")).status_code == 200
+    report = sanity_check(home, catalog=catalog, study="other", settle=0)
+    assert report.checked == 1 and report.ok, report.failures

@@ -150,6 +150,8 @@ def test_sanity_reports_a_stored_file_other_readers_cannot_read(tmp_path):
                 "sensorname": "accelerometer",
                 "timestamp": 1,
                 "x": 1.0,
+                "y": 2.0,
+                "z": 9.81,
             }
         ]
     )

@@ -1368,62 +1368,72 @@ def _recovered(done: dict[str, int]) -> str:
 @click.option(
     "--days",
     type=click.IntRange(1, 365),
-    default=3,
+    default=7,
     show_default=True,
-    help="Days of data per participant, ending now.",
-)
-@click.option("--url", help="Upload server URL (default: public_url from workbench.toml).")
-@click.option(
-    "--batches-per-day",
-    type=click.IntRange(1, 1440),
-    help="Cap on batches per sensor and day (default: the study's, at most 24).",
+    help="Local days of data per participant, ending yesterday in the study's time zone.",
 )
 @click.option(
-    "--records",
-    type=click.IntRange(1, 10000),
-    default=150,
+    "--start",
+    type=click.DateTime(formats=["%Y-%m-%d"]),
+    help="First local day (YYYY-MM-DD) instead of DAYS before today.",
+)
+@click.option(
+    "--seed",
+    type=click.IntRange(0),
+    default=0,
     show_default=True,
-    help="Records per batch.",
+    help="Random seed, for repeatable runs.",
 )
 @click.option(
-    "--clients",
-    type=click.IntRange(1, 64),
-    default=4,
-    show_default=True,
-    help="Phones uploading at once.",
+    "--url",
+    help="Upload to the server at this URL (default: store through the ingest path in process).",
 )
 @click.option(
-    "--seed", type=int, default=0, show_default=True, help="Random seed, for repeatable runs."
+    "--truth",
+    "truth_path",
+    type=click.Path(dir_okay=False),
+    help="Write the truth per subject and local day to this Parquet file.",
+)
+@click.option(
+    "--true-coordinates",
+    is_flag=True,
+    help="Send true coordinates instead of rotating them as the JTrack app does.",
 )
 @click.pass_context
-def simulate(ctx, study_id, subjects, days, url, batches_per_day, records, clients, seed) -> None:
-    """Simulate participants' phones uploading JTrack batches to a running server.
+def simulate(ctx, study_id, subjects, days, start, seed, url, truth_path, true_coordinates) -> None:
+    """Simulate participants' realistic days and store them, keeping the truth.
 
-    Enrolls SUBJECTS new subjects, registers a device for each and uploads realistic batches
-    with checksums and tokens: some subjects go silent, some leave, some uploads are retried.
+    Enrolls SUBJECTS new subjects. Each gets a home, a workplace and other places in one city,
+    sleeps at home, commutes, walks, uses apps, answers EMA prompts, labels activities and
+    sometimes switches the phone off; the phone's batches (in the JTrack app's shapes and
+    batch sizes) are stored through the ingest path, or uploaded to a running server with
+    --url. --truth writes what really happened, per subject and local day.
 
     \b
     Example:
-        workbench simulate demo --subjects 20 --days 7 --url http://127.0.0.1:8080
+        workbench simulate demo --subjects 20 --days 14 --seed 1 --truth truth.parquet
+        workbench simulate demo --subjects 5 --url http://127.0.0.1:8080
     """
-    from workbench.simulators.phones import simulate as run_simulation
+    from workbench.simulators.days import simulate_days
 
-    config = _config(ctx)
-    report = run_simulation(
-        config,
+    truth = simulate_days(
+        _config(ctx),
         study_id,
         subjects=subjects,
         days=days,
-        url=url or config.server.public_url,
-        batches_per_day=batches_per_day,
-        records_per_batch=records,
-        clients=clients,
         seed=seed,
+        start=start.date() if start else None,
+        obfuscate=not true_coordinates,
+        url=url,
         progress=True,
     )
-    click.echo(report.summary())
-    if report.failed:
-        raise click.ClickException(f"{report.failed} uploads failed; see the messages above")
+    if truth_path:
+        truth.write(truth_path)
+    click.echo(truth.summary() + (f"; truth {truth_path}" if truth_path else ""))
+    if truth.failed:
+        for error in truth.errors[:5]:
+            click.echo(error, err=True)
+        raise click.ClickException(f"{truth.failed} uploads failed")
 
 
 @cli.command()

@@ -2,8 +2,10 @@
 
 Each file recorded in the upload ledger is read and checked against its row and the batch
 JSON Schema: the file exists with the recorded size and SHA-256, parses, every record is valid,
-every record names the row's study, subject, device and sensor, and the record count and
-sample span match. ``full`` also walks the pool for batch files that have no ledger row.
+every record names the row's study, subject, device and sensor, the record count and sample
+span match, and every record fits its sensor's schema (``data_templates/sensors``; a sensor
+without one takes the generic shape). ``full`` also walks the pool for batch files that have
+no ledger row.
 
 By default only files not checked before are read (a watermark per study in the catalog), so a
 daily run costs what arrived that day. Files are checked by a pool of processes, one per core.
@@ -37,6 +39,7 @@ from workbench.errors import UploadRejected
 from workbench.ingest import parse_batch, span_of_batch
 from workbench.json_limits import check_json
 from workbench.pool import DataPool, write_file_atomically
+from workbench.sensors.schemas import check_batch
 from workbench.studies import get_study, list_studies
 from workbench.times import now_ms
 from workbench.writers import write_csv_atomically
@@ -242,6 +245,9 @@ def _check_one(root: str, row: tuple) -> str | None:
             f"span: samples from {span[0]} to {span[1]}, the ledger recorded "
             f"{first_ts} to {last_ts}"
         )
+    problem = check_batch(sensor, body)
+    if problem is not None:
+        return f"schema: {sensor} {problem}"
     return None
 
 

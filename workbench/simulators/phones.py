@@ -4,6 +4,8 @@ Used by ``make run``, the tests and the benchmarks. Each simulated subject is en
 its token is known), registers one device with ``add_user`` and uploads its batches in time
 order, with md5 or Content-Digest checksums. Some subjects go silent part-way, some leave with
 ``update_user``, and some batches are sent twice, as a phone does when an answer is lost.
+:class:`IngestPhones` (in process, through the server's ingest path) and :class:`HttpPhones`
+deliver the batches of :mod:`workbench.simulators.days`.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from workbench.catalog import open_catalog
 from workbench.config import Config
 from workbench.enrollment import Enrollment, enroll
 from workbench.errors import WorkbenchError
+from workbench.ingest import Ingest, Upload
 from workbench.studies import get_study
 from workbench.times import DAY_MS, now_ms
 
@@ -80,8 +83,11 @@ def make_batch(
     n: int,
     rng: random.Random,
 ) -> list[dict]:
-    """One batch of ``n`` records of ``sensor`` spread over ``span_ms`` from ``start_ms``."""
+    """One batch of ``n`` records of ``sensor`` spread over ``span_ms`` from ``start_ms``, in
+    the shapes the JTrack app sends (``data_templates/sensors``): no record carries the app's
+    row ``id`` except Garmin's."""
     step = max(1, span_ms // n)
+    usage: dict[str, int] = {}  # application_usage: foreground ms per app since midnight
     records = []
     for i in range(n):
         ts = start_ms + i * step
@@ -91,11 +97,15 @@ def make_batch(
             "deviceid": device,
             "sensorname": sensor,
             "timestamp": ts,
-            "id": i,
         }
-        record.update(_sensor_fields(sensor, ts, rng))
         if sensor == "ema":  # the EMA app: one record per answered question of one prompt
             record.update(_ema_fields(subject, i, start_ms, span_ms, rng))
+        elif sensor == "application_usage":
+            record.update(_usage_fields(ts, step, usage, rng))
+        elif sensor == "garmin":
+            record.update(_garmin_fields(ts, i, rng))
+        else:
+            record.update(_sensor_fields(sensor, ts, rng))
         records.append(record)
     return records
 
@@ -104,6 +114,7 @@ def _ema_fields(subject: str, question: int, opened: int, span_ms: int, rng: ran
     answer = rng.randint(1, 5)
     return {
         "subjectId": subject,
+        "freeText": "",
         "questionId": question + 1,
         "answerId": answer,
         "surveyVersion": 1,
@@ -112,11 +123,44 @@ def _ema_fields(subject: str, question: int, opened: int, span_ms: int, rng: ran
         "endTime": str(opened + min(span_ms, 300_000)),
         "answerText": str(answer),
         "answer": None,
-        "freeText": "",
+    }
+
+
+APPS = ("WhatsApp", "Chrome", "Instagram", "Gmail")
+
+
+def _usage_fields(ts: int, step: int, usage: dict[str, int], rng: random.Random) -> dict:
+    """An hourly UsageStats snapshot of one app: foreground time cumulative from midnight."""
+    midnight = ts - ts % DAY_MS
+    if usage.get("_day") != midnight:  # a new day: the counts start again
+        usage.clear()
+        usage["_day"] = midnight
+    app = rng.choice(APPS)
+    usage[app] = min(usage.get(app, 0) + rng.randint(0, step), ts - midnight)
+    return {
+        "appName": app,
+        "beginTimeStamp": midnight,
+        "endTimeStamp": ts,
+        "lastTimeUsed": max(midnight, ts - rng.randint(0, step)),
+        "totalTimeinForeground": usage[app],
+    }
+
+
+def _garmin_fields(ts: int, i: int, rng: random.Random) -> dict:
+    return {
+        "wearable_sensor": "heart_rate",
+        "deviceName": "Garmin Vivosmart 4",
+        "frequency": "1/60 Hz",
+        "value": float(rng.randint(55, 110)),
+        "id": i,
+        "timestamp_start": ts,
+        "timestamp_end": ts + 60_000,
     }
 
 
 def _sensor_fields(sensor: str, ts: int, rng: random.Random) -> dict:
+    # barometer, gravity, magnetic, rotation vector, lockUnlock: no public schema, so the
+    # generic shape takes whatever fields they carry
     if sensor in (
         "accelerometer",
         "gyroscope",
@@ -127,29 +171,35 @@ def _sensor_fields(sensor: str, ts: int, rng: random.Random) -> dict:
     ):
         g = 9.81 if sensor in ("accelerometer", "gravity_sensor") else 0.0
         return {
-            "x": round(rng.gauss(0, 0.4), 4),
-            "y": round(rng.gauss(0, 0.4), 4),
-            "z": round(g + rng.gauss(0, 0.4), 4),
+            "x": round(rng.gauss(0, 0.4), 5),
+            "y": round(rng.gauss(0, 0.4), 5),
+            "z": round(g + rng.gauss(0, 0.4), 5),
         }
     if sensor == "location":
+        lat = round(50.9 + rng.gauss(0, 0.01), 6)
         return {
-            "lat": round(50.9 + rng.gauss(0, 0.01), 6),
+            "lat": lat,
             "lon": round(6.4 + rng.gauss(0, 0.01), 6),
-            "alt": round(rng.uniform(90, 120), 1),
+            "alt": lat,  # the app's defect: the true latitude in alt
             "accuracy": round(rng.uniform(3, 30), 1),
+            "provider": rng.choice(["fused", "gps", "network"]),
         }
     if sensor == "activity":
         return {
-            "activity": rng.choice(["STILL", "WALKING", "IN_VEHICLE", "ON_FOOT"]),
-            "confidence": rng.randint(40, 100),
+            "activityType": rng.choice([0, 1, 2, 3, 3, 3, 4, 5, 7, 8]),
+            "confidence": float(rng.randint(70, 100)),
+        }
+    if sensor == "active_labeling":
+        minutes = rng.randint(5, 60)
+        return {
+            "taskName": rng.choice(["walking", "cooking", "reading"]),
+            "startTimestamp": ts - minutes * 60_000,
+            "endTimestamp": ts,
+            "duration": float(minutes * 60),
+            "voiceId": None,
         }
     if sensor == "barometer":
         return {"pressure": round(1013 + rng.gauss(0, 3), 2)}
-    if sensor == "application_usage":
-        return {
-            "app": rng.choice(["mail", "browser", "messenger", "camera"]),
-            "duration_ms": rng.randint(1000, 600000),
-        }
     if sensor == "lockUnlock":
         return {"locked": rng.random() < 0.5}
     hour = (ts // 3_600_000) % 24
@@ -198,7 +248,7 @@ def simulate(
 
     Example: ``simulate(load_config(), "demo", subjects=5, days=2, url="http://127.0.0.1:8080")``.
     """
-    _check_server(url)
+    check_server(url)
     catalog = open_catalog(config)
     study = get_study(catalog, study_id)
     enrollments = enroll(catalog, study_id, subjects)
@@ -254,9 +304,9 @@ def simulate(
                 )
                 body = orjson.dumps(records)
                 checksum = "md5" if local.random() < 0.5 else "digest"
-                _send_raw(client, "write_data", body, report, lock, checksum=checksum)
+                post_action(client, "write_data", body, report, lock, checksum=checksum)
                 if local.random() < RETRY_SHARE:
-                    _send_raw(client, "write_data", body, report, lock, checksum=checksum)
+                    post_action(client, "write_data", body, report, lock, checksum=checksum)
                 bar.update(1)
             if plan.fate == "leaves":
                 _send(
@@ -282,7 +332,8 @@ def simulate(
     return report
 
 
-def _check_server(url: str) -> None:
+def check_server(url: str) -> None:
+    """Stop with a clear message unless an upload server answers ``/health`` at ``url``."""
     try:
         answer = httpx.get(f"{url.rstrip('/')}/health", timeout=5.0)
     except httpx.HTTPError as exc:
@@ -294,12 +345,14 @@ def _check_server(url: str) -> None:
 
 
 def _send(client, action, message, report, lock, *, checksum) -> None:
-    _send_raw(client, action, orjson.dumps(message), report, lock, checksum=checksum)
+    post_action(client, action, orjson.dumps(message), report, lock, checksum=checksum)
 
 
-def _send_raw(
+def post_action(
     client: httpx.Client, action: str, body: bytes, report, lock, *, checksum: str
 ) -> None:
+    """Send one JTrack action with an md5 or Content-Digest checksum, retrying a failed
+    connection as a phone does, and count the answer in ``report``."""
     headers = {"ACTION": action, "Content-Type": "application/json"}
     if checksum == "md5":
         headers["md5"] = hashlib.md5(body).hexdigest()
@@ -332,3 +385,60 @@ def _send_raw(
                 report.duplicates += 1
             else:
                 report.stored += 1
+
+
+class IngestPhones:
+    """Phones whose uploads go through :class:`workbench.ingest.Ingest` in this process: the
+    code path the server runs, without HTTP. A refusal raises."""
+
+    def __init__(self, config: Config) -> None:
+        self.ingest = Ingest(config)
+        self.report = SimulationReport()
+
+    def register(self, study: str, subject: str, device: str, token: str, *, joined: int):
+        self.ingest.add_user(self._upload(device_message(study, subject, device, joined), token))
+
+    def send(self, body: bytes, token: str) -> None:
+        receipt = self.ingest.write_data(self._upload(body, token))
+        self.report.sent += 1
+        if receipt.body.get("duplicate"):
+            self.report.duplicates += 1
+        else:
+            self.report.stored += 1
+
+    @staticmethod
+    def _upload(body: bytes, token: str) -> Upload:
+        return Upload(body=body, md5=hashlib.md5(body).hexdigest(), authorization=f"Bearer {token}")
+
+    def close(self) -> None:
+        self.ingest.close()
+
+
+class HttpPhones:
+    """Phones uploading to a running server with md5 checksums; answers are counted in
+    ``report`` (failures too, with their message)."""
+
+    def __init__(self, url: str) -> None:
+        self.client = httpx.Client(base_url=url, timeout=60.0)
+        self.report = SimulationReport()
+        self.lock = threading.Lock()
+
+    def register(self, study: str, subject: str, device: str, token: str, *, joined: int):
+        self._post("add_user", device_message(study, subject, device, joined), token)
+
+    def send(self, body: bytes, token: str) -> None:
+        self._post("write_data", body, token)
+
+    def _post(self, action: str, body: bytes, token: str) -> None:
+        self.client.headers["Authorization"] = f"Bearer {token}"
+        post_action(self.client, action, body, self.report, self.lock, checksum="md5")
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def device_message(study: str, subject: str, device: str, joined: int) -> bytes:
+    """The body of ``add_user`` for an active device that joined at ``joined``."""
+    message = {"studyId": study, "username": subject, "deviceid": device, "status": 0,
+               "time_joined": joined, "time_left": None}  # fmt: skip
+    return orjson.dumps(message)
