@@ -39,6 +39,8 @@ globals().update({name: getattr(_errors, name) for name in _ERRORS})
 _LAZY = {
     "ack_alert": "workbench.alerts",
     "archive_study": "workbench.studies",
+    "build_tables": "workbench.sensors.tables",
+    "data_yield": "workbench.sensors.yields",
     "attrition": "workbench.reports",
     "Catalog": "workbench.catalog",
     "change_over_time": "workbench.psychometrics",
@@ -69,7 +71,11 @@ _LAZY = {
     "refresh_status": "workbench.refresh",
     "run_pipeline": "workbench.pipelines",
     "sanity_check": "workbench.sanity",
+    "quarantine_table": "workbench.sensors.tables",
     "score": "workbench.instruments",
+    "sensor_data": "workbench.sensors.loading",
+    "sensor_schema": "workbench.sensors.schemas",
+    "set_timezone": "workbench.subjects",
     "sensing_dispositions": "workbench.reports",
     "status_history_table": "workbench.status",
     "study_status": "workbench.status",
@@ -105,6 +111,10 @@ if TYPE_CHECKING:  # for type checkers and the API reference
         write_questionnaire_report,
     )
     from workbench.sanity import sanity_check
+    from workbench.sensors.loading import sensor_data
+    from workbench.sensors.schemas import sensor_schema
+    from workbench.sensors.tables import build_tables, quarantine_table
+    from workbench.sensors.yields import data_yield
     from workbench.status import status_history_table, study_status
     from workbench.studies import (
         archive_study,
@@ -113,6 +123,7 @@ if TYPE_CHECKING:  # for type checkers and the API reference
         get_study,
         list_studies,
     )
+    from workbench.subjects import set_timezone
 
 __all__ = sorted([*_LAZY, *_ERRORS])
 

@@ -1509,6 +1509,10 @@ from workbench.cli_sync import sync  # noqa: E402  (the sync commands)
 
 cli.add_command(sync)
 
+from workbench.cli_tables import tables  # noqa: E402  (the sensor-table commands)
+
+cli.add_command(tables)
+
 
 def main() -> None:
     """Entry point of the ``workbench`` command."""

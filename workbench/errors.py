@@ -47,6 +47,9 @@ upload server into an HTTP status and a JSON body (``status`` and ``code`` attri
     ├── DestinationFailed          an upload to a destination failed; its old file is untouched (exit 12)
     ├── TableRefused               a table's answer cannot be stored: row ids outside signed 64-bit, or too large (exit 8)
     ├── InvalidName                a name that would become a file or folder fails its pattern (exit 2)
+    ├── InvalidTimezone            a study's or subject's time zone is not a known IANA name (exit 2)
+    ├── NoSensorTable              the study neither records this sensor nor has a table of it (exit 3)
+    ├── TablesError                a sensor table cannot be built, e.g. a consumer failed (exit 1)
     ├── JobLimitExceeded           a job-tracking limit of [jobs] is reached (HTTP 413, exit 2)
     │   ├── TooManyEvents          the job holds [jobs] max_events events already
     │   └── MetadataTooLarge       event metadata over [jobs] max_metadata_bytes

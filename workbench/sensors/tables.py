@@ -585,10 +585,10 @@ def _delete_superseded(folder: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def quarantine(config: Config, study: str, sensor: str | None = None) -> pl.DataFrame:
+def quarantine_table(config: Config, study: str, sensor: str | None = None) -> pl.DataFrame:
     """The refused records (and skipped batches) of a study's sensor tables.
 
-    Example: ``quarantine(load_config(), "demo", "location").group_by("reason").len()``.
+    Example: ``quarantine_table(load_config(), "demo", "location").group_by("reason").len()``.
     """
     study = check_name("study", study)
     base = DataPool.of(config).tables / study / "_quarantine"
