@@ -314,3 +314,45 @@ def test_a_build_killed_at_any_step_and_run_again_gives_the_same_dataset(
     assert rebuilt.returncode == 0, rebuilt.stderr
     for name, frame in dataset(home).items():
         assert frame.equals(after[name]), name
+
+
+def test_consumers_on_a_redis_queue_build_what_one_process_builds(
+    home, phones, redis_url, monkeypatch, tmp_path
+):
+    """Two scheduler consumers (as on two hosts sharing the pool and Redis) build the study's
+    chunks; the tables equal a single-process rebuild."""
+    empty = tmp_path / "no-pipelines"
+    empty.mkdir()
+    toml = home.home / "workbench.toml"
+    toml.write_text(toml.read_text().replace('folder = "pipelines"', f'folder = "{empty}"'))
+    for k in range(3):
+        round_of(phones, START_MS + k * 25 * MINUTE, seed=40 + k)
+    monkeypatch.setenv("WORKBENCH_REDIS_URL", redis_url)
+    config = workbench.load_config(home.home)
+    consumers = [
+        subprocess.Popen(
+            [sys.executable, "-m", "workbench.cli", "--home", str(home.home), "scheduler"]
+            + ["--workers", "1"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        for _ in range(2)
+    ]
+    try:
+        summary = workbench.build_tables(config, "walk", queue=True)
+    finally:
+        for consumer in consumers:
+            os.killpg(consumer.pid, signal.SIGTERM)
+        for consumer in consumers:
+            consumer.wait(timeout=60)
+    assert sum(s.batches for s in summary.sensors.values()) == 24
+    assert summary.workers and summary.workers <= {
+        f"{os.uname().nodename}:{c.pid}" for c in consumers
+    }
+    shared = dataset(config)
+    workbench.build_tables(config, "walk", rebuild=True, processes=1)
+    alone = dataset(config)
+    for name, frame in alone.items():
+        assert frame.equals(shared[name]), name
+    assert alone["accelerometer"].height == 3 * 2 * 120

@@ -108,6 +108,7 @@ class ChunkResult:
     quarantined: int = 0  # records refused by the schema
     skipped: list[str] = field(default_factory=list)  # batches skipped whole, with the reason
     partitions: int = 0
+    worker: str = ""  # host:pid of the process that built it
 
 
 @dataclass
@@ -142,6 +143,7 @@ class BuildSummary:
     sensors: dict[str, SensorSummary] = field(default_factory=dict)
     watermark: int = 0
     seconds: float = 0.0
+    workers: set[str] = field(default_factory=set)  # host:pid of the processes that built
 
     @property
     def generic(self) -> list[str]:
@@ -187,6 +189,7 @@ class BuildSummary:
             "study": self.study,
             "watermark": self.watermark,
             "seconds": round(self.seconds, 3),
+            "workers": sorted(self.workers),
             "sensors": {name: asdict(s) for name, s in self.sensors.items()},
         }
 
@@ -248,6 +251,7 @@ def build_tables(
             )
             for result in results:
                 summary.sensors[result.sensor].add(result)
+                summary.workers.add(result.worker)
             sync_folders({pool.tables} if pool.tables.exists() else set())
             _advance(catalog, study, names, top, zones_key)
             summary.watermark = top
@@ -454,7 +458,7 @@ def build_chunk(root: str, chunk: Chunk) -> ChunkResult:
     schema = sensor_schema(chunk.sensor)
     columns = schema.columns()
     content = [c for c in columns if c not in ("subject", "local_time", "day", BATCH_COLUMN)]
-    result = ChunkResult(chunk.sensor)
+    result = ChunkResult(chunk.sensor, worker=f"{os.uname().nodename}:{os.getpid()}")
     frames: list[pl.DataFrame] = []
     refused: list[dict] = []
     types = {
