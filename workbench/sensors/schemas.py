@@ -281,7 +281,7 @@ class _Decoder:
         return value
 
     def _one_by_one(self, body: bytes) -> Decoded:
-        raw = orjson.loads(body)  # the body passed the upload's JSON checks: a list of objects
+        raw = _array(body)
         columns: dict[str, list[Any]] = {name: [] for name in self.names}
         refused = []
         for index, record in enumerate(raw):
@@ -301,7 +301,7 @@ class _Decoder:
         return Decoded(columns, refused)
 
     def _generic(self, body: bytes) -> Decoded:
-        raw = orjson.loads(body)
+        raw = _array(body)
         columns: dict[str, list[Any]] = {"timestamp": [], GENERIC_COLUMN: []}
         refused = []
         for index, record in enumerate(raw):
@@ -314,6 +314,14 @@ class _Decoder:
             columns["timestamp"].append(ts)
             columns[GENERIC_COLUMN].append(orjson.dumps(rest, option=orjson.OPT_SORT_KEYS).decode())
         return Decoded(columns, refused)
+
+
+def _array(body: bytes) -> list:
+    """The records of a body: a JSON array, else ValueError (the batch cannot be parsed)."""
+    raw = orjson.loads(body)
+    if not isinstance(raw, list):
+        raise ValueError(f"a batch is a JSON array of records, not a {type(raw).__name__}")
+    return raw
 
 
 @functools.cache

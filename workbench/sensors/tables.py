@@ -32,8 +32,6 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import msgspec
-import orjson
 import polars as pl
 from sqlalchemy import and_, func, select
 
@@ -523,7 +521,7 @@ def _decode(sensor: str, body: bytes):
 
     try:
         return decode_batch(sensor, body)
-    except (msgspec.DecodeError, orjson.JSONDecodeError) as exc:
+    except ValueError as exc:  # msgspec and orjson decode errors are ValueErrors too
         raise ValueError(str(exc)) from None
 
 
