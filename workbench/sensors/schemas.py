@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 import orjson
 
-from workbench.templates import TEMPLATES_DIR, load_schema, schema_validator
+from workbench.templates import TEMPLATES_DIR
 
 if TYPE_CHECKING:
     import polars as pl
@@ -157,13 +157,14 @@ def known_sensors() -> list[str]:
 @functools.cache
 def sensor_schema(sensor: str) -> SensorSchema:
     """The schema of ``sensor``; a sensor without a file of its own gets the generic shape.
+    (The files are checked against ``schemas/sensor.schema.json`` by the tests, not here:
+    importing jsonschema would cost every build process a second or more.)
 
     Example: ``sensor_schema("location").slot_minutes == 10``.
     """
     path = SENSORS_DIR / f"{sensor}.json"
     known = path.is_file()
     data = json.loads((path if known else SENSORS_DIR / f"{GENERIC}.json").read_text("utf-8"))
-    schema_validator(load_schema("sensor")).validate(data)
     fields = tuple(
         FieldSpec(
             name=f["name"],
