@@ -77,6 +77,7 @@ def test_init_and_demo_run_from_an_empty_folder(installed, tmp_path):
     assert (home / "pipelines" / "status.toml").is_file()
     assert (home / "notebooks" / "status.ipynb").is_file()
     assert (home / "notebooks" / "dashboards" / "study_status.ipynb").is_file()
+    assert (home / "notebooks" / "explore" / "one_subject_week.ipynb").is_file()
     # the schedule is the home's own: a pipeline removed there is no longer scheduled
     (home / "pipelines" / "sanity.toml").unlink()
     schedule = run([workbench, "crontab"], cwd=folder, env=env).stdout
