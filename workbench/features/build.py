@@ -70,6 +70,9 @@ QUEUE_TIMEOUT_S = 3600
 # consumer takes one subject at a time, so the work spreads evenly.
 IN_PROCESS_SHARE = 8
 STATE = "state.json"
+# Float features are rounded to this many decimals (a micro-minute, a millimetre), so that a
+# run gives the same table to the last digit however the subjects were split.
+DECIMALS = 6
 
 
 @dataclass
@@ -360,13 +363,20 @@ def compute_share(config: Config, subjects: list[str], job: dict) -> dict:
             reasons[f"{entry.name} (all features): no {sensors} data that day"] += missing
     table = _with_yield(table, yields, job["sensors"], job["valid_hours"])
     schema = day_schema(job["sensors"])
-    table = table.select([pl.col(c).cast(t) for c, t in schema.items()])
+    table = table.select([_rounded(pl.col(c).cast(t), t) for c, t in schema.items()])
     apps = _clip(app_minutes(frames), start, end) if "application_usage" in frames else None
+    if apps is not None:
+        apps = apps.with_columns(pl.col("minutes").round(DECIMALS))
     return {
         "table": table,
         "apps": apps if apps is not None else pl.DataFrame(schema=APP_TABLE),
         "reasons": dict(reasons),
     }
+
+
+def _rounded(column: pl.Expr, dtype: pl.DataType) -> pl.Expr:
+    """Floats to ``DECIMALS`` places: a sum's last bits depend on the order polars adds in."""
+    return column.round(DECIMALS) if dtype == pl.Float64 else column
 
 
 def _with_yield(
