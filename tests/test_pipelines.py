@@ -240,7 +240,7 @@ def test_definitions_are_validated(lab):
 def test_the_shipped_definitions_schedule_every_notebook(home):
     pipelines = load_pipelines(home)
     assert set(pipelines) == {
-        *("status", "sanity", "export", "reports", "attrition"),
+        *("status", "sanity", "export", "reports", "attrition", "features"),
         *("sync", "sync_maintenance", "poll"),
     }
     assert all(p.notebook.is_file() and p.enabled for p in pipelines.values())

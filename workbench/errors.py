@@ -50,6 +50,7 @@ upload server into an HTTP status and a JSON body (``status`` and ``code`` attri
     ├── InvalidTimezone            a study's or subject's time zone is not a known IANA name (exit 2)
     ├── NoSensorTable              the study neither records this sensor nor has a table of it (exit 3)
     ├── TablesError                a sensor table cannot be built, e.g. a consumer failed (exit 1)
+    ├── FeaturesError              features cannot be computed, e.g. a consumer failed (exit 1)
     ├── JobLimitExceeded           a job-tracking limit of [jobs] is reached (HTTP 413, exit 2)
     │   ├── TooManyEvents          the job holds [jobs] max_events events already
     │   └── MetadataTooLarge       event metadata over [jobs] max_metadata_bytes
@@ -299,6 +300,14 @@ class TablesError(WorkbenchError):
     status = 409
     exit_code = 1
     code = "tables_error"
+
+
+class FeaturesError(WorkbenchError):
+    """Behavioural features cannot be computed (the message says why)."""
+
+    status = 409
+    exit_code = 1
+    code = "features_error"
 
 
 class InvalidTimezone(WorkbenchError):
