@@ -191,3 +191,44 @@ def test_no_yield_alert_for_a_subject_who_left(home, catalog, client, subjects, 
     build_tables(home, "demo")
     refresh_status(home, studies=["demo"], mail=False)
     assert set(low_yield_alerts(catalog)) == {staying.subject}
+
+
+def test_the_heat_map_shows_mean_yield_and_each_sensors_valid_hours(
+    home, catalog, client, subjects, today
+):
+    from workbench.dashboards import daily_yield
+    from workbench.studies import get_study
+    from workbench.widgets import StatusDashboard
+
+    phone = joined(client, subjects[0], today, days_ago=3)
+    day_of(phone, today, 1, 12)  # location 12 h (50 %), accelerometer nothing (0 %)
+    day_of(phone, today, 2, 6)  # location 6 h (25 %)
+    build_tables(home, "demo")
+    refresh_status(home, studies=["demo"], mail=False)
+
+    names = [s.subject for s in subjects]
+    days = daily_yield(home, get_study(catalog, "demo"), names, days=5)
+    cells = {(r["subject_name"], r["day"]): r for r in days.iter_rows(named=True)}
+    assert days.height == 3 * 5  # every subject, every day: a full grid
+    yesterday = cells[(phone.subject, today - dt.timedelta(days=1))]
+    assert (yesterday["hours_location"], yesterday["hours_accelerometer"]) == (12, 0)
+    assert yesterday["yield_pct"] == 25.0  # (50 + 0) / 2
+    before = cells[(phone.subject, today - dt.timedelta(days=2))]
+    assert (before["hours_location"], before["hours_accelerometer"]) == (6, 0)
+    assert before["yield_pct"] == 12.5
+    assert cells[(phone.subject, today - dt.timedelta(days=4))]["yield_pct"] is None  # not yet
+    assert all(cells[(names[1], d)]["yield_pct"] is None for d in {d for _s, d in cells})
+
+    page = StatusDashboard(home.home, study="demo")
+    assert "Data yield by day" in page.heat_title.value
+    assert page.heat in page.heat_box.children
+    row = list(page.heat_map.row).index(phone.subject)
+    column = list(page.heat_map.column).index(str(today - dt.timedelta(days=1)))
+    page._heat_hover(page.heat_map, {"point": {"rowNum": row, "columnNum": column}})
+    assert "location: 12 h" in page.heat_tip.value
+    assert "accelerometer: 0 h" in page.heat_tip.value
+    assert "data yield 25 %" in page.heat_tip.value
+    # the table's 7-day yields, under the target: location (0 + 25 + 50) / 3, accelerometer 0
+    assert page.table.value.endswith(
+        "<td class='wb-yield-low'>0</td><td class='wb-yield-low'>25</td></tr></tbody></table>"
+    )
