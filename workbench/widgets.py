@@ -62,7 +62,7 @@ table.wb-table td{padding:2px 8px;border-bottom:1px solid #eee;white-space:nowra
 .wb-fresh-ok{background:#d9f0d3}.wb-fresh-warn{background:#fee8c8}
 .wb-fresh-stale{background:#fcbba1}.wb-fresh-none{background:#eee;color:#888}
 .wb-yield-low{background:#fee8c8}
-.wb-heat-tip{font-size:12px;padding:4px 6px;background:#fff;border:1px solid #ccc}
+.wb-heat-tip{font-size:12px;padding:4px 6px;background:#fff;border:1px solid #ccc;pointer-events:none}
 .wb-empty{color:#57606a;font-style:italic;padding:6px 0}
 .wb-error{color:#b00020;padding:6px 0}
 .wb-section{font-size:16px;font-weight:600;margin:14px 0 4px}
