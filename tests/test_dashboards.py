@@ -20,6 +20,7 @@ import threading
 import uuid
 from dataclasses import dataclass
 
+import httpx
 import polars as pl
 import pytest
 from click.testing import CliRunner
@@ -725,3 +726,60 @@ def test_the_refresh_button_refreshes_once_and_shows_the_new_uploads(
         mark = conn.execute(select(state.c.value).where(state.c.key == FOLDED)).scalar()
         assert mark == conn.execute(select(func.max(uploads.c.id))).scalar()
     assert page.error.value == ""
+
+
+# ---------------------------------------------------------------------------- data yield
+
+
+@pytest.mark.slow
+def test_the_heat_map_shows_data_yield_with_a_row_per_subject(browser, tmp_path):
+    from workbench_server.app import create_app
+
+    from tests.conftest import Phone
+    from tests.test_status_yield import day_of, midnight, sending
+    from workbench.enrollment import enroll
+    from workbench.sensors.tables import build_tables
+    from workbench.studies import create_study, definition_from_options
+
+    config = init_home(tmp_path / "yield")
+    today = dt.datetime.now(dt.UTC).date()
+    catalog = open_catalog(config)
+    try:
+        create_study(
+            catalog,
+            definition_from_options(
+                "demo", duration_days=14, sensors=["accelerometer", "location"]
+            ),
+        )
+        people = enroll(catalog, "demo", 3)
+    finally:
+        catalog.dispose()
+    app = create_app(config)
+    with httpx.Client(transport=httpx.WSGITransport(app=app), base_url="http://t") as client:
+        for person, valid in zip(people[:2], (12, 6), strict=True):
+            phone = Phone(client, person, device=f"{person.subject}-phone")
+            assert phone.register(time_joined=midnight(today, 5)).status_code == 200
+            day_of(phone, today, 1, valid)
+            sending(phone)
+    build_tables(config, "demo")
+    refresh_status(config, mail=False)
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    access = dashboard_access(environ={})
+    process = serve_dashboards(config, port=port, access=access, preheat=False)
+    try:
+        wait_for_dashboards(url, process=process, token=access.token)
+        page = Page(browser, dashboard_urls(url, access)["study status"])
+        page.wait_rendered(".wb-cards", "table.wb-table", ".bqplot rect.heatmapcell")
+        page.check_clean()
+        assert "Data yield by day" in page.page.inner_text("body")
+        rows = page.page.query_selector_all(".bqplot g.heatmaprow")
+        assert len(rows) == 3  # one per subject on the table's page
+        note = page.page.inner_text(".wb-muted >> text=sampled sensors")
+        assert "valid hours" in note
+        page.screenshot("study_status_yield")
+        page.check_clean()
+        page.page.close()
+    finally:
+        stop_process(process)

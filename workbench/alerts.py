@@ -11,6 +11,8 @@ Kinds, from a study's status table (:mod:`workbench.status`):
     over_not_left     the study's duration is over but the device has not left
     several_devices   more than one device of the same app is active for the subject
     low_completeness  an active device's completeness is below the study's target
+    low_yield         an active subject's data yield stayed under the study's target, in every
+                      sampled sensor, for the study's number of complete local days
 
 and from sync (:mod:`workbench.sync`), with the provider in place of the device:
 
@@ -45,6 +47,7 @@ from workbench.catalog import Catalog, alerts, dialect_insert
 from workbench.config import SmtpConfig
 from workbench.errors import AlreadyAcknowledged, MailError, NoteRequired, UnknownAlert
 from workbench.mail import send_mail
+from workbench.status import sampled_sensors
 from workbench.studies import Study
 from workbench.subject_state import Activity, DeviceStatus
 from workbench.times import HOUR_MS, iso_or_none, now_ms
@@ -69,12 +72,21 @@ ACTIONS = {
     "over_not_left": "the study period is over: ask the subject to end the study in the app",
     "several_devices": "confirm which device is in use and ask the subject to leave on the others",
     "low_completeness": "check the phone's battery optimisation and sensor permissions",
+    "low_yield": "check the app keeps recording: battery optimisation off, sensor and location "
+    "permissions granted, phone charged and carried",
     "sync_revoked": "ask the subject to link the provider again: workbench sync link STUDY SUBJECT PROVIDER",
     "safety": "follow the study's safety protocol, then acknowledge with a note of what was done",
 }
 SAFETY = "safety"
 # The kinds a status refresh opens and closes; others (sync) are closed by their own module.
-STATUS_KINDS = ("stale", "never_sent", "over_not_left", "several_devices", "low_completeness")
+STATUS_KINDS = (
+    "stale",
+    "never_sent",
+    "over_not_left",
+    "several_devices",
+    "low_completeness",
+    "low_yield",
+)
 
 
 @dataclass(frozen=True)
@@ -117,8 +129,11 @@ class Alert:
         return out
 
 
-def alert_conditions(study: Study, table: pl.DataFrame, *, now: int) -> dict:
-    """The alerts a status table calls for: ``{(subject, device, kind): (since, detail)}``."""
+def alert_conditions(
+    study: Study, table: pl.DataFrame, *, now: int, yields: pl.DataFrame | None = None
+) -> dict:
+    """The alerts a status table (and the subjects' daily data yield, when the study has
+    sensor tables) calls for: ``{(subject, device, kind): (since, detail)}``."""
     definition = study.definition
     target = definition["completeness_target_pct"]
     hours = definition["staleness_hours"]
@@ -179,15 +194,71 @@ def alert_conditions(study: Study, table: pl.DataFrame, *, now: int) -> dict:
             now,
             f"completeness below {target:g}%: {', '.join(below)}",
         )
+    if yields is not None:
+        found.update(low_yield(study, t, yields))
+    return found
+
+
+def low_yield(study: Study, table: pl.DataFrame, yields: pl.DataFrame) -> dict:
+    """The ``low_yield`` alerts: a subject with an active device that sends data (activity ok
+    or several devices; a silent one has its ``stale`` alert) whose best sampled sensor's
+    ``yield_pct`` was under ``yield_target_pct`` on each of the last ``yield_alert_days``
+    complete local days, all of them in the study. Sensors without a nominal sampling
+    interval (EMA, labels) are left out: their yield says nothing of whether the phone
+    records. ``yields`` is :func:`workbench.status.subject_yield`'s frame."""
+    definition = study.definition
+    target = float(definition.get("yield_target_pct", 50))
+    days = int(definition.get("yield_alert_days", 3))
+    sampled = sampled_sensors(study)
+    eligible = (
+        table.filter(
+            (pl.col("status_code") == DeviceStatus.ACTIVE)
+            & pl.col("activity_code").is_in([Activity.OK, Activity.SEVERAL_DEVICES])
+        )["subject_name"]
+        .unique()
+        .to_list()
+    )
+    best = (
+        yields.filter(
+            pl.col("subject").is_in(eligible),
+            pl.col("sensor").is_in(sampled),
+            pl.col("yield_pct").is_not_null(),
+        )
+        .sort("yield_pct", "sensor", descending=[True, False])
+        .group_by("subject", "days_ago", maintain_order=True)
+        .agg(pl.col("day", "day_start", "sensor", "yield_pct").first())
+        .sort("subject", "days_ago")
+    )
+    found: dict[tuple[str, str, str], tuple[int, str]] = {}
+    for (subject,), rows in best.group_by("subject", maintain_order=True):
+        run = []  # the low days from yesterday back, while they follow one another
+        for r in rows.iter_rows(named=True):
+            if r["days_ago"] != len(run) + 1 or r["yield_pct"] >= target:
+                break
+            run.append(r)
+        if len(run) < days:
+            continue
+        first, last = run[-1], run[0]
+        shown = ", ".join(f"{r['day']} {r['sensor']} {r['yield_pct']:g}%" for r in run[:days])
+        found[(subject, "", "low_yield")] = (
+            first["day_start"],
+            f"data yield under {target:g}% in every sensor on {len(run)} days in a row "
+            f"({first['day']} to {last['day']}); best sensor each day: {shown}",
+        )
     return found
 
 
 def update_alerts(
-    catalog: Catalog, study: Study, table: pl.DataFrame, *, now: int
+    catalog: Catalog,
+    study: Study,
+    table: pl.DataFrame,
+    *,
+    now: int,
+    yields: pl.DataFrame | None = None,
 ) -> tuple[int, int]:
-    """Open the alerts the status table calls for and close those it no longer does; return
-    (opened, closed)."""
-    wanted = alert_conditions(study, table, now=now)
+    """Open the alerts the status table (and the daily data yield) calls for and close those
+    it no longer does; return (opened, closed)."""
+    wanted = alert_conditions(study, table, now=now, yields=yields)
     c = alerts.c
     with catalog.writing(durable=False, serialize=f"alerts.{study.id}") as conn:
         open_now = {

@@ -572,6 +572,7 @@ def status(ctx, study_id, all_studies, fmt, out, history, subject) -> None:
     """
     import polars as pl
 
+    from workbench.pool import DataPool
     from workbench.refresh import refresh_status
     from workbench.status import status_history_table, study_status
     from workbench.studies import get_study, list_studies
@@ -593,7 +594,7 @@ def status(ctx, study_id, all_studies, fmt, out, history, subject) -> None:
             if history:
                 table = status_history_table(catalog, one, subject=subject)
             else:
-                table = study_status(catalog, one)
+                table = study_status(catalog, one, pool=DataPool.of(config))
             if all_studies:
                 table = table.select(pl.lit(one).alias("study"), pl.all())
             tables.append(table)

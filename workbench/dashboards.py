@@ -7,7 +7,10 @@ functions of the catalog and the pool, so what a page shows is what the library 
 - :func:`status_view`: one study's status table with a state per subject (active, stale,
   never started, left, completed), the headline counts, and hours since the newest sample of
   every sensor;
-- :func:`daily_completeness`: per subject and day, the share of expected batches received;
+- :func:`daily_yield`: per subject and local day, the data yield from the sensor tables (mean
+  over the sampled sensors) and each sensor's valid hours, for the heat map;
+- :func:`daily_completeness`: per subject and day, the share of expected batches received
+  (the heat map of a study whose sensor tables were never built);
 - :func:`attrition_view`: retention, CONSORT funnel, dropout by week, EMA compliance and
   questionnaire completion by session, for a study or questionnaire source, a cohort and a
   date range;
@@ -33,6 +36,7 @@ import signal
 import subprocess
 import sys
 import time
+import zoneinfo
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,7 +50,7 @@ from workbench.alerts import Alert, list_alerts, list_safety_alerts
 from workbench.catalog import Catalog, borrowed_catalog, devices, fetch_tuples, uploads
 from workbench.config import HOME_ENV, Config
 from workbench.errors import UnprotectedDashboards, WorkbenchError
-from workbench.pool import make_folders, modes_in, open_new_file
+from workbench.pool import DataPool, make_folders, modes_in, open_new_file
 from workbench.reports import (
     Attrition,
     attrition,
@@ -54,7 +58,7 @@ from workbench.reports import (
     completion_by_session,
     subset_attrition,
 )
-from workbench.status import study_status
+from workbench.status import sampled_sensors, study_status, subject_yield
 from workbench.studies import Study, get_study, list_studies
 from workbench.subject_state import LEFT_STATUSES, Activity, SubjectState
 from workbench.templates import SHIPPED_NOTEBOOKS
@@ -143,7 +147,7 @@ def status_view(
     with borrowed_catalog(config, catalog) as catalog:
         now = now_ms() if now is None else now
         study = get_study(catalog, study_id)
-        table = study_status(catalog, study_id, now=now)
+        table = study_status(catalog, study_id, now=now, pool=DataPool.of(config))
         # Open safety alerts of every questionnaire source come first, on every study's page:
         # they must not wait for someone to open the right one.
         safety = list_safety_alerts(catalog, [s.name for s in config.sources])
@@ -174,6 +178,63 @@ def study_choices(config: Config, *, catalog: Catalog | None = None) -> list[str
     """The active studies, by id."""
     with borrowed_catalog(config, catalog) as catalog:
         return [s.id for s in list_studies(catalog) if s.active]
+
+
+def daily_yield(
+    config: Config,
+    study: Study,
+    subjects: list[str],
+    *,
+    days: int = 28,
+    now: int | None = None,
+    catalog: Catalog | None = None,
+) -> pl.DataFrame | None:
+    """Per subject of ``subjects`` and local day of the last ``days`` (today included, so
+    far): ``yield_pct``, the mean over the study's sampled sensors (all sensors if none is
+    sampled) of the subject's data yield that day, and ``hours_<sensor>``, each sensor's
+    valid hours; null on days the subject was not in the study. None when the study's
+    sensor tables were never built. A read of the tables the last build left.
+
+    Columns subject_name, day (a date), yield_pct, hours_<sensor> per sensor of the study.
+    """
+    now = now_ms() if now is None else now
+    with borrowed_catalog(config, catalog) as catalog:
+        found = subject_yield(
+            config, catalog, study, days=days - 1, now=now, subjects=subjects, today=True
+        )
+    if found is None:
+        return None
+    sensors = list(study.sensors)
+    averaged = sampled_sensors(study) or sensors
+    zone = zoneinfo.ZoneInfo(study.definition.get("timezone") or "UTC")
+    today = dt.datetime.fromtimestamp(now / 1000, zone).date()
+    dates = [today - dt.timedelta(days=k) for k in range(days - 1, -1, -1)]
+    grid = pl.DataFrame({"subject_name": subjects}, schema={"subject_name": pl.String}).join(
+        pl.DataFrame({"day": dates}, schema={"day": pl.Date}), how="cross"
+    )
+    schema = {"subject_name": pl.String, "day": pl.Date, "yield_pct": pl.Float64} | {
+        f"hours_{s}": pl.Int64 for s in sensors
+    }
+    if found.is_empty():
+        return grid.join(pl.DataFrame(schema=schema), on=["subject_name", "day"], how="left")
+    mean = (
+        found.filter(pl.col("sensor").is_in(averaged))
+        .group_by("subject", "day")
+        .agg(pl.col("yield_pct").mean().round(1))
+    )
+    hours = found.pivot(on="sensor", index=["subject", "day"], values="valid_hours")
+    per_day = mean.join(hours, on=["subject", "day"], how="full", coalesce=True).rename(
+        {"subject": "subject_name"}
+    )
+    return grid.join(per_day, on=["subject_name", "day"], how="left").select(
+        "subject_name",
+        "day",
+        pl.col("yield_pct").cast(pl.Float64),
+        *(
+            (pl.col(s) if s in per_day.columns else pl.lit(None)).cast(pl.Int64).alias(f"hours_{s}")
+            for s in sensors
+        ),
+    )
 
 
 def daily_completeness(

@@ -1,7 +1,8 @@
 """The status refresh: the one writer of what the status views read.
 
 One refresh folds the ledger rows added since the last one into the status aggregates
-(:mod:`workbench.status`), computes each active study's status table, records the changes of
+(:mod:`workbench.status`), computes each active study's data yield of the last days from its
+sensor tables (once per study) and its status table, records the changes of
 activity code in the history, opens and closes alerts (:mod:`workbench.alerts`), writes each
 study's status CSV atomically into the pool's reports folder and mails the new alerts. The
 dashboards, the attrition report and ``workbench alerts --no-refresh`` read what it left; none
@@ -28,7 +29,9 @@ from workbench.pool import DataPool
 from workbench.status import (
     compute_status,
     fold_new_uploads,
+    keep_recent_yield,
     read_people,
+    recent_yield,
     record_changes,
     status_csv_path,
     sums_from_cache,
@@ -91,9 +94,12 @@ def refresh_status(
             sums = sums_from_cache(catalog, study.id, folded, pool.cache / "status")
             with catalog.engine.connect() as conn:
                 people, phones = read_people(conn, study.id)
-            table = compute_status(study, people, phones, sums, now=now)
+            # once per study and refresh, from the sensor tables; None if never built
+            yields = recent_yield(config, catalog, study, now=now)
+            keep_recent_yield(pool, study.id, yields)
+            table = compute_status(study, people, phones, sums, now=now, yields=yields)
             report.changes += record_changes(catalog, study.id, table, now=now)
-            opened, closed = update_alerts(catalog, study, table, now=now)
+            opened, closed = update_alerts(catalog, study, table, now=now, yields=yields)
             report.opened += opened
             report.closed += closed
             # rewritten at every refresh: atomic for readers, not worth an fsync

@@ -19,7 +19,9 @@ Example::
 
 from __future__ import annotations
 
+import datetime as dt
 import os
+import zoneinfo
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,11 +39,16 @@ from workbench.catalog import (
     status_history,
     status_sensors,
     subjects,
+    table_builds,
     uploads,
 )
+from workbench.config import Config
 from workbench.pool import DataPool
+from workbench.sensors.schemas import sensor_schema
+from workbench.sensors.yields import data_yield
 from workbench.studies import Study, get_study
 from workbench.subject_state import ACTIVITY_LABELS, LEFT_STATUSES, Activity, DeviceStatus
+from workbench.subjects import study_zones
 from workbench.times import DAY_MS, HOUR_MS, now_ms  # noqa: F401  (importable from here too)
 from workbench.writers import write_parquet_atomically
 
@@ -61,6 +68,7 @@ FOLDED = "status.last_upload_id"  # keys in the catalog's state table
 GENERATION = "status.generation"
 EMA_APP = "ema"  # the app of devices registered with deviceid_ema (workbench.ingest)
 EMA_SENSOR = "ema"  # the one sensor the EMA app records
+YIELD_DAYS = 7  # the status table's data yield: the last 7 complete local days
 _TIME = pl.Datetime("ms", "UTC")
 
 
@@ -75,12 +83,18 @@ def extra_columns(sensors: list[str]) -> list[str]:
     per_sensor = [f"{s}_{part}" for s in sensors for part in ("last_sample", "completeness")]
     return [
         *per_sensor,
+        *yield_columns(sensors),
         "last_data",
         "hours_since_last_data",
         "activity_code",
         "activity",
         "activity_since",
     ]
+
+
+def yield_columns(sensors: list[str]) -> list[str]:
+    """The status table's data yield columns, one per sensor: ``yield_7d_<sensor>``."""
+    return [f"yield_{YIELD_DAYS}d_{s}" for s in sensors]
 
 
 # ---------------------------------------------------------------------------- aggregates
@@ -272,22 +286,26 @@ def study_status(
     *,
     now: int | None = None,
     from_ledger: bool = False,
+    pool: DataPool | None = None,
 ) -> pl.DataFrame:
     """The status table of one study: JTrack's columns, then the workbench's.
 
     ``now`` (ms since the epoch, default the current time) is the moment the table describes.
     A read: it uses the aggregates as the last refresh left them (uploads since then show at
     the next refresh) and writes nothing; ``from_ledger`` computes the aggregates from the
-    whole ledger instead (the slow full computation, used to check the fast one).
+    whole ledger instead (the slow full computation, used to check the fast one). The data
+    yield columns (``yield_7d_<sensor>``) come from what the last refresh kept in ``pool``
+    (null without a pool, or when the study's sensor tables were never built).
 
-    Example: ``study_status(catalog, "demo").filter(pl.col("activity") == "no data")``.
+    Example: ``study_status(catalog, "demo", pool=DataPool.of(config))``.
     """
     study = get_study(catalog, study_id)
     now = now_ms() if now is None else now
     with catalog.engine.connect() as conn:
         people, phones = read_people(conn, study_id)
         sums = _read_sums(conn, study_id, from_ledger=from_ledger)
-    return compute_status(study, people, phones, sums, now=now)
+    yields = read_recent_yield(pool, study_id) if pool is not None else None
+    return compute_status(study, people, phones, sums, now=now, yields=yields)
 
 
 SUMS_SCHEMA = {
@@ -381,11 +399,18 @@ def sums_from_cache(catalog: Catalog, study_id: str, folded: Fold, cache: Path) 
 
 
 def compute_status(
-    study: Study, people: pl.DataFrame, phones: pl.DataFrame, sums: pl.DataFrame, *, now: int
+    study: Study,
+    people: pl.DataFrame,
+    phones: pl.DataFrame,
+    sums: pl.DataFrame,
+    *,
+    now: int,
+    yields: pl.DataFrame | None = None,
 ) -> pl.DataFrame:
     """The status table from a study's ``people`` (subject_name, enrolled_at), ``phones``
-    (subject_name, app, device_id, status_code, time_left, registered) and per-source
-    ``sums`` (subject_name, device_id, sensor, n_batches, last_received, last_sample)."""
+    (subject_name, app, device_id, status_code, time_left, registered), per-source
+    ``sums`` (subject_name, device_id, sensor, n_batches, last_received, last_sample) and
+    the subjects' daily data yield (:func:`recent_yield`; None: the yield columns are null)."""
     definition = study.definition
     sensors = list(definition["sensors"])
     duration = definition["duration_days"] * DAY_MS
@@ -505,8 +530,32 @@ def compute_status(
         *(f"{s}_last_sample" for s in sensors),
     ]
     base = base.with_columns(pl.col(times).cast(_TIME))
+    base = base.join(_yield_means(yields, sensors), on="subject_name", how="left")
     return base.sort("subject_name", "app", "device_id", nulls_last=False).select(
         jtrack_columns(sensors) + extra_columns(sensors)
+    )
+
+
+def _yield_means(yields: pl.DataFrame | None, sensors: list[str]) -> pl.DataFrame:
+    """Per subject, the mean ``yield_pct`` of its days in the study among the last
+    :data:`YIELD_DAYS` complete local days, one column per sensor (null: no such day)."""
+    names = yield_columns(sensors)
+    schema = {"subject_name": pl.String} | dict.fromkeys(names, pl.Float64)
+    if yields is None or yields.is_empty():
+        return pl.DataFrame(schema=schema)
+    means = (
+        yields.filter(pl.col("days_ago") <= YIELD_DAYS, pl.col("sensor").is_in(sensors))
+        .group_by("subject", "sensor")
+        .agg(pl.col("yield_pct").mean().round(1))
+        .pivot(on="sensor", index="subject", values="yield_pct")
+        .rename({"subject": "subject_name"})
+    )
+    return means.select(
+        "subject_name",
+        *(
+            (pl.col(s) if s in means.columns else pl.lit(None)).cast(pl.Float64).alias(name)
+            for s, name in zip(sensors, names, strict=True)
+        ),
     )
 
 
@@ -519,6 +568,127 @@ def _frame(rows, schema: dict) -> pl.DataFrame:
             for (name, dtype), values in zip(schema.items(), columns, strict=True)
         ]
     )
+
+
+# ---------------------------------------------------------------------------- data yield
+
+YIELD_SCHEMA = {
+    "subject": pl.String,
+    "sensor": pl.String,
+    "day": pl.Date,
+    "days_ago": pl.Int64,
+    "day_start": pl.Int64,
+    "in_study_hours": pl.Float64,
+    "valid_hours": pl.Int64,
+    "yield_pct": pl.Float64,
+}
+
+
+def sampled_sensors(study: Study) -> list[str]:
+    """The study's sensors with a nominal sampling interval: those whose yield says whether
+    the phone records (an EMA answer or a label is given, not sampled)."""
+    return [s for s in study.sensors if sensor_schema(s).interval_s]
+
+
+def tables_built(catalog: Catalog, study_id: str) -> bool:
+    """Whether the study's sensor tables were ever built (``workbench tables build``)."""
+    with catalog.engine.connect() as conn:
+        found = conn.execute(
+            select(table_builds.c.sensor).where(table_builds.c.study_id == study_id).limit(1)
+        ).first()
+    return found is not None
+
+
+def subject_yield(
+    config: Config,
+    catalog: Catalog,
+    study: Study,
+    *,
+    days: int,
+    now: int,
+    subjects: list[str] | None = None,
+    today: bool = False,
+) -> pl.DataFrame | None:
+    """Per subject, sensor of the study and local day (in the subject's zone) of the last
+    ``days`` complete days, and today too with ``today``: ``valid_hours`` and ``yield_pct``
+    of the subject's best device that day, ``in_study_hours``, ``days_ago`` (1: yesterday)
+    and ``day_start`` (the local midnight, ms). Days the subject was not in the study have
+    no row; days in it without a record have zeros. None when the study's sensor tables
+    were never built: yield is then unknown, not zero.
+
+    Example: ``subject_yield(config, catalog, study, days=7, now=now_ms())``.
+    """
+    if not tables_built(catalog, study.id):
+        return None
+    default_zone, own = study_zones(catalog, study.id)
+    first = dt.datetime.fromtimestamp(now / 1000, dt.UTC).date() - dt.timedelta(days=days + 1)
+    daily = data_yield(config, study.id, subjects=subjects, start=first)
+    daily = daily.filter(pl.col("sensor").is_in(list(study.sensors)), pl.col("in_study_hours") > 0)
+    people = daily["subject"].unique().to_list()
+    zones = {s: own.get(s, default_zone) for s in people}
+    todays = pl.DataFrame(
+        {
+            "subject": people,
+            "_today": [
+                dt.datetime.fromtimestamp(now / 1000, zoneinfo.ZoneInfo(zones[s])).date()
+                for s in people
+            ],
+            "_zone": [zones[s] for s in people],
+        },
+        schema={"subject": pl.String, "_today": pl.Date, "_zone": pl.String},
+    )
+    best = (
+        daily.group_by("subject", "sensor", "day")
+        .agg(
+            pl.col("in_study_hours").max(),
+            pl.col("valid_hours").max(),
+            pl.col("yield_pct").max(),
+        )
+        .join(todays, on="subject")
+        .with_columns(days_ago=(pl.col("_today") - pl.col("day")).dt.total_days())
+        .filter(pl.col("days_ago") >= (0 if today else 1), pl.col("days_ago") <= days)
+    )
+    starts = [
+        int(dt.datetime.combine(day, dt.time(), zoneinfo.ZoneInfo(zone)).timestamp() * 1000)
+        for day, zone in best.select("day", "_zone").iter_rows()
+    ]
+    return (
+        best.with_columns(day_start=pl.Series(starts, dtype=pl.Int64))
+        .select([pl.col(name).cast(kind) for name, kind in YIELD_SCHEMA.items()])
+        .sort("subject", "sensor", "day")
+    )
+
+
+def recent_yield(
+    config: Config, catalog: Catalog, study: Study, *, now: int
+) -> pl.DataFrame | None:
+    """The daily data yield a refresh keeps (:func:`subject_yield`): enough complete days
+    for the status table's :data:`YIELD_DAYS` and the study's ``yield_alert_days``."""
+    days = max(YIELD_DAYS, int(study.definition.get("yield_alert_days", 3)))
+    return subject_yield(config, catalog, study, days=days, now=now)
+
+
+def recent_yield_path(pool: DataPool, study_id: str) -> Path:
+    """Where :func:`refresh_status` keeps a study's recent daily data yield."""
+    return pool.cache / "status" / "yield" / f"{study_id}.parquet"
+
+
+def read_recent_yield(pool: DataPool, study_id: str) -> pl.DataFrame | None:
+    """The daily data yield the last refresh kept; None when it kept none (no sensor tables)."""
+    path = recent_yield_path(pool, study_id)
+    try:
+        return pl.read_parquet(path)
+    except (OSError, pl.exceptions.PolarsError):  # none kept, or damaged: the next refresh
+        return None
+
+
+def keep_recent_yield(pool: DataPool, study_id: str, yields: pl.DataFrame | None) -> None:
+    """Store (or, for None, forget) the daily data yield the status views read."""
+    path = recent_yield_path(pool, study_id)
+    if yields is None:
+        path.unlink(missing_ok=True)
+    else:  # rewritten at every refresh, derived from the tables: not worth an fsync
+        write_parquet_atomically(yields, path, durable=False)
 
 
 # ---------------------------------------------------------------------------- history

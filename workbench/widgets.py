@@ -38,12 +38,14 @@ from workbench.dashboards import (
     attrition_choices,
     attrition_view,
     daily_completeness,
+    daily_yield,
     status_view,
     study_choices,
 )
 from workbench.errors import WorkbenchError
 from workbench.refresh import refresh_status
 from workbench.reports import COMPLIANCE_TARGET
+from workbench.status import yield_columns
 from workbench.times import MINUTES, format_ms
 from workbench.writers import render
 
@@ -59,6 +61,8 @@ table.wb-table th{background:#f3f4f6;text-align:left;padding:3px 8px;border-bott
 table.wb-table td{padding:2px 8px;border-bottom:1px solid #eee;white-space:nowrap}
 .wb-fresh-ok{background:#d9f0d3}.wb-fresh-warn{background:#fee8c8}
 .wb-fresh-stale{background:#fcbba1}.wb-fresh-none{background:#eee;color:#888}
+.wb-yield-low{background:#fee8c8}
+.wb-heat-tip{font-size:12px;padding:4px 6px;background:#fff;border:1px solid #ccc;pointer-events:none}
 .wb-empty{color:#57606a;font-style:italic;padding:6px 0}
 .wb-error{color:#b00020;padding:6px 0}
 .wb-section{font-size:16px;font-weight:600;margin:14px 0 4px}
@@ -90,8 +94,19 @@ def _empty(text: str) -> str:
     return f"<div class='wb-empty'>{text}</div>"
 
 
+def _section_html(title: str) -> str:
+    return f"<div class='wb-section'>{html.escape(title)}</div>"
+
+
 def _section(title: str) -> w.HTML:
-    return w.HTML(f"<div class='wb-section'>{html.escape(title)}</div>")
+    return w.HTML(_section_html(title))
+
+
+def _heat_matrix(frame: pl.DataFrame, values: str, subjects: list[str], labels: list[str]):
+    """``values`` of ``frame`` (subject_name, day as text) as a subjects x labels matrix."""
+    wide = frame.pivot(on="day", index="subject_name", values=values)
+    order = pl.DataFrame({"subject_name": subjects}, schema={"subject_name": pl.String})
+    return order.join(wide, on="subject_name", how="left", maintain_order="left").select(labels)
 
 
 def _time(ms: int | None) -> str:
@@ -140,8 +155,10 @@ class _Dashboard:
 
 
 class StatusDashboard(_Dashboard):
-    """Who needs attention today: headline counts, subjects with per-sensor freshness, a
-    completeness heat map, open alerts with what to do, CSV download, refresh."""
+    """Who needs attention today: headline counts, subjects with per-sensor freshness and
+    data yield, a heat map of data yield by day (valid hours per sensor on hover; batch
+    completeness for a study without sensor tables), open alerts with what to do, CSV
+    download, refresh."""
 
     PAGE = 25
     ALERTS = 20
@@ -192,6 +209,10 @@ class StatusDashboard(_Dashboard):
         self.page_label = w.HTML()
         self.table = w.HTML()
         self.heat_note = w.HTML()
+        self.heat_title = _section(f"Data yield by day (last {self.HEAT_DAYS} days)")
+        self.heat_tip = w.HTML()
+        self.heat_tip.add_class("wb-heat-tip")
+        self.heat_text: list[list[str]] = []  # the hover text of each cell, row by row
         self.heat = self._heat_figure()
         self.heat_box = w.VBox([self.heat_note])
         self.alert_note = w.HTML()
@@ -218,7 +239,7 @@ class StatusDashboard(_Dashboard):
             self.table,
             w.HBox([self.previous, self.next, self.page_label]),
             w.HBox([self.download, self.download_link]),
-            _section(f"Completeness by day (last {self.HEAT_DAYS} days)"),
+            self.heat_title,
             self.heat_box,
             _section("Open alerts"),
             self.alert_note,
@@ -337,6 +358,8 @@ class StatusDashboard(_Dashboard):
             "completeness %",
         ]
         head += [f"{s} (h)" for s in sensors]
+        head += [f"{s} yield 7d %" for s in sensors]
+        target = float(self.view.study.definition.get("yield_target_pct", 50))
         out = ["<table class='wb-table'><thead><tr>"]
         out += [f"<th>{html.escape(h)}</th>" for h in head]
         out.append("</tr></thead><tbody>")
@@ -358,6 +381,10 @@ class StatusDashboard(_Dashboard):
                     continue
                 kind = "ok" if hours < stale / 2 else "warn" if hours < stale else "stale"
                 out.append(f"<td class='wb-fresh-{kind}'>{hours:g}</td>")
+            for column in yield_columns(sensors):
+                value = row[column]
+                low = " class='wb-yield-low'" if value is not None and value < target else ""
+                out.append(f"<td{low}>{'' if value is None else f'{value:g}'}</td>")
             out.append("</tr>")
         out.append("</tbody></table>")
         return "".join(out)
@@ -373,10 +400,11 @@ class StatusDashboard(_Dashboard):
             row=["", " "],
             column=["", " "],
             scales={"row": self.heat_rows, "column": self.heat_columns, "color": colors},
-            tooltip=bq.Tooltip(fields=["row", "column", "color"], labels=["subject", "day", "%"]),
+            tooltip=self.heat_tip,  # filled on hover: the values of each sensor
             anchor_style={"fill": "none"},
             null_color="#f0f0f0",  # days outside the subject's time in the study
         )
+        self.heat_map.on_hover(self._heat_hover)
         return bq.Figure(
             marks=[self.heat_map],
             axes=[
@@ -387,7 +415,78 @@ class StatusDashboard(_Dashboard):
             layout=w.Layout(width="100%", height="520px"),
         )
 
+    def _heat_hover(self, _mark, content: dict) -> None:
+        point = content.get("point") or {}
+        row, column = point.get("rowNum"), point.get("columnNum")
+        if isinstance(row, int) and isinstance(column, int) and row < len(self.heat_text):
+            cells = self.heat_text[row]
+            self.heat_tip.value = cells[column] if column < len(cells) else ""
+
+    def _show_heat(self, matrix, subjects: list[str], labels: list[str], text) -> None:
+        self.heat_box.children = [self.heat_note, self.heat]
+        self.heat_text = text
+        with self.heat_map.hold_sync():
+            self.heat_map.color = matrix  # first: row and column are checked against it
+            self.heat_map.row = subjects
+            self.heat_map.column = labels
+        self.heat.layout.height = f"{max(180, 18 * len(subjects) + 90)}px"
+
     def _draw_heat(self, subjects: list[str]) -> None:
+        days = daily_yield(
+            self.config,
+            self.view.study,
+            subjects,
+            days=self.HEAT_DAYS,
+            now=self.view.now,
+            catalog=self.catalog,
+        )
+        if days is None:
+            self._draw_completeness(subjects)
+            return
+        self.heat_title.value = _section_html(f"Data yield by day (last {self.HEAT_DAYS} days)")
+        if not subjects or days["yield_pct"].drop_nulls().is_empty():
+            self.heat_note.value = _empty(
+                f"No days in the study for these subjects in the last {self.HEAT_DAYS} days."
+                if subjects
+                else "No subjects to show."
+            )
+            self.heat_box.children = [self.heat_note]
+            return
+        sensors = self.view.sensors
+        target = float(self.view.study.definition.get("yield_target_pct", 50))
+        self.heat_note.value = (
+            "<div class='wb-muted'>The subjects on the table's page, in its order, by local "
+            "day; colour: data yield (valid hours over hours in the study) averaged over the "
+            "sampled sensors, "
+            "<span style='background:#fff5eb'>&nbsp;0 %&nbsp;</span> "
+            "<span style='background:#fd8d3c'>&nbsp;50 %&nbsp;</span> "
+            "<span style='background:#238b45;color:white'>&nbsp;100 %&nbsp;</span> "
+            f"(target {target:g} %), grey: not in the study that day; hover a cell for each "
+            "sensor's valid hours. From the sensor tables as last built.</div>"
+        )
+        labels = [str(d) for d in days["day"].unique().sort().to_list()]
+        wide = days.with_columns(pl.col("day").cast(pl.String))
+        matrix = _heat_matrix(wide, "yield_pct", subjects, labels).to_numpy()
+        text = []
+        for subject in subjects:
+            cells = {}
+            for row in wide.filter(pl.col("subject_name") == subject).iter_rows(named=True):
+                head = f"<b>{html.escape(subject)}</b> &middot; {row['day']}"
+                if row["yield_pct"] is None:
+                    cells[row["day"]] = f"{head}<br>not in the study"
+                    continue
+                hours = "".join(
+                    f"<br><span class='wb-tip-sensor'>{html.escape(s)}: "
+                    f"{row[f'hours_{s}'] or 0} h</span>"
+                    for s in sensors
+                )
+                cells[row["day"]] = f"{head}<br>data yield {row['yield_pct']:g} %{hours}"
+            text.append([cells.get(label, "") for label in labels])
+        self._show_heat(matrix, subjects, labels, text)
+
+    def _draw_completeness(self, subjects: list[str]) -> None:
+        """The heat map of a study whose sensor tables were never built: batches received."""
+        self.heat_title.value = _section_html(f"Completeness by day (last {self.HEAT_DAYS} days)")
         days = daily_completeness(
             self.catalog, self.view.study, subjects, days=self.HEAT_DAYS, now=self.view.now
         )
@@ -405,21 +504,19 @@ class StatusDashboard(_Dashboard):
             "<span style='background:#fff5eb'>&nbsp;0 %&nbsp;</span> "
             "<span style='background:#fd8d3c'>&nbsp;50 %&nbsp;</span> "
             "<span style='background:#238b45;color:white'>&nbsp;100 %&nbsp;</span>, "
-            "grey: not in the study that day (hover a cell for its value).</div>"
+            "grey: not in the study that day (hover a cell for its value). Build the sensor "
+            "tables (<code>workbench tables build</code>) to see data yield instead.</div>"
         )
-        self.heat_box.children = [self.heat_note, self.heat]
-        labels = [str(d) for d in days["day"].unique(maintain_order=True).to_list()]
-        matrix = (
-            days.select("subject_name", pl.col("day").cast(pl.String), "completeness")
-            .pivot(on="day", index="subject_name", values="completeness")
-            .select(labels)
-            .to_numpy()
-        )
-        with self.heat_map.hold_sync():
-            self.heat_map.color = matrix  # first: row and column are checked against it
-            self.heat_map.row = subjects
-            self.heat_map.column = labels
-        self.heat.layout.height = f"{max(180, 18 * len(subjects) + 90)}px"
+        labels = [str(d) for d in days["day"].unique().sort().to_list()]
+        wide = days.select("subject_name", pl.col("day").cast(pl.String), "completeness")
+        matrix = _heat_matrix(wide, "completeness", subjects, labels).to_numpy()
+        found = {
+            (subject, day): f"<b>{html.escape(subject)}</b> &middot; {day}<br>"
+            + ("not in the study" if value is None else f"completeness {value:g} %")
+            for subject, day, value in wide.iter_rows()
+        }
+        text = [[found.get((subject, day), "") for day in labels] for subject in subjects]
+        self._show_heat(matrix, subjects, labels, text)
 
     # -- alerts
 
