@@ -23,6 +23,7 @@ Example (in a notebook)::
 from __future__ import annotations
 
 import html
+import itertools
 import os
 from dataclasses import dataclass
 from urllib.parse import parse_qs
@@ -51,6 +52,8 @@ MAIN_FEATURES = (
     ("app_minutes_total", "App use", "min"),
     ("ema_prompts_answered", "EMA prompts answered", "prompts"),
 )
+# Sensors recording answers, not samples: no valid hours to chart (their counts are features).
+ANSWERED_SENSORS = ("ema", "active_labeling")
 VALID_COLOR, THIN_COLOR = "#4c78a8", "#c9c9c9"
 SENSOR_COLORS = ("#4c78a8", "#f58518", "#54a24b", "#b279a2", "#e45756", "#72b7b2", "#9d755d")
 TARGET_COLOR = "#d62728"
@@ -79,8 +82,9 @@ class SubjectView:
 
     @property
     def sensors(self) -> list[str]:
-        """The sensors with a yield row, in the study's order first."""
-        found = set(self.yields["sensor"].to_list())
+        """The sampled sensors with a yield row, in the study's order first (answers, such as
+        EMA and labels, have no sampling to yield: their counts are features)."""
+        found = set(self.yields["sensor"].to_list()) - set(ANSWERED_SENSORS)
         ordered = [s for s in self.study.sensors if s in found]
         return ordered + sorted(found - set(ordered))
 
@@ -150,12 +154,11 @@ def best_device_yield(rows: pl.DataFrame) -> pl.DataFrame:
 # ---------------------------------------------------------------------------- figures
 
 
-def _chart(marks: list, axes: list, *, height: str, legend: bool = False) -> bq.Figure:
+def _chart(marks: list, axes: list, *, height: str) -> bq.Figure:
     return bq.Figure(
         marks=marks,
         axes=axes,
         fig_margin={"top": 10, "bottom": 40, "left": 55, "right": 20},
-        legend_location="top-right",
         layout=w.Layout(width="100%", height=height),
     )
 
@@ -175,8 +178,7 @@ def yield_figure(view: SubjectView) -> bq.Figure:
         scales={"x": x, "y": y},
         type="grouped",
         labels=sensors,
-        display_legend=True,
-        colors=list(SENSOR_COLORS[: max(len(sensors), 1)]),
+        colors=list(itertools.islice(_cycle(SENSOR_COLORS), len(sensors))),
         tooltip=bq.Tooltip(fields=["x", "y"], labels=["day", "valid hours"]),
     )
     in_study = (
@@ -192,8 +194,6 @@ def yield_figure(view: SubjectView) -> bq.Figure:
         colors=[TARGET_COLOR],
         line_style="dashed",
         stroke_width=2,
-        labels=[f"target {view.target_pct:g} %"],
-        display_legend=True,
     )
     return _chart(
         [bars, target],
@@ -207,22 +207,24 @@ def feature_figure(view: SubjectView, column: str, title: str, unit: str) -> bq.
     without a value has no bar (never a zero)."""
     x, y = bq.OrdinalScale(domain=view.days), bq.LinearScale(min=0)
     rows = view.features.select("day", column, "valid_day").drop_nulls(column)
-    values = rows[column].to_list()
-    bars = bq.Bars(
-        x=[d.isoformat() for d in rows["day"].to_list()] or [view.days[0] if view.days else ""],
-        y=[round(float(v), 2) for v in values] or [0],
-        scales={"x": x, "y": y},
-        color_mode="element",
-        colors=[VALID_COLOR if ok else THIN_COLOR for ok in rows["valid_day"].to_list()]
-        or [VALID_COLOR],
-        opacities=[1.0 if values else 0.0],
-        tooltip=bq.Tooltip(fields=["x", "y"], labels=["day", f"{title} ({unit})"]),
-    )
-    figure = _chart(
-        [bars],
-        [bq.Axis(scale=x), bq.Axis(scale=y, side="left", label=unit)],
-        height="220px",
-    )
+    tooltip = bq.Tooltip(fields=["x", "y"], labels=["day", f"{title} ({unit})"])
+    marks = []
+    for valid, color in ((True, VALID_COLOR), (False, THIN_COLOR)):
+        part = rows.filter(pl.col("valid_day") == valid)
+        days = [d.isoformat() for d in part["day"].to_list()]
+        marks.append(
+            bq.Bars(
+                # a mark needs a bar: an invisible one when no day of this kind has a value
+                x=days or view.days[:1],
+                y=[round(float(v), 2) for v in part[column].to_list()] or [0],
+                scales={"x": x, "y": y},
+                colors=[color],
+                opacities=[1.0 if days else 0.0],
+                tooltip=tooltip,
+            )
+        )
+    axes = [bq.Axis(scale=x), bq.Axis(scale=y, side="left", label=unit)]
+    figure = _chart(marks, axes, height="220px")
     figure.title = title
     figure.fig_margin = {"top": 30, "bottom": 40, "left": 55, "right": 10}
     return figure
@@ -249,6 +251,10 @@ def day_table_html(view: SubjectView) -> str:
         out.append("</tr>")
     out.append("</tbody></table>")
     return "".join(out)
+
+
+def _cycle(colors: tuple[str, ...]):
+    return itertools.cycle(colors)
 
 
 def _number(value) -> str:
@@ -320,14 +326,19 @@ class SubjectDashboard:
         )
         parts: list[w.Widget] = [self.title, self.error, cards]
         parts.append(w.HTML("<div class='wb-section'>Data yield by day</div>"))
-        if view.yields.is_empty():
+        if not view.sensors:
             parts.append(w.HTML("<div class='wb-empty'>No sensor data for this subject yet.</div>"))
         else:
+            keys = "".join(
+                f"<span class='wb-key'><span style='color:{color}'>&#9632;</span> "
+                f"{html.escape(sensor)}</span> &nbsp; "
+                for sensor, color in zip(view.sensors, _cycle(SENSOR_COLORS), strict=False)
+            )
             parts.append(
                 w.HTML(
-                    "<div class='wb-muted'>Valid hours per sensor (the best device); the dashed "
-                    f"line is the study's target of {view.target_pct:g} % of the hours in "
-                    "the study.</div>"
+                    f"<div class='wb-muted'>Valid hours per sensor (the best device): {keys}"
+                    f"<span style='color:{TARGET_COLOR}'>- - -</span> the study's target, "
+                    f"{view.target_pct:g} % of the hours in the study.</div>"
                 )
             )
             parts.append(yield_figure(view))
