@@ -334,3 +334,17 @@ def test_the_subject_page_needs_the_sign_in(browser, served, home):  # noqa: F81
     assert not page.query_selector(".wb-subject, .bqplot, table.wb-days")
     assert "location_places" not in page.content()
     page.close()
+
+
+def test_a_subject_without_data_shows_empty_states(tmp_path):
+    config = init_home(tmp_path / "empty")
+    catalog = open_catalog(config)
+    create_study(catalog, definition_from_options("quiet", duration_days=7, sensors=SENSORS))
+    (person,) = enroll(catalog, "quiet", 1)
+    catalog.dispose()
+    page = SubjectDashboard(config, study="quiet", subject=person.subject)
+    assert page.error.value == ""
+    html = "".join(getattr(c, "value", "") for c in page.root.children)
+    assert "No sensor data for this subject yet." in html
+    assert "No day with features yet." in html
+    assert not [c for c in page.root.children if not isinstance(getattr(c, "value", None), str)]

@@ -1,7 +1,7 @@
 """One subject's days: data yield per sensor and the main behavioural features, for Voila.
 
 The status dashboard's subject ids link to ``subject.ipynb?study=<id>&subject=<id>`` in
-``notebooks/dashboards/``; that notebook is one line, ``SubjectDashboard(home, study=...,
+``notebooks/dashboards/``; that notebook is thin, ``SubjectDashboard(home, study=...,
 subject=...).show()``, with the study and subject read from the page's address
 (:func:`page_query`). What it shows comes from :func:`subject_view`, a read of the pool:
 
@@ -105,7 +105,9 @@ def page_query(study: str | None = None, subject: str | None = None) -> tuple[st
     return study, subject
 
 
-def subject_view(config: Config, study: str, subject: str, *, catalog: Catalog | None = None):
+def subject_view(
+    config: Config, study: str, subject: str, *, catalog: Catalog | None = None
+) -> SubjectView:
     """One subject's yield per sensor and day and its day table (stored, else computed now).
 
     Raises :class:`InvalidName` for a study or subject id that fails its pattern,
