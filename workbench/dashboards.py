@@ -14,6 +14,8 @@ functions of the catalog and the pool, so what a page shows is what the library 
 - :func:`attrition_view`: retention, CONSORT funnel, dropout by week, EMA compliance and
   questionnaire completion by session, for a study or questionnaire source, a cohort and a
   date range;
+- :func:`subject_page_url`: where a subject id links to, one subject's page
+  (:mod:`workbench.subject_view`);
 - :func:`voila_command` / :func:`serve_dashboards`: ``workbench dashboards``, behind a sign-in
   (:func:`dashboard_access`): a token in the printed URLs (random per start, or
   ``$WORKBENCH_DASHBOARDS_TOKEN``) or a password (``$WORKBENCH_DASHBOARDS_PASSWORD``).
@@ -403,6 +405,8 @@ def _day_ms(day: dt.date | None) -> int | None:
 # ---------------------------------------------------------------------------- serving
 
 NAMES = {"study status": "study_status.ipynb", "attrition": "attrition.ipynb"}
+# One subject's page, opened from the status table's subject ids with ?study=...&subject=...
+SUBJECT_PAGE = "subject.ipynb"
 TOKEN_ENV = "WORKBENCH_DASHBOARDS_TOKEN"
 PASSWORD_ENV = "WORKBENCH_DASHBOARDS_PASSWORD"
 # How the password's hash reaches the Voila process: in its environment, never its command line.
@@ -654,6 +658,16 @@ def dashboard_urls(url: str, access: DashboardAccess | None = None) -> dict[str,
     return {"landing page": access.url(url + "/")} | {
         name: access.url(f"{url}/voila/render/{notebook}") for name, notebook in NAMES.items()
     }
+
+
+def subject_page_url(study: str, subject: str) -> str:
+    """The address of ``subject``'s page relative to another dashboard's page (the pages are
+    served side by side, so the link keeps the server's address and sign-in).
+
+    Example: ``subject_page_url("demo", "demo_00001")`` →
+    ``"subject.ipynb?study=demo&subject=demo_00001"``.
+    """
+    return f"{SUBJECT_PAGE}?{urlencode({'study': study, 'subject': subject})}"
 
 
 def stop_process(process: subprocess.Popen, *, timeout: float = 20) -> None:

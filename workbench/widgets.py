@@ -35,12 +35,15 @@ from workbench.config import Config, load_config
 from workbench.dashboards import (
     COUNTS,
     STATES,
+    SUBJECT_PAGE,
     attrition_choices,
     attrition_view,
     daily_completeness,
     daily_yield,
+    dashboards_folder,
     status_view,
     study_choices,
+    subject_page_url,
 )
 from workbench.errors import WorkbenchError
 from workbench.refresh import refresh_status
@@ -373,7 +376,10 @@ class StatusDashboard(_Dashboard):
                 "" if row["hours_since_last_data"] is None else f"{row['hours_since_last_data']:g}",
                 "" if row["completeness"] is None else f"{row['completeness']:g}",
             ]
-            out.append("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in cells))
+            out.append(
+                f"<tr>{self._subject_cell(row['subject_name'])}"
+                + "".join(f"<td>{html.escape(str(c))}</td>" for c in cells[1:])
+            )
             for sensor in sensors:
                 hours = row[f"_fresh_{sensor}"]
                 if hours is None:
@@ -388,6 +394,16 @@ class StatusDashboard(_Dashboard):
             out.append("</tr>")
         out.append("</tbody></table>")
         return "".join(out)
+
+    def _subject_cell(self, subject: str) -> str:
+        """The subject's id, a link to its page when the home has the subject page."""
+        if not (dashboards_folder(self.config) / SUBJECT_PAGE).is_file():
+            return f"<td>{html.escape(subject)}</td>"
+        url = html.escape(subject_page_url(self.view.study.id, subject))
+        return (
+            f"<td><a class='wb-subject-link' href='{url}' target='_blank' rel='noopener'>"
+            f"{html.escape(subject)}</a></td>"
+        )
 
     # -- heat map
 
