@@ -298,6 +298,7 @@ def _partitions(
         days = sorted(e.name for e in os.scandir(base) if e.is_dir())
     except FileNotFoundError:
         return []
+    allowed = set(wanted) if wanted is not None else None
     found = []
     for name in days:
         day = day_of_folder(name)
@@ -307,7 +308,7 @@ def _partitions(
             subject = entry.name.removeprefix("subject=")
             if entry.name == subject or not is_identifier("subject", subject):
                 continue
-            if wanted is not None and subject not in wanted:
+            if allowed is not None and subject not in allowed:
                 continue
             parts = live_parts(Path(entry.path))
             if parts:
