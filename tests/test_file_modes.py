@@ -120,6 +120,8 @@ def test_everything_in_the_home_is_private_whatever_the_umask(loose_umask, tmp_p
         assert "new rows" in run(home, "export")
     run(home, "report", "questionnaire", "mindtrails")
     run(home, "refresh", "--no-mail")
+    run(home, "tables", "build", "demo", "--processes", "1")  # sensor tables and quarantine
+    run(home, "features", "demo")
     run(home, "run", "answer")
     log = setup_logging(load_config(home))
     log.getChild("test").critical("a critical event")  # every tier's file is written
@@ -136,6 +138,8 @@ def test_everything_in_the_home_is_private_whatever_the_umask(loose_umask, tmp_p
         "logs/critical.log",
         "runs/answer",
         "studies/demo",
+        "tables/demo/accelerometer",
+        "features/demo/features.parquet",
     ):
         assert list(pool.glob(made)), f"the flow made no {made}"
     assert list((pool / "enrollment" / "demo").glob("*.png"))

@@ -247,7 +247,7 @@ def test_definitions_are_validated(lab):
 def test_the_shipped_definitions_schedule_every_notebook(home):
     pipelines = load_pipelines(home)
     assert set(pipelines) == {
-        *("status", "sanity", "export", "reports", "attrition"),
+        *("status", "sanity", "export", "reports", "attrition", "features"),
         *("sync", "sync_maintenance", "poll", "tables"),
     }
     assert all(p.notebook.is_file() and p.enabled for p in pipelines.values())
@@ -273,47 +273,6 @@ def test_cli_run_runs_and_crontab(lab):
     history = runner.invoke(cli, ["--home", str(lab.home), "runs"])
     assert "ok" in history.output and "cell 4: ZeroDivisionError" in history.output
     assert "workbench.cli" in runner.invoke(cli, ["--home", str(lab.home), "crontab"]).output
-
-
-@pytest.fixture
-def redis_url(tmp_path):
-    """A real Redis server on a free loopback port (make test installs redis-server)."""
-    import shutil
-    import socket
-    import subprocess
-
-    binary = shutil.which("redis-server")
-    if binary is None:
-        pytest.skip("redis-server is not installed; `make test` installs it")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    process = subprocess.Popen(
-        [
-            binary,
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(tmp_path),
-        ],
-        stdout=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            time.sleep(0.05)
-    yield f"redis://127.0.0.1:{port}/0"
-    process.terminate()
-    process.wait(timeout=10)
 
 
 def test_the_queue_can_be_redis(lab, redis_url, monkeypatch, catalog):

@@ -18,7 +18,6 @@ import pytest
 from click.testing import CliRunner
 from sqlalchemy import select, update
 
-from tests.test_pipelines import redis_url  # noqa: F401  (a real redis-server fixture)
 from workbench.alerts import list_alerts
 from workbench.catalog import open_catalog, sync_accounts, sync_raw, sync_tokens
 from workbench.cli import cli
@@ -374,7 +373,7 @@ def test_the_sqlite_bucket_holds_across_processes(lab):
     assert sum(queue.get(timeout=5) for _ in workers) == 8
 
 
-def test_the_bucket_can_be_redis(lab, catalog, redis_url, monkeypatch):  # noqa: F811
+def test_the_bucket_can_be_redis(lab, catalog, redis_url, monkeypatch):
     monkeypatch.setenv("WORKBENCH_REDIS_URL", redis_url)
     one, two = RateLimits(lab, catalog), RateLimits(lab, catalog)
     assert one.backend == "redis"

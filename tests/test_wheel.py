@@ -65,6 +65,13 @@ def test_the_wheel_holds_no_package_named_server_and_the_checkout_is_not_used(in
     assert all(Path(p).is_relative_to(installed) for p in (found[0], found[1], found[3])), found
     assert found[2] == "None"  # no top-level `server` package installed (nor the checkout's)
     assert not any(Path(p).is_relative_to(REPO) for p in found if p != "None")
+    sensors = run(
+        [python, "-c",
+         "import workbench, workbench.features as f; s = workbench.sensor_schema('location'); "
+         "print(s.known, s.interval_s, len(f.list_families()))"],
+        cwd=tmp_path, env=environment(),
+    ).stdout.split()  # fmt: skip
+    assert sensors[:2] == ["True", "600"] and int(sensors[2]) >= 6, sensors
 
 
 def test_init_and_demo_run_from_an_empty_folder(installed, tmp_path):
@@ -77,6 +84,7 @@ def test_init_and_demo_run_from_an_empty_folder(installed, tmp_path):
     assert (home / "pipelines" / "status.toml").is_file()
     assert (home / "notebooks" / "status.ipynb").is_file()
     assert (home / "notebooks" / "dashboards" / "study_status.ipynb").is_file()
+    assert (home / "notebooks" / "explore" / "one_subject_week.ipynb").is_file()
     # the schedule is the home's own: a pipeline removed there is no longer scheduled
     (home / "pipelines" / "sanity.toml").unlink()
     schedule = run([workbench, "crontab"], cwd=folder, env=env).stdout

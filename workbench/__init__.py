@@ -18,6 +18,7 @@ The public API, for notebooks and scripts::
     change = workbench.change_over_time(scored, "phq9")  # response, remission, RCI
     retention = workbench.attrition(config, "sleep").retention
     record = workbench.run_pipeline(config, "status")   # a notebook run, tracked as a job
+    days = workbench.features(config, "sleep")          # behavioural features per subject-day
 """
 
 import importlib
@@ -52,6 +53,10 @@ _LAZY = {
     "enroll": "workbench.enrollment",
     "export_sources": "workbench.export",
     "export_tables": "workbench.sensors.sharing",
+    "features": "workbench.features",  # the package itself, callable: features(config, study)
+    "app_usage": "workbench.features.build",
+    "write_features": "workbench.features.build",
+    "read_features": "workbench.features.build",
     "get_job": "workbench.jobs",
     "get_study": "workbench.studies",
     "init_home": "workbench.config",
@@ -93,6 +98,7 @@ if TYPE_CHECKING:  # for type checkers and the API reference
     from workbench.decoded import combine_table
     from workbench.enrollment import enroll
     from workbench.export import export_sources, rebuild_decoded
+    from workbench.features.build import app_usage, read_features, write_features
     from workbench.ingest import recover_incoming
     from workbench.instruments import instrument, list_instruments, score
     from workbench.jobs import JobConfigManager, get_job
@@ -135,7 +141,9 @@ def __getattr__(name: str):
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'workbench' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
+    imported = importlib.import_module(module)
+    # a public name that is a module of its own (the callable ``workbench.features``)
+    value = imported if module == f"{__name__}.{name}" else getattr(imported, name)
     globals()[name] = value
     return value
 

@@ -1511,9 +1511,11 @@ from workbench.cli_sync import sync  # noqa: E402  (the sync commands)
 
 cli.add_command(sync)
 
+from workbench.cli_features import features  # noqa: E402  (the features command)
 from workbench.cli_tables import tables  # noqa: E402  (the sensor-table commands)
 
 cli.add_command(tables)
+cli.add_command(features)
 
 
 def main() -> None:

@@ -51,6 +51,7 @@ upload server into an HTTP status and a JSON body (``status`` and ``code`` attri
     ├── NoSensorTable              the study neither records this sensor nor has a table of it (exit 3)
     ├── TablesError                a sensor table cannot be built, e.g. a consumer failed (exit 1)
     ├── OutputRefused              an output folder that is a file, holds files of others or lies in the pool (exit 2)
+    ├── FeaturesError              features cannot be computed, e.g. a consumer failed (exit 1)
     ├── JobLimitExceeded           a job-tracking limit of [jobs] is reached (HTTP 413, exit 2)
     │   ├── TooManyEvents          the job holds [jobs] max_events events already
     │   └── MetadataTooLarge       event metadata over [jobs] max_metadata_bytes
@@ -310,6 +311,14 @@ class OutputRefused(WorkbenchError):
     status = 400
     exit_code = 2
     code = "output_refused"
+
+
+class FeaturesError(WorkbenchError):
+    """Behavioural features cannot be computed (the message says why)."""
+
+    status = 409
+    exit_code = 1
+    code = "features_error"
 
 
 class InvalidTimezone(WorkbenchError):

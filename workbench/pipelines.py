@@ -731,6 +731,7 @@ def _scheduled_runs(config: Config) -> list[scheduler.Periodic]:
 def run_scheduler(config: Config, *, workers: int | None = None) -> None:
     """Run the scheduler: every pipeline at its cron expression, queued runs and syncs, in
     the foreground until interrupted."""
+    from workbench.features import build  # noqa: F401  (registers compute_feature_share)
     from workbench.sensors import tables  # noqa: F401  (registers the build_table_chunk task)
     from workbench.sync import scheduled  # noqa: F401  (registers the sync_account task)
 

@@ -182,6 +182,8 @@ class DataPool:
         self.runs = self.root / "runs"  # executed notebooks of the pipelines
         # Sensor tables: tables/<study>/<sensor>/day=<local day>/subject=<id>/part-*.parquet
         self.tables = self.root / "tables"
+        # Behavioural features: features/<study>/features.parquet (and .csv, app_usage.*)
+        self.features = self.root / "features"
         self.logs = self.root / "logs"
         self.scheduler_queue = self.root / "scheduler.sqlite"  # the queue without Redis
         # Derived data that can always be rebuilt from the catalog (e.g. status sums).

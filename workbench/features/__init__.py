@@ -11,8 +11,12 @@
 Each family turns the sensor tables it needs into one row per subject and local day; a feature
 that cannot be computed is null and its reason counted. Formulas and citations: docs/features.md.
 
+The package itself is callable: ``workbench.features(config, study, ...)`` is
+:func:`workbench.features.build.features`, the day table of every family with the day's yield.
+
 Example::
 
+    table = workbench.features(config, "demo")   # one row per subject and local day
     result = compute_family("activity", {"activity": table})
     result.table      # subject, day, activity_still_minutes, ...
     result.reasons    # Counter of "feature: reason" -> subject-days
@@ -20,6 +24,8 @@ Example::
 
 from __future__ import annotations
 
+import sys
+import types
 from typing import Any
 
 from workbench.errors import UnknownFeatureFamily
@@ -82,3 +88,16 @@ for _entry in (
     labels.FAMILY,
 ):
     register(_entry)
+
+
+class _CallableModule(types.ModuleType):
+    """This package, callable as :func:`workbench.features.build.features`."""
+
+    def __call__(self, config, study, **options):
+        """One row per subject and local day (see :func:`workbench.features.build.features`)."""
+        from workbench.features.build import features
+
+        return features(config, study, **options)
+
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -200,10 +200,10 @@ def _day_features(pieces: pl.DataFrame, fixes: pl.DataFrame, params: LocationPar
     counted = (pl.col("step_minutes") <= params.max_fix_minutes) & (
         pl.col("step_kmh") <= params.max_speed_kmh
     )
+    # a step slower than the stationary threshold is GPS jitter at a stay, not travel
+    travel = pl.when(pl.col("step_kmh") > params.static_speed_kmh).then("step_km").otherwise(0.0)
     distance = (
-        fixes.filter(counted)
-        .group_by("subject", "day")
-        .agg(location_distance_km=pl.col("step_km").sum())
+        fixes.filter(counted).group_by("subject", "day").agg(location_distance_km=travel.sum())
     )
     from_home = fixes.group_by("subject", "day").agg(
         location_max_from_home_km=haversine_km(

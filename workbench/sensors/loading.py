@@ -26,6 +26,7 @@ from workbench.pool import DataPool
 from workbench.sensors.parts import day_of_folder, live_parts, sensor_folder
 from workbench.sensors.schemas import sensor_schema
 from workbench.studies import get_study
+from workbench.subjects import study_zones
 
 Bound = dt.date | dt.datetime | str | None
 
@@ -57,6 +58,7 @@ def sensor_data(
     catalog = open_catalog(config)
     try:
         definition = get_study(catalog, study).definition
+        _default, own_zones = study_zones(catalog, study)
     finally:
         catalog.dispose()
     zone = zoneinfo.ZoneInfo(definition.get("timezone") or "UTC")
@@ -67,10 +69,11 @@ def sensor_data(
             f"{', '.join(sorted(definition['sensors']))}"
         )
     low, high = _bound(start, zone, end=False), _bound(end, zone, end=True)
-    # Subjects with a zone of their own may have a local day one off the study's: read a day
-    # more on each side, then filter exactly.
-    first = _day(low, zone) - dt.timedelta(days=1) if low is not None else None
-    last = _day(high, zone) + dt.timedelta(days=1) if high is not None else None
+    # Dates are local days, as the partitions are. A datetime is an instant: for subjects with a
+    # zone of their own its local day may be one off the study's, so read a day more each side.
+    margin = dt.timedelta(days=1 if own_zones else 0)
+    first = _day(low, zone) - margin if low is not None else None
+    last = _day(high, zone) + margin if high is not None else None
     files = _files(folder, first, last, wanted)
     columns = sensor_schema(sensor).columns()
     frame = (
@@ -120,7 +123,9 @@ def _bound(value: Bound, zone: zoneinfo.ZoneInfo, *, end: bool) -> dt.date | dt.
 
 
 def _day(bound: dt.date | dt.datetime, zone: zoneinfo.ZoneInfo) -> dt.date:
-    return bound.astimezone(zone).date() if isinstance(bound, dt.datetime) else bound
+    if isinstance(bound, dt.datetime):
+        return bound.astimezone(zone).date()
+    return bound
 
 
 def _files(

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 import orjson
 
-from workbench.templates import TEMPLATES_DIR, load_schema, schema_validator
+from workbench.templates import TEMPLATES_DIR
 
 if TYPE_CHECKING:
     import polars as pl
@@ -157,13 +157,14 @@ def known_sensors() -> list[str]:
 @functools.cache
 def sensor_schema(sensor: str) -> SensorSchema:
     """The schema of ``sensor``; a sensor without a file of its own gets the generic shape.
+    (The files are checked against ``schemas/sensor.schema.json`` by the tests, not here:
+    importing jsonschema would cost every build process a second or more.)
 
     Example: ``sensor_schema("location").slot_minutes == 10``.
     """
     path = SENSORS_DIR / f"{sensor}.json"
     known = path.is_file()
     data = json.loads((path if known else SENSORS_DIR / f"{GENERIC}.json").read_text("utf-8"))
-    schema_validator(load_schema("sensor")).validate(data)
     fields = tuple(
         FieldSpec(
             name=f["name"],
@@ -281,7 +282,7 @@ class _Decoder:
         return value
 
     def _one_by_one(self, body: bytes) -> Decoded:
-        raw = orjson.loads(body)  # the body passed the upload's JSON checks: a list of objects
+        raw = _array(body)
         columns: dict[str, list[Any]] = {name: [] for name in self.names}
         refused = []
         for index, record in enumerate(raw):
@@ -301,7 +302,7 @@ class _Decoder:
         return Decoded(columns, refused)
 
     def _generic(self, body: bytes) -> Decoded:
-        raw = orjson.loads(body)
+        raw = _array(body)
         columns: dict[str, list[Any]] = {"timestamp": [], GENERIC_COLUMN: []}
         refused = []
         for index, record in enumerate(raw):
@@ -314,6 +315,14 @@ class _Decoder:
             columns["timestamp"].append(ts)
             columns[GENERIC_COLUMN].append(orjson.dumps(rest, option=orjson.OPT_SORT_KEYS).decode())
         return Decoded(columns, refused)
+
+
+def _array(body: bytes) -> list:
+    """The records of a body: a JSON array, else ValueError (the batch cannot be parsed)."""
+    raw = orjson.loads(body)
+    if not isinstance(raw, list):
+        raise ValueError(f"a batch is a JSON array of records, not a {type(raw).__name__}")
+    return raw
 
 
 @functools.cache
