@@ -35,8 +35,9 @@ system-deps:
 	  (apt-get install -y -qq postgresql || \
 	   (apt-get update -qq && apt-get install -y -qq postgresql)) >/dev/null; }
 
-## run: demo study, upload server on $(PORT), simulated phones, the scheduler, the
-## dashboards on $(DASHBOARDS_PORT) and JupyterLab on $(LAB_PORT); serves until Ctrl-C
+## run: demo study, upload server on $(PORT), simulated phones and days, the sensor tables,
+## the scheduler, the dashboards on $(DASHBOARDS_PORT) and JupyterLab on $(LAB_PORT); serves
+## until Ctrl-C
 run: $(STAMP)
 	$(BIN)/workbench --home $(HOME_DIR) demo --port $(PORT) --dashboards-port $(DASHBOARDS_PORT) \
 	  --lab-port $(LAB_PORT)

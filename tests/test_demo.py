@@ -7,10 +7,13 @@ import socket
 import subprocess
 import sys
 
+import polars as pl
 import pytest
 
-from workbench.config import init_home
+from workbench.config import init_home, load_config
 from workbench.pool import DataPool
+from workbench.sensors.loading import sensor_data
+from workbench.simulators.demo import DEMO_SENSING_DAYS, DEMO_SENSING_SUBJECTS
 from workbench.status import status_csv_path
 
 pytestmark = pytest.mark.slow
@@ -47,7 +50,7 @@ def test_demo_then_status_alerts_sanity_and_questionnaires(tmp_path):
     assert csv.read_text().startswith("app,subject_name,device_id,date_registered")
 
     rows = json.loads(workbench(home, "status", "demo", "--format", "json").stdout)
-    assert len(rows) == 6
+    assert len(rows) == 6 + DEMO_SENSING_SUBJECTS  # the phones, and the subjects of whole days
     assert sum(r["accelerometer_n_batches"] for r in rows) > 0
     # the simulator lets some subjects fall silent part-way and some leave
     assert {r["activity_code"] for r in rows} & {0, 1}
@@ -57,6 +60,28 @@ def test_demo_then_status_alerts_sanity_and_questionnaires(tmp_path):
     sanity = workbench(home, "sanity", "--full")
     assert sanity.returncode == 0, sanity.stdout + sanity.stderr
     assert "0 failed" in sanity.stdout
+
+    # the demo built its sensor tables, in the study's zone, from both kinds of simulated data
+    assert "demo: sensor tables built to ledger id" in run.stdout
+    assert "data yield per sensor" in run.stdout
+    demo_config = load_config(home)
+    for sensor in ("accelerometer", "activity", "location", "application_usage", "ema"):
+        frame = sensor_data(demo_config, "demo", sensor).collect()
+        assert frame["subject"].n_unique() >= DEMO_SENSING_SUBJECTS, sensor
+    days = (
+        sensor_data(demo_config, "demo", "location")
+        .group_by("subject")
+        .agg(pl.col("day").n_unique())
+        .collect()
+    )
+    assert days["day"].max() >= DEMO_SENSING_DAYS  # whole days to analyse
+    built = workbench(home, "tables", "build", "demo")
+    assert built.returncode == 0 and "up to date" in built.stdout, built.stderr
+    shared = workbench(home, "tables", "export", "demo", "--out", str(tmp_path / "share"),
+                       "--format", "csv", "--sensor", "location")  # fmt: skip
+    assert shared.returncode == 0, shared.stderr
+    listed = json.loads((tmp_path / "share" / "manifest.json").read_text())
+    assert listed["timezone"] == "Europe/Berlin" and len(listed["files"]) >= DEMO_SENSING_DAYS
 
     # the template's questionnaire source, served by the local study server, was exported
     assert "questionnaires exported: mindtrails:" in run.stdout

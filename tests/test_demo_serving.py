@@ -18,6 +18,7 @@ import pytest
 
 from tests.conftest import free_port
 from workbench.config import init_home
+from workbench.simulators.demo import DEMO_SENSING_SUBJECTS
 
 pytestmark = pytest.mark.slow
 
@@ -92,7 +93,8 @@ def test_demo_serves_dashboards_over_the_demo_pool(tmp_path):
             enrolled = page.wait_for_selector(
                 ".wb-card[data-key='enrolled'] .wb-value", timeout=120_000
             )
-            assert enrolled.inner_text() == "4"  # the demo's four simulated subjects
+            # the demo's four simulated phones and the subjects of its simulated days
+            assert enrolled.inner_text() == str(4 + DEMO_SENSING_SUBJECTS)
             page.goto(urls["attrition"])
             page.wait_for_selector(".bqplot path.line", timeout=120_000)
             browser.close()

@@ -10,12 +10,15 @@ import time
 from pathlib import Path
 
 import nbformat
+import orjson
 import pytest
 from click.testing import CliRunner
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
+from tests.conftest import START_MS
 from workbench.cli import cli
 from workbench.config import load_config
+from workbench.enrollment import enroll
 from workbench.errors import ConfigError, PipelineBusy
 from workbench.pipelines import (
     crontab_lines,
@@ -25,6 +28,10 @@ from workbench.pipelines import (
     run_pipeline,
 )
 from workbench.scheduler import open_queue
+from workbench.sensors.loading import sensor_data
+from workbench.simulators.days import simulate_days
+from workbench.simulators.phones import IngestPhones
+from workbench.studies import create_study, definition_from_options
 
 pytestmark = pytest.mark.slow
 
@@ -241,7 +248,7 @@ def test_the_shipped_definitions_schedule_every_notebook(home):
     pipelines = load_pipelines(home)
     assert set(pipelines) == {
         *("status", "sanity", "export", "reports", "attrition", "features"),
-        *("sync", "sync_maintenance", "poll"),
+        *("sync", "sync_maintenance", "poll", "tables"),
     }
     assert all(p.notebook.is_file() and p.enabled for p in pipelines.values())
 
@@ -323,3 +330,38 @@ def kernels_in(folder):
         if b"ipykernel_launcher" in command and cwd.startswith(str(folder)):
             found.append(int(entry))
     return found
+
+
+def test_the_tables_pipeline_builds_the_tables_and_reports_refused_records(home, catalog):
+    create_study(
+        catalog,
+        definition_from_options("demo", sensors=["location", "activity"], timezone="Europe/Berlin"),
+    )
+    simulate_days(home, "demo", subjects=2, days=1, seed=5)
+    (person,) = enroll(catalog, "demo", 1)
+    bad = {"studyId": "demo", "username": person.subject, "deviceid": "phone-x",
+           "sensorname": "location", "timestamp": START_MS, "lat": "north", "lon": 6.9,
+           "alt": 50.9, "accuracy": 5.0, "provider": "gps"}  # fmt: skip
+    phones = IngestPhones(home)
+    try:
+        phones.register("demo", person.subject, "phone-x", person.token, joined=START_MS)
+        phones.send(orjson.dumps([bad]), person.token)
+    finally:
+        phones.close()
+    assert sensor_data(home, "demo", "location").collect().is_empty()  # nothing built yet
+
+    record = run_pipeline(home, "tables", parameters={"processes": 1}, catalog=catalog)
+    assert record.status == "succeeded", record.error
+    printed = "".join(
+        output.get("text", "")
+        for cell in nbformat.read(home.pool / record.notebook, as_version=4).cells
+        for output in cell.get("outputs", [])
+    )
+    assert "demo: sensor tables built" in printed
+    assert "demo: 1 records quarantined" in printed
+    location = sensor_data(home, "demo", "location").collect()
+    assert location["subject"].n_unique() == 2 and location.height > 50
+    assert sensor_data(home, "demo", "activity").collect().height > 50
+    again = run_pipeline(home, "tables", parameters={"processes": 1}, catalog=catalog)
+    assert again.status == "succeeded"
+    assert "sensor tables up to date" in (home.pool / again.notebook).read_text()

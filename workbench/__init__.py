@@ -52,6 +52,7 @@ _LAZY = {
     "ema_compliance": "workbench.reports",
     "enroll": "workbench.enrollment",
     "export_sources": "workbench.export",
+    "export_tables": "workbench.sensors.sharing",
     "features": "workbench.features",  # the package itself, callable: features(config, study)
     "app_usage": "workbench.features.build",
     "write_features": "workbench.features.build",
@@ -119,6 +120,7 @@ if TYPE_CHECKING:  # for type checkers and the API reference
     from workbench.sanity import sanity_check
     from workbench.sensors.loading import sensor_data
     from workbench.sensors.schemas import sensor_schema
+    from workbench.sensors.sharing import export_tables
     from workbench.sensors.tables import build_tables, quarantine_table
     from workbench.sensors.yields import data_yield
     from workbench.status import status_history_table, study_status

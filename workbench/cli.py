@@ -1446,14 +1446,14 @@ def simulate(ctx, study_id, subjects, days, start, seed, url, truth_path, true_c
     type=click.IntRange(1, 10000),
     default=12,
     show_default=True,
-    help="Simulated participants.",
+    help="Simulated phones (for the status and alerts; 3 more subjects get whole days).",
 )
 @click.option(
     "--days",
     type=click.IntRange(1, 365),
     default=3,
     show_default=True,
-    help="Days of simulated data.",
+    help="Days of data of the simulated phones.",
 )
 @click.option(
     "--exit",
@@ -1479,8 +1479,10 @@ def simulate(ctx, study_id, subjects, days, start, seed, url, truth_path, true_c
 def demo(ctx, port, subjects, days, exit_after, dashboards_port, lab_port) -> None:
     """Set up a demo home, start the upload server and feed it simulated phones.
 
-    Creates workbench.toml and the pool if missing, a "demo" study, starts the server,
-    runs the simulator against it, checks the pool with verify, then keeps serving until
+    Creates workbench.toml and the pool if missing, a "demo" study (Europe/Berlin), starts
+    the server, runs the simulated phones against it and sends a few subjects' simulated days
+    of real-shaped sensor data, checks the pool with verify, builds the sensor tables (their
+    summary and data yield are printed), then keeps serving until
     Ctrl-C with the scheduler, the Voila dashboards and JupyterLab (their addresses are
     printed, with their tokens).
 

@@ -127,3 +127,75 @@ def tables_quarantine(ctx, study_id, sensor, limit) -> None:
     sample = frame.select("sensor", "subject", "batch", "record", "reason").head(limit)
     with pl.Config(tbl_rows=limit, tbl_width_chars=160, fmt_str_lengths=80):
         click.echo(str(sample))
+
+
+def _names(values: tuple[str, ...]) -> list[str] | None:
+    """Names given as repeated options and/or separated by commas."""
+    names = [n.strip() for value in values for n in value.split(",") if n.strip()]
+    return names or None
+
+
+@tables.command("export")
+@click.argument("study_id", metavar="STUDY")
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(path_type=str),
+    help="Folder to write to: new, empty, or a previous export (which is brought up to date).",
+)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["parquet", "csv"]),
+    default="parquet",
+    show_default=True,
+    help="parquet keeps the types; csv has ISO 8601 times (time in UTC, local_time local).",
+)
+@click.option(
+    "--subjects",
+    multiple=True,
+    help="Only these subjects (comma-separated, or the option repeated).",
+)
+@click.option("--sensor", "sensors", multiple=True, help="Only this sensor (repeatable).")
+@click.option(
+    "--start",
+    type=click.DateTime(formats=["%Y-%m-%d"]),
+    help="First local day (YYYY-MM-DD, in the study's or the subject's zone).",
+)
+@click.option("--end", type=click.DateTime(formats=["%Y-%m-%d"]), help="Last local day, included.")
+@click.option(
+    "--overwrite",
+    is_flag=True,
+    help="Write into a folder that holds other files (they are left alone).",
+)
+@click.pass_context
+def tables_export(ctx, study_id, out, fmt, subjects, sensors, start, end, overwrite) -> None:
+    """Write STUDY's sensor tables to a folder for sharing: one file per sensor, subject and
+    local day (DIR/<sensor>/<subject>/<sensor>_<subject>_<day>.parquet), data_dictionary.csv
+    (every column's type, unit and description) and manifest.json (each file's rows, bytes
+    and SHA-256, the workbench version, the filters), written last. Build the tables first.
+
+    \b
+    Example:
+        workbench tables export demo --out /srv/share/demo
+        workbench tables export demo --out share --format csv --subjects demo_00001,demo_00002 \\
+            --start 2026-03-02 --end 2026-03-08
+    """
+    from workbench.sensors.sharing import export_tables
+
+    try:
+        done = export_tables(
+            _config(ctx),
+            study_id,
+            out,
+            fmt=fmt,
+            subjects=_names(subjects),
+            sensors=_names(sensors),
+            start=start.date() if start else None,
+            end=end.date() if end else None,
+            overwrite=overwrite,
+            progress=True,
+        )
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+    click.echo(done.summary())

@@ -50,6 +50,7 @@ upload server into an HTTP status and a JSON body (``status`` and ``code`` attri
     ├── InvalidTimezone            a study's or subject's time zone is not a known IANA name (exit 2)
     ├── NoSensorTable              the study neither records this sensor nor has a table of it (exit 3)
     ├── TablesError                a sensor table cannot be built, e.g. a consumer failed (exit 1)
+    ├── OutputRefused              an output folder that is a file, holds files of others or lies in the pool (exit 2)
     ├── FeaturesError              features cannot be computed, e.g. a consumer failed (exit 1)
     ├── JobLimitExceeded           a job-tracking limit of [jobs] is reached (HTTP 413, exit 2)
     │   ├── TooManyEvents          the job holds [jobs] max_events events already
@@ -300,6 +301,16 @@ class TablesError(WorkbenchError):
     status = 409
     exit_code = 1
     code = "tables_error"
+
+
+class OutputRefused(WorkbenchError):
+    """An output folder the workbench will not write to: a file, a folder holding files that
+    are not a previous export (without ``--overwrite``), a folder inside the pool or holding
+    it, or a sub-folder that is a symbolic link out of it."""
+
+    status = 400
+    exit_code = 2
+    code = "output_refused"
 
 
 class FeaturesError(WorkbenchError):

@@ -1,4 +1,5 @@
-"""The demo behind ``make run``: a demo home, the upload server and simulated phones."""
+"""The demo behind ``make run``: a demo home, the upload server, simulated phones and simulated
+days of real-shaped sensor data, and the sensor tables built from them."""
 
 from __future__ import annotations
 
@@ -19,14 +20,20 @@ from workbench.ledger import verify
 from workbench.pool import DataPool, write_file_atomically
 from workbench.refresh import refresh_status
 from workbench.serving import serve_command, wait_for_server
+from workbench.simulators.days import simulate_days
 from workbench.simulators.phones import simulate
 from workbench.status import status_csv_path, study_status
 from workbench.studies import create_study, definition_from_options
 from workbench.writers import render
 
 DEMO_STUDY = "demo"
-DEMO_SENSORS = ["accelerometer", "activity", "location", "ema"]
+DEMO_SENSORS = ["accelerometer", "activity", "location", "application_usage", "ema"]
+DEMO_TIMEZONE = "Europe/Berlin"
 DEMO_BATCHES_PER_DAY = 12
+# Subjects whose days are simulated in full (a home, a workplace, commutes, sleep, app
+# sessions), beside the phones that show the status and alerts: few, for a quick start.
+DEMO_SENSING_SUBJECTS = 3
+DEMO_SENSING_DAYS = 5
 DEMO_SOURCE = "mindtrails"  # the source in the template workbench.toml  # per sensor: what the study expects and the simulated phones send
 
 
@@ -48,7 +55,9 @@ def run_demo(
     config = load_config(home)
     catalog = open_catalog(config)
     try:
-        definition = definition_from_options(DEMO_STUDY, duration_days=28, sensors=DEMO_SENSORS)
+        definition = definition_from_options(
+            DEMO_STUDY, duration_days=28, sensors=DEMO_SENSORS, timezone=DEMO_TIMEZONE
+        )
         for sensor in definition["sensors"].values():
             sensor["batches_per_day"] = DEMO_BATCHES_PER_DAY
         create_study(catalog, {**definition, "name": "Demo study"})
@@ -76,12 +85,22 @@ def run_demo(
             progress=True,
         )
         print(report.summary())
+        days = simulate_days(
+            config,
+            DEMO_STUDY,
+            subjects=DEMO_SENSING_SUBJECTS,
+            days=DEMO_SENSING_DAYS,
+            url=url,
+            progress=True,
+        )
+        print(f"simulated days: {days.summary()}")
         problems = verify(config)
         print(
             "verify: ledger and files agree"
             if not problems
             else f"verify: {len(problems)} discrepancies"
         )
+        _build_tables(config)
         refreshed = refresh_status(config)
         catalog = open_catalog(config)
         try:
@@ -114,6 +133,36 @@ def run_demo(
         for process in (server, questionnaires, scheduler, dashboards, lab):
             if process is not None:
                 stop_process(process)
+
+
+def _build_tables(config) -> None:
+    """Build the demo's sensor tables and print what they hold: the build's summary and the
+    mean data yield per sensor."""
+    import polars as pl
+
+    from workbench.sensors.schemas import sensor_schema
+    from workbench.sensors.tables import build_tables
+    from workbench.sensors.yields import data_yield
+
+    # The demo's tables are small: one process starts sooner than a pool of them.
+    print(build_tables(config, DEMO_STUDY, progress=True, processes=1).summary())
+    sampled = [s for s in DEMO_SENSORS if sensor_schema(s).interval_s]  # not EMA's prompts
+    quality = (
+        data_yield(config, DEMO_STUDY)
+        .filter(pl.col("sensor").is_in(sampled))
+        .group_by("sensor")
+        .agg(pl.col("yield_pct").mean())
+        .sort("sensor")
+    )
+    shown = ", ".join(
+        f"{row['sensor']} {row['yield_pct']:.0f} %" for row in quality.iter_rows(named=True)
+    )
+    print(f"data yield per sensor (mean over subject-days): {shown}")
+    print(
+        f"sensor tables: {DataPool.of(config).tables / DEMO_STUDY} (in JupyterLab: "
+        f"workbench.sensor_data(config, {DEMO_STUDY!r}, 'location'); to share: workbench "
+        f"--home {config.home} tables export {DEMO_STUDY} --out DIR)"
+    )
 
 
 def _start_scheduler(config) -> subprocess.Popen:
