@@ -82,6 +82,14 @@ def test_demo_then_status_alerts_sanity_and_questionnaires(tmp_path):
     assert shared.returncode == 0, shared.stderr
     listed = json.loads((tmp_path / "share" / "manifest.json").read_text())
     assert listed["timezone"] == "Europe/Berlin" and len(listed["files"]) >= DEMO_SENSING_DAYS
+    # ... and its behavioural features, meaningful on the whole simulated days
+    assert "features, mean of" in run.stdout and "minutes at home" in run.stdout
+    features = pl.read_parquet(home / "pool" / "features" / "demo" / "features.parquet")
+    simulated = features["subject"].unique().sort().to_list()[-DEMO_SENSING_SUBJECTS:]
+    valid = features.filter(pl.col("valid_day") & pl.col("subject").is_in(simulated))
+    assert valid.height >= DEMO_SENSING_SUBJECTS
+    assert valid["location_home_minutes"].mean() > 300  # nights at home
+    assert valid["location_places"].min() >= 1
 
     # the template's questionnaire source, served by the local study server, was exported
     assert "questionnaires exported: mindtrails:" in run.stdout

@@ -101,6 +101,7 @@ def run_demo(
             else f"verify: {len(problems)} discrepancies"
         )
         _build_tables(config)
+        _compute_features(config, sorted(set(days.days["subject"].to_list())))
         refreshed = refresh_status(config)
         catalog = open_catalog(config)
         try:
@@ -162,6 +163,34 @@ def _build_tables(config) -> None:
         f"sensor tables: {DataPool.of(config).tables / DEMO_STUDY} (in JupyterLab: "
         f"workbench.sensor_data(config, {DEMO_STUDY!r}, 'location'); to share: workbench "
         f"--home {config.home} tables export {DEMO_STUDY} --out DIR)"
+    )
+
+
+def _compute_features(config, subjects: list[str]) -> None:
+    """Compute the demo's behavioural features and print a few, averaged over the valid days of
+    ``subjects`` (those of the simulated days: the phones' records are random)."""
+    import polars as pl
+
+    from workbench.features.build import read_features, write_features
+
+    print(write_features(config, DEMO_STUDY, processes=1).summary())
+    days = read_features(config, DEMO_STUDY, subjects=subjects).filter(pl.col("valid_day"))
+    shown = {
+        "location_places": "places",
+        "location_home_minutes": "minutes at home",
+        "location_distance_km": "km travelled",
+        "activity_walking_minutes": "minutes walking",
+        "app_minutes_total": "app minutes",
+    }
+    present = [c for c in shown if c in days.columns]
+    if days.is_empty() or not present:
+        print("features: no valid subject-day yet")
+        return
+    means = days.select(pl.col(present).mean()).row(0, named=True)
+    figures = ", ".join(f"{means[c]:.1f} {shown[c]}" for c in present if means[c] is not None)
+    print(
+        f"features, mean of {days.height} valid days of the simulated days' subjects: {figures} "
+        f"(workbench.features(config, {DEMO_STUDY!r}); the subject pages of the dashboards)"
     )
 
 
