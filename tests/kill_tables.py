@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 import workbench.cli
-from workbench.sensors import tables
+from workbench.sensors import chunks, tables
 
 KINDS = ("before-write", "after-write", "after-delete", "before-mark", "after-mark")
 
@@ -51,8 +51,8 @@ def counting(original, n: int, *, before: bool):
 
 def arm(kind: str, n: int) -> None:
     if kind in ("before-write", "after-write"):
-        tables.write_parquet_atomically = counting(
-            tables.write_parquet_atomically, n, before=kind == "before-write"
+        chunks.write_parquet_atomically = counting(
+            chunks.write_parquet_atomically, n, before=kind == "before-write"
         )
     elif kind == "after-delete":
         original = Path.unlink
@@ -73,7 +73,7 @@ def arm(kind: str, n: int) -> None:
     else:
         raise SystemExit(f"unknown kind {kind!r}; one of {', '.join(KINDS)}")
     if os.environ.get("WORKBENCH_COMPACT_PARTS"):
-        tables.COMPACT_PARTS = int(os.environ["WORKBENCH_COMPACT_PARTS"])
+        chunks.COMPACT_PARTS = int(os.environ["WORKBENCH_COMPACT_PARTS"])
 
 
 if __name__ == "__main__":

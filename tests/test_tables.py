@@ -21,6 +21,7 @@ from workbench.catalog import open_catalog, uploads
 from workbench.enrollment import enroll
 from workbench.errors import InvalidTimezone, NoSensorTable
 from workbench.pool import DataPool
+from workbench.sensors import chunks as chunks_module
 from workbench.sensors import tables as tables_module
 from workbench.sensors.schemas import sensor_schema
 from workbench.simulators.phones import make_batch
@@ -202,7 +203,7 @@ def test_a_sensor_without_a_schema_is_built_in_the_generic_shape_and_named(home,
     assert orjson.loads(frame["data"][0])["celsius"] == 21.5
 
 
-def test_builds_are_incremental_and_a_rebuild_from_raw_equals_them(home, phones):
+def test_builds_are_incremental_and_a_rebuild_from_raw_equals_them(home, phones, monkeypatch):
     round_of(phones, START_MS, seed=10)
     first = workbench.build_tables(home, "walk", processes=1)
     assert sum(s.batches for s in first.sensors.values()) == 8
@@ -212,7 +213,11 @@ def test_builds_are_incremental_and_a_rebuild_from_raw_equals_them(home, phones)
         later = workbench.build_tables(home, "walk", processes=1)
         assert sum(s.batches for s in later.sensors.values()) == 8  # only the new batches
     incremental = dataset(home)
+    monkeypatch.setattr(tables_module, "INLINE_BYTES", 0)  # however small: worker processes
     rebuilt = workbench.build_tables(home, "walk", rebuild=True, processes=2)
+    assert (
+        len(rebuilt.workers) == 2 and f"{os.uname().nodename}:{os.getpid()}" not in rebuilt.workers
+    )
     assert all(s.rebuilt == "--rebuild" for s in rebuilt.sensors.values())
     again = dataset(home)
     for name, frame in incremental.items():
@@ -291,7 +296,7 @@ KILLS = [
 def test_a_build_killed_at_any_step_and_run_again_gives_the_same_dataset(
     kill, home, phones, monkeypatch
 ):
-    monkeypatch.setattr(tables_module, "COMPACT_PARTS", 2)
+    monkeypatch.setattr(chunks_module, "COMPACT_PARTS", 2)
     round_of(phones, START_MS, seed=30)
     workbench.build_tables(home, "walk", processes=1)
     round_of(phones, START_MS + 20 * MINUTE, seed=31)
