@@ -8,7 +8,7 @@ DASHBOARDS_PORT ?= 8866
 LAB_PORT ?= 8888
 HOME_DIR ?= demo-home
 
-.PHONY: run test lint docs format bench hooks clean system-deps
+.PHONY: run test lint docs format bench bench-tables hooks clean system-deps
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -m venv $(VENV) 2>/dev/null || { \
@@ -61,6 +61,12 @@ format: $(STAMP)
 ## bench: upload throughput against the parse-and-fsync floor
 bench: $(STAMP)
 	$(BIN)/python bench/upload.py
+
+## bench-tables: the sensor tables' build against an orjson parse floor, incremental build,
+## loading one subject-week and the build's peak memory (2 GB of raw JSON; GB=0.2 for a quick run)
+GB ?= 2
+bench-tables: $(STAMP)
+	$(BIN)/python bench/tables.py --gb $(GB)
 
 ## hooks: strip notebook outputs on commit (nbstripout as a git filter)
 hooks: $(STAMP)
