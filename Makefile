@@ -61,6 +61,11 @@ format: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/upload.py
 
+## bench-features: behavioural features of 200 subjects x 28 days against one scan of the
+## same tables, the incremental run and peak memory (writes about 8 GB under /tmp)
+bench-features: $(STAMP)
+	$(BIN)/python bench/features.py
+
 ## hooks: strip notebook outputs on commit (nbstripout as a git filter)
 hooks: $(STAMP)
 	$(BIN)/nbstripout --install --attributes .gitattributes
