@@ -8,7 +8,7 @@ DASHBOARDS_PORT ?= 8866
 LAB_PORT ?= 8888
 HOME_DIR ?= demo-home
 
-.PHONY: run test lint docs format bench bench-tables hooks clean system-deps
+.PHONY: run test lint docs format bench bench-tables bench-features hooks clean system-deps
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -m venv $(VENV) 2>/dev/null || { \
@@ -67,6 +67,11 @@ bench: $(STAMP)
 GB ?= 2
 bench-tables: $(STAMP)
 	$(BIN)/python bench/tables.py --gb $(GB)
+
+## bench-features: behavioural features of 200 subjects x 28 days against one scan of the
+## same tables, the incremental run and peak memory (writes about 8 GB under /tmp)
+bench-features: $(STAMP)
+	$(BIN)/python bench/features.py
 
 ## hooks: strip notebook outputs on commit (nbstripout as a git filter)
 hooks: $(STAMP)

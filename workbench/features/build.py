@@ -56,7 +56,10 @@ from workbench.identifiers import check_name
 from workbench.pool import DataPool, make_folders, write_file_atomically
 from workbench.sensors.loading import Bound, sensor_data
 from workbench.sensors.parts import QUARANTINE, day_of_folder, parts_of
-from workbench.sensors.yields import data_yield
+from workbench.sensors.schemas import sensor_schema
+from workbench.sensors.yields import YIELD_SCHEMA, Period, _registered_devices, study_periods
+from workbench.sensors.yields import _observed as yield_observed
+from workbench.sensors.yields import _with_grid as yield_grid
 from workbench.studies import get_study
 from workbench.times import now_ms
 from workbench.writers import csv_bytes, write_parquet_atomically
@@ -333,15 +336,47 @@ def day_schema(sensors: Sequence[str]) -> dict[str, pl.DataType]:
 
 def compute_share(config: Config, subjects: list[str], job: dict) -> dict:
     """The day table, per-app table and null reasons of a few subjects (one unit of work)."""
+    with borrowed_catalog(config) as catalog:
+        definition = get_study(catalog, job["study"]).definition
+        periods = study_periods(catalog, job["study"])
+        registered = _registered_devices(catalog, job["study"])
+    share = float(definition.get("yield_hour_share", 0.5))
+    results = [
+        _subject_share(config, subject, job, periods.get(subject), registered, share)
+        for subject in subjects
+    ]
+    reasons: Counter[str] = Counter()
+    for result in results:
+        reasons.update(result["reasons"])
+    return {
+        "table": pl.concat([r["table"] for r in results]),
+        "apps": pl.concat([r["apps"] for r in results]),
+        "reasons": dict(reasons),
+    }
+
+
+def _subject_share(
+    config: Config,
+    subject: str,
+    job: dict,
+    period: Period | None,
+    registered: dict[tuple[str, str], list[str]],
+    share: float,
+) -> dict:
+    """One subject's rows. Each sensor's table is read once, into memory, for the families
+    and the yield alike (a subject's month of 5 Hz accelerometer is about 100 MB)."""
     study, start, end = job["study"], job["start"], job["end"]
+    recorded = job["sensors"]
+    wanted = sorted({s for name in list_families() for s in family(name).sensors} | set(recorded))
     frames = {}
-    for sensor in sorted({s for name in list_families() for s in family(name).sensors}):
+    for sensor in wanted:
+        if sensor not in recorded:
+            continue  # no table and not recorded by the study: sensor_data would refuse it
         try:
-            frames[sensor] = sensor_data(
-                config, study, sensor, subjects=subjects, start=start, end=end
-            )
+            lazy = sensor_data(config, study, sensor, subjects=[subject], start=start, end=end)
         except NoSensorTable:
             continue
+        frames[sensor] = lazy.drop("batch").collect()
     reasons: Counter[str] = Counter()
     days = []
     for name in list_families():
@@ -349,20 +384,20 @@ def compute_share(config: Config, subjects: list[str], job: dict) -> dict:
         result = entry.compute({s: frames[s] for s in entry.sensors if s in frames})
         reasons.update(result.reasons)
         days.append((entry, result.table.with_columns(pl.lit(True).alias(f"_has_{name}"))))
-    yields = data_yield(config, study, subjects=subjects, start=start, end=end)
+    yields = _yields(frames, recorded, {subject: period} if period else {}, registered, share)
+    yields = _clip(yields, start, end)
     observed = yields.filter(pl.col("records") > 0).select(KEYS)
     keys = pl.concat([observed, *(t.select(KEYS) for _e, t in days)]).unique()
     table = _clip(keys, start, end)
     for _entry, part in days:
         table = table.join(part, on=KEYS, how="left")
-    recorded = set(job["sensors"])
     for entry, _part in days:
         missing = table.get_column(f"_has_{entry.name}").null_count()
-        if missing and recorded & set(entry.sensors):
+        if missing and set(recorded) & set(entry.sensors):
             sensors = " or ".join(entry.sensors)
             reasons[f"{entry.name} (all features): no {sensors} data that day"] += missing
-    table = _with_yield(table, yields, job["sensors"], job["valid_hours"])
-    schema = day_schema(job["sensors"])
+    table = _with_yield(table, yields, recorded, job["valid_hours"])
+    schema = day_schema(recorded)
     table = table.select([_rounded(pl.col(c).cast(t), t) for c, t in schema.items()])
     apps = _clip(app_minutes(frames), start, end) if "application_usage" in frames else None
     if apps is not None:
@@ -372,6 +407,27 @@ def compute_share(config: Config, subjects: list[str], job: dict) -> dict:
         "apps": apps if apps is not None else pl.DataFrame(schema=APP_TABLE),
         "reasons": dict(reasons),
     }
+
+
+def _yields(
+    frames: dict[str, pl.DataFrame],
+    sensors: list[str],
+    periods: dict[str, Period],
+    registered: dict[tuple[str, str], list[str]],
+    share: float,
+) -> pl.DataFrame:
+    """:func:`workbench.data_yield` of the subject's frames already in memory (the same rows:
+    its per-sensor steps, fed the tables read once for the families)."""
+    parts = []
+    for sensor in sensors:
+        frame = frames.get(sensor)
+        if frame is None:
+            frame = pl.DataFrame(schema=sensor_schema(sensor).columns())
+        observed = yield_observed(frame.lazy(), sensor, share)
+        parts.append(yield_grid(observed, sensor, periods, registered))
+    if not parts:
+        return pl.DataFrame(schema=YIELD_SCHEMA)
+    return pl.concat(parts, how="vertical")
 
 
 def _rounded(column: pl.Expr, dtype: pl.DataType) -> pl.Expr:
