@@ -33,12 +33,10 @@ import datetime as dt
 import hashlib
 import io
 import json
-import multiprocessing
 import os
 import time
 from collections import Counter
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -62,6 +60,7 @@ from workbench.sensors.yields import _observed as yield_observed
 from workbench.sensors.yields import _with_grid as yield_grid
 from workbench.studies import get_study
 from workbench.times import now_ms
+from workbench.workers import worker_pool
 from workbench.writers import csv_bytes, write_parquet_atomically
 
 # Raise when a formula or a column changes: the next write_features recomputes every subject.
@@ -376,7 +375,9 @@ def _subject_share(
             lazy = sensor_data(config, study, sensor, subjects=[subject], start=start, end=end)
         except NoSensorTable:
             continue
-        frames[sensor] = lazy.drop("batch").collect()
+        lazy = lazy.drop("batch")
+        # A month of 5 Hz motion is a million rows: scanned where needed, never held whole.
+        frames[sensor] = lazy if _streamed(sensor) else lazy.collect()
     reasons: Counter[str] = Counter()
     days = []
     for name in list_families():
@@ -409,8 +410,14 @@ def _subject_share(
     }
 
 
+def _streamed(sensor: str) -> bool:
+    """Whether a sensor samples faster than once a second (its tables are scanned, not read)."""
+    interval = sensor_schema(sensor).interval_s
+    return interval is not None and interval < 1
+
+
 def _yields(
-    frames: dict[str, pl.DataFrame],
+    frames: dict[str, pl.DataFrame | pl.LazyFrame],
     sensors: list[str],
     periods: dict[str, Period],
     registered: dict[tuple[str, str], list[str]],
@@ -517,10 +524,8 @@ def _run(
                 results.append(compute_share(config, share, job))
                 bar.update(len(share))
             return results
-        # spawn: forking a process that holds polars' thread pool can deadlock
-        context = multiprocessing.get_context("spawn")
         home = str(config.home)
-        with ProcessPoolExecutor(workers, mp_context=context) as executor:
+        with worker_pool(workers) as executor:
             futures = [executor.submit(_share_in_process, home, [s], job) for s in names]
             for future in futures:
                 results.append(_unpack(future.result()))

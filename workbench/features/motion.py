@@ -74,7 +74,15 @@ def partial(frame: pl.DataFrame | pl.LazyFrame, *, gravity: float = 0.0) -> pl.D
     magnitude = (pl.col("x") ** 2 + pl.col("y") ** 2 + pl.col("z") ** 2).sqrt()
     return (
         frame.lazy()
-        .select("subject", "day", minute=pl.col("local_time").dt.truncate("1m"), m=magnitude)
+        .select(
+            "subject",
+            "day",
+            # whole minutes by integer division: cheaper than truncating datetimes
+            minute=(pl.col("local_time").dt.epoch("ms") // 60_000 * 60_000).cast(
+                pl.Datetime("ms")
+            ),
+            m=magnitude,
+        )
         .group_by(MINUTE_KEYS)
         .agg(
             n=pl.len().cast(pl.UInt32),

@@ -21,13 +21,11 @@ Example::
 from __future__ import annotations
 
 import json
-import multiprocessing
 import os
 import shutil
 import time
 from collections import defaultdict
 from collections.abc import Iterable
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -56,6 +54,7 @@ from workbench.sensors.schemas import sensor_schema
 from workbench.studies import get_study
 from workbench.subjects import study_zones
 from workbench.times import now_ms
+from workbench.workers import worker_pool
 
 INLINE_BYTES = 2 * CHUNK_BYTES  # less raw JSON than this is built without worker processes
 # On PostgreSQL ledger ids may commit out of order: a build leaves the newest seconds alone.
@@ -359,9 +358,7 @@ def _run(
                     results.append(build_chunk(root, chunk))
                     bar.update(chunk.size)
             else:
-                # spawn: forking a process that holds polars' thread pool can deadlock
-                context = multiprocessing.get_context("spawn")
-                with ProcessPoolExecutor(workers, mp_context=context) as executor:
+                with worker_pool(workers) as executor:
                     # largest first, so one big subject does not run alone at the end
                     ordered = sorted(chunks, key=lambda c: -c.size)
                     futures = [executor.submit(build_chunk, root, c) for c in ordered]
