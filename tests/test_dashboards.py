@@ -731,8 +731,32 @@ def test_the_refresh_button_refreshes_once_and_shows_the_new_uploads(
 # ---------------------------------------------------------------------------- data yield
 
 
+def hover_heat_cell(page, subject: str, day: str) -> str:
+    """Move the pointer onto the heat map's cell of ``subject`` and ``day``; its tooltip text."""
+    cell = page.evaluate_handle(
+        """([subject, day]) => Array.from(document.querySelectorAll('rect.heatmapcell'))
+            .find(r => r.__data__ && r.__data__.row === subject && r.__data__.column === day)""",
+        [subject, day],
+    ).as_element()
+    assert cell is not None, f"no heat map cell for {subject} on {day}"
+    cell.scroll_into_view_if_needed()
+    box = cell.bounding_box()
+    page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2, steps=5)
+    page.wait_for_function(
+        """([subject, day]) => {
+            const tip = document.querySelector('.bqplot_tooltip_div .wb-heat-tip');
+            return tip && tip.offsetParent !== null && tip.innerText.includes(subject + ' · ' + day);
+        }""",
+        arg=[subject, day],
+        timeout=60_000,
+    )
+    return page.inner_text(".bqplot_tooltip_div .wb-heat-tip")
+
+
 @pytest.mark.slow
-def test_the_heat_map_shows_data_yield_with_a_row_per_subject(browser, tmp_path):
+def test_the_heat_map_shows_data_yield_per_subject_and_each_sensors_hours_on_hover(
+    browser, tmp_path
+):
     from workbench_server.app import create_app
 
     from tests.conftest import Phone
@@ -778,6 +802,17 @@ def test_the_heat_map_shows_data_yield_with_a_row_per_subject(browser, tmp_path)
         assert len(rows) == 3  # one per subject on the table's page
         note = page.page.inner_text(".wb-muted >> text=sampled sensors")
         assert "valid hours" in note
+        # hovering the second subject's yesterday shows its valid hours per sensor: location
+        # 6 h of fixes, accelerometer nothing; yield (25 % + 0 %) / 2
+        yesterday = str(today - dt.timedelta(days=1))
+        tip = hover_heat_cell(page.page, people[1].subject, yesterday)
+        assert f"{people[1].subject} · {yesterday}" in tip
+        assert "data yield 12.5 %" in tip
+        assert "location: 6 h" in tip
+        assert "accelerometer: 0 h" in tip
+        tip = hover_heat_cell(page.page, people[0].subject, yesterday)  # the tip follows
+        assert f"{people[0].subject} · {yesterday}" in tip
+        assert "location: 12 h" in tip and "data yield 25 %" in tip
         page.screenshot("study_status_yield")
         page.check_clean()
         page.page.close()

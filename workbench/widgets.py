@@ -416,7 +416,8 @@ class StatusDashboard(_Dashboard):
         )
 
     def _heat_hover(self, _mark, content: dict) -> None:
-        point = content.get("point") or {}
+        # bqplot's GridHeatMap sends {"event": "hover", "data": {"rowNum", "columnNum", ...}}
+        point = content.get("data") or {}
         row, column = point.get("rowNum"), point.get("columnNum")
         if isinstance(row, int) and isinstance(column, int) and row < len(self.heat_text):
             cells = self.heat_text[row]
