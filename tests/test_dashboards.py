@@ -51,6 +51,7 @@ from workbench.dashboards import (
 from workbench.errors import UnprotectedDashboards
 from workbench.refresh import refresh_status
 from workbench.status import study_status
+from workbench.studies import get_study
 
 OUTPUT = os.environ.get("WORKBENCH_TEST_OUTPUT") or str(REPO / "test-output")
 
@@ -321,6 +322,19 @@ def test_status_dashboard_counts_study_switch_and_ack(browser, dashboards, pool)
     assert page.page.query_selector_all(".wb-fresh-ok, .wb-fresh-stale, .wb-fresh-none")
     assert len(page.page.query_selector_all("table.wb-table tbody tr")) == 25  # one page
     path = page.screenshot("study_status")
+
+    # alpha has no sensor tables: the heat map shows batch completeness, each cell on hover
+    assert "Completeness by day" in page.page.inner_text("body")
+    subject = page.page.inner_text("table.wb-table tbody tr td")
+    yesterday = dt.datetime.now(dt.UTC).date() - dt.timedelta(days=1)
+    catalog = open_catalog(config)
+    try:
+        days = daily_completeness(catalog, get_study(catalog, "alpha"), [subject], days=3)
+    finally:
+        catalog.dispose()
+    value = days.filter(pl.col("day") == yesterday)["completeness"][0]
+    tip = hover_heat_cell(page.page, subject, str(yesterday))
+    assert ("not in the study" if value is None else f"completeness {value:g} %") in tip
 
     # an alert acknowledged on the page leaves the open list, in the page and the catalog
     catalog = open_catalog(config)
