@@ -816,9 +816,18 @@ def test_the_heat_map_shows_data_yield_per_subject_and_each_sensors_hours_on_hov
         assert len(rows) == 3  # one per subject on the table's page
         note = page.page.inner_text(".wb-muted >> text=sampled sensors")
         assert "valid hours" in note
+        # colour: the days a subject was not in the study are grey, the others on the scale
+        fills = page.page.evaluate(
+            """() => Object.fromEntries(Array.from(document.querySelectorAll('rect.heatmapcell'))
+                .map(r => [r.__data__.row + ' ' + r.__data__.column, getComputedStyle(r).fill]))"""
+        )
+        yesterday = str(today - dt.timedelta(days=1))
+        grey = "rgb(240, 240, 240)"
+        assert fills[f"{people[2].subject} {yesterday}"] == grey  # never started
+        assert fills[f"{people[1].subject} {today - dt.timedelta(days=9)}"] == grey  # not yet
+        assert fills[f"{people[1].subject} {yesterday}"] not in (grey, "rgb(0, 0, 0)")
         # hovering the second subject's yesterday shows its valid hours per sensor: location
         # 6 h of fixes, accelerometer nothing; yield (25 % + 0 %) / 2
-        yesterday = str(today - dt.timedelta(days=1))
         tip = hover_heat_cell(page.page, people[1].subject, yesterday)
         assert f"{people[1].subject} · {yesterday}" in tip
         assert "data yield 12.5 %" in tip
