@@ -51,6 +51,7 @@ from workbench.dashboards import (
 from workbench.errors import UnprotectedDashboards
 from workbench.refresh import refresh_status
 from workbench.status import study_status
+from workbench.studies import get_study
 
 OUTPUT = os.environ.get("WORKBENCH_TEST_OUTPUT") or str(REPO / "test-output")
 
@@ -321,6 +322,19 @@ def test_status_dashboard_counts_study_switch_and_ack(browser, dashboards, pool)
     assert page.page.query_selector_all(".wb-fresh-ok, .wb-fresh-stale, .wb-fresh-none")
     assert len(page.page.query_selector_all("table.wb-table tbody tr")) == 25  # one page
     path = page.screenshot("study_status")
+
+    # alpha has no sensor tables: the heat map shows batch completeness, each cell on hover
+    assert "Completeness by day" in page.page.inner_text("body")
+    subject = page.page.inner_text("table.wb-table tbody tr td")
+    yesterday = dt.datetime.now(dt.UTC).date() - dt.timedelta(days=1)
+    catalog = open_catalog(config)
+    try:
+        days = daily_completeness(catalog, get_study(catalog, "alpha"), [subject], days=3)
+    finally:
+        catalog.dispose()
+    value = days.filter(pl.col("day") == yesterday)["completeness"][0]
+    tip = hover_heat_cell(page.page, subject, str(yesterday))
+    assert ("not in the study" if value is None else f"completeness {value:g} %") in tip
 
     # an alert acknowledged on the page leaves the open list, in the page and the catalog
     catalog = open_catalog(config)
@@ -731,8 +745,32 @@ def test_the_refresh_button_refreshes_once_and_shows_the_new_uploads(
 # ---------------------------------------------------------------------------- data yield
 
 
+def hover_heat_cell(page, subject: str, day: str) -> str:
+    """Move the pointer onto the heat map's cell of ``subject`` and ``day``; its tooltip text."""
+    cell = page.evaluate_handle(
+        """([subject, day]) => Array.from(document.querySelectorAll('rect.heatmapcell'))
+            .find(r => r.__data__ && r.__data__.row === subject && r.__data__.column === day)""",
+        [subject, day],
+    ).as_element()
+    assert cell is not None, f"no heat map cell for {subject} on {day}"
+    cell.scroll_into_view_if_needed()
+    box = cell.bounding_box()
+    page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2, steps=5)
+    page.wait_for_function(
+        """([subject, day]) => {
+            const tip = document.querySelector('.bqplot_tooltip_div .wb-heat-tip');
+            return tip && tip.offsetParent !== null && tip.innerText.includes(subject + ' · ' + day);
+        }""",
+        arg=[subject, day],
+        timeout=60_000,
+    )
+    return page.inner_text(".bqplot_tooltip_div .wb-heat-tip")
+
+
 @pytest.mark.slow
-def test_the_heat_map_shows_data_yield_with_a_row_per_subject(browser, tmp_path):
+def test_the_heat_map_shows_data_yield_per_subject_and_each_sensors_hours_on_hover(
+    browser, tmp_path
+):
     from workbench_server.app import create_app
 
     from tests.conftest import Phone
@@ -778,6 +816,26 @@ def test_the_heat_map_shows_data_yield_with_a_row_per_subject(browser, tmp_path)
         assert len(rows) == 3  # one per subject on the table's page
         note = page.page.inner_text(".wb-muted >> text=sampled sensors")
         assert "valid hours" in note
+        # colour: the days a subject was not in the study are grey, the others on the scale
+        fills = page.page.evaluate(
+            """() => Object.fromEntries(Array.from(document.querySelectorAll('rect.heatmapcell'))
+                .map(r => [r.__data__.row + ' ' + r.__data__.column, getComputedStyle(r).fill]))"""
+        )
+        yesterday = str(today - dt.timedelta(days=1))
+        grey = "rgb(240, 240, 240)"
+        assert fills[f"{people[2].subject} {yesterday}"] == grey  # never started
+        assert fills[f"{people[1].subject} {today - dt.timedelta(days=9)}"] == grey  # not yet
+        assert fills[f"{people[1].subject} {yesterday}"] not in (grey, "rgb(0, 0, 0)")
+        # hovering the second subject's yesterday shows its valid hours per sensor: location
+        # 6 h of fixes, accelerometer nothing; yield (25 % + 0 %) / 2
+        tip = hover_heat_cell(page.page, people[1].subject, yesterday)
+        assert f"{people[1].subject} · {yesterday}" in tip
+        assert "data yield 12.5 %" in tip
+        assert "location: 6 h" in tip
+        assert "accelerometer: 0 h" in tip
+        tip = hover_heat_cell(page.page, people[0].subject, yesterday)  # the tip follows
+        assert f"{people[0].subject} · {yesterday}" in tip
+        assert "location: 12 h" in tip and "data yield 25 %" in tip
         page.screenshot("study_status_yield")
         page.check_clean()
         page.page.close()

@@ -224,7 +224,8 @@ def test_the_heat_map_shows_mean_yield_and_each_sensors_valid_hours(
     assert page.heat in page.heat_box.children
     row = list(page.heat_map.row).index(phone.subject)
     column = list(page.heat_map.column).index(str(today - dt.timedelta(days=1)))
-    page._heat_hover(page.heat_map, {"point": {"rowNum": row, "columnNum": column}})
+    hover = {"event": "hover", "data": {"rowNum": row, "columnNum": column}}  # as bqplot sends
+    page._heat_hover(page.heat_map, hover)
     assert "location: 12 h" in page.heat_tip.value
     assert "accelerometer: 0 h" in page.heat_tip.value
     assert "data yield 25 %" in page.heat_tip.value

@@ -66,6 +66,7 @@ table.wb-table td{padding:2px 8px;border-bottom:1px solid #eee;white-space:nowra
 .wb-fresh-stale{background:#fcbba1}.wb-fresh-none{background:#eee;color:#888}
 .wb-yield-low{background:#fee8c8}
 .wb-heat-tip{font-size:12px;padding:4px 6px;background:#fff;border:1px solid #ccc;pointer-events:none}
+.wb-heat rect.heatmapcell{fill:#f0f0f0}
 .wb-empty{color:#57606a;font-style:italic;padding:6px 0}
 .wb-error{color:#b00020;padding:6px 0}
 .wb-section{font-size:16px;font-weight:600;margin:14px 0 4px}
@@ -418,21 +419,32 @@ class StatusDashboard(_Dashboard):
             scales={"row": self.heat_rows, "column": self.heat_columns, "color": colors},
             tooltip=self.heat_tip,  # filled on hover: the values of each sensor
             anchor_style={"fill": "none"},
-            null_color="#f0f0f0",  # days outside the subject's time in the study
+            stroke="white",
         )
         self.heat_map.on_hover(self._heat_hover)
-        return bq.Figure(
+        figure = bq.Figure(
             marks=[self.heat_map],
             axes=[
-                bq.Axis(scale=self.heat_columns, tick_rotate=-45, num_ticks=8),
+                bq.Axis(
+                    scale=self.heat_columns,
+                    tick_rotate=-45,
+                    tick_style={"text-anchor": "end"},  # below the axis, not under the cells
+                    num_ticks=8,
+                ),
                 bq.Axis(scale=self.heat_rows, side="left"),
             ],
             fig_margin={"top": 10, "bottom": 70, "left": 120, "right": 20},
             layout=w.Layout(width="100%", height="520px"),
+            display_toolbar=False,  # it would cover the newest days of the first subjects
         )
+        # days outside the subject's time in the study are NaN, which bqplot leaves unfilled
+        # (its null_color is for nulls, which a numeric array cannot carry): grey them in CSS
+        figure.add_class("wb-heat")
+        return figure
 
     def _heat_hover(self, _mark, content: dict) -> None:
-        point = content.get("point") or {}
+        # bqplot's GridHeatMap sends {"event": "hover", "data": {"rowNum", "columnNum", ...}}
+        point = content.get("data") or {}
         row, column = point.get("rowNum"), point.get("columnNum")
         if isinstance(row, int) and isinstance(column, int) and row < len(self.heat_text):
             cells = self.heat_text[row]
