@@ -47,9 +47,9 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import polars as pl  # noqa: E402
 
+from workbench.sensors.chunks import FRESH_COMPRESSION  # noqa: E402
 from workbench.sensors.parts import part_name, partition_folder  # noqa: E402
 from workbench.sensors.schemas import sensor_schema  # noqa: E402
-from workbench.sensors.chunks import FRESH_COMPRESSION  # noqa: E402
 from workbench.simulators.days import (  # noqa: E402
     APPS,
     ON_FOOT,

@@ -78,9 +78,7 @@ def partial(frame: pl.DataFrame | pl.LazyFrame, *, gravity: float = 0.0) -> pl.D
             "subject",
             "day",
             # whole minutes by integer division: cheaper than truncating datetimes
-            minute=(pl.col("local_time").dt.epoch("ms") // 60_000 * 60_000).cast(
-                pl.Datetime("ms")
-            ),
+            minute=(pl.col("local_time").dt.epoch("ms") // 60_000 * 60_000).cast(pl.Datetime("ms")),
             m=magnitude,
         )
         .group_by(MINUTE_KEYS)
