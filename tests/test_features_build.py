@@ -251,3 +251,38 @@ def test_the_features_pipeline_builds_tables_then_features(lab):
     record = run_pipeline(lab, "features", parameters={"study": "demo"})
     assert record.status == "succeeded", record
     assert read_features(lab, "demo").height == 2
+
+
+def test_a_late_batch_recomputes_its_days_and_the_result_equals_a_rebuild(lab):
+    """A batch of an earlier day arriving late: that day (and the days either side) are recomputed,
+    location over every day; the other days' rows stay as they were; the table equals a
+    rebuild from scratch."""
+    ((person, plan),) = enrolled(lab, 1, days=4)
+    late = [b for b in plan.batches if b.sensor == "activity"]
+    middle = sorted(late, key=lambda b: b.first_ts)[len(late) // 2]  # one batch, mid-study
+    send(lab, person, plan, [b for b in plan.batches if b is not middle])
+    build_tables(lab, "demo", processes=1)
+    write_features(lab, "demo", processes=1)
+    before = read_features(lab, "demo")
+    send(lab, person, plan, [middle], register=False)
+    build_tables(lab, "demo", processes=1)
+    days = set(
+        sensor_data(lab, "demo", "activity").filter(pl.col("batch") == pl.col("batch").max())
+        .collect()["day"]
+    )  # fmt: skip
+    assert days and len(days) <= 2
+    more = write_features(lab, "demo", processes=1)
+    assert more.recomputed == [person.subject] and more.rebuilt is None
+    after = read_features(lab, "demo")
+    one = datetime.timedelta(days=1)
+    recomputed = {d + k * one for d in days for k in (-1, 0, 1)}
+    untouched = ~pl.col("day").is_in(list(recomputed))
+    assert after.filter(untouched).equals(before.filter(untouched))
+    changed = after.filter(~untouched).select("activity_still_minutes", "activity_walking_minutes")
+    assert not changed.equals(
+        before.filter(~untouched).select("activity_still_minutes", "activity_walking_minutes")
+    )  # the late detections count now
+    write_features(lab, "demo", rebuild=True, processes=1)
+    fresh = read_features(lab, "demo")
+    for column in fresh.columns:
+        assert fresh[column].equals(after[column]), (column, fresh[column], after[column])

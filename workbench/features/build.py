@@ -188,9 +188,12 @@ def compute_features(
     processes: int | None = None,
     queue: bool = False,
     progress: bool = False,
+    days: dict[str, set[dt.date]] | None = None,
 ) -> FeatureResult:
     """Features of ``subjects`` (default: every subject of the study), split by subject over
     ``processes`` (default one per core) or, with ``queue``, the scheduler's consumers.
+    ``days`` (subject -> local days) limits a subject's rows to those days, apart from the
+    families found over all days (location), whose rows cover every day.
 
     Example: ``compute_features(config, "demo", processes=4).reasons.most_common(3)``.
     """
@@ -207,6 +210,7 @@ def compute_features(
         "end": _text(end),
         "sensors": sensors,
         "valid_hours": valid_hours,
+        "days": {k: sorted(d.isoformat() for d in v) for k, v in days.items()} if days else None,
     }
     results = _run(config, names, job, processes=processes, queue=queue, progress=progress)
     schema = day_schema(sensors)
@@ -262,18 +266,22 @@ def write_features(
             touched = _study_subjects(catalog, study)
         else:
             old = {s: m for s, (m, _z) in state["marks"].items()}
-            touched = sorted(_touched(pool.tables / study, old))
+            days = _with_neighbours(_touched(pool.tables / study, old))
+            touched = sorted(days)
     if touched:
         result = compute_features(
-            config, study, subjects=touched, processes=processes, queue=queue, progress=progress
+            config,
+            study,
+            subjects=touched,
+            processes=processes,
+            queue=queue,
+            progress=progress,
+            days=None if run.rebuilt else days,
         )
         run.reasons = result.reasons
         table, apps = result.table, result.apps
         if not run.rebuilt and stored is not None:
-            kept, kept_apps = stored
-            gone = pl.col("subject").is_in(touched)
-            table = pl.concat([kept.filter(~gone), table]).sort(KEYS)
-            apps = pl.concat([kept_apps.filter(~gone), apps]).sort("subject", "day", "app")
+            table, apps = _merged(stored, table, apps, days)
         make_folders(folder)
         write_parquet_atomically(table, folder / "features.parquet")
         write_file_atomically(folder / "features.csv", csv_bytes(table))
@@ -294,6 +302,45 @@ def write_features(
     write_file_atomically(folder / STATE, json.dumps(new_state, indent=1).encode())
     run.seconds = time.perf_counter() - began
     return run
+
+
+def _with_neighbours(touched: dict[str, set[dt.date]]) -> dict[str, set[dt.date]]:
+    """The touched days and the days either side: a location fix or an activity detection
+    lasts until the next one, across local midnight, so new records near midnight change the
+    neighbouring day too."""
+    one = dt.timedelta(days=1)
+    return {s: {d + k * one for d in days for k in (-1, 0, 1)} for s, days in touched.items()}
+
+
+def _merged(
+    stored: tuple[pl.DataFrame, pl.DataFrame],
+    table: pl.DataFrame,
+    apps: pl.DataFrame,
+    days: dict[str, set[dt.date]],
+) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """The stored tables with the recomputed rows in: of a touched subject, the recomputed days
+    whole, and on their other days the families found over all days (places and home)."""
+    kept, kept_apps = stored
+    pairs = pl.DataFrame(
+        [(s, d) for s, ds in days.items() for d in ds],
+        schema={"subject": pl.String, "day": pl.Date},
+        orient="row",
+    )
+    subjects_in = pl.col("subject").is_in(list(days))
+    fresh = table.join(pairs, on=KEYS, how="semi")
+    across = [c for name in ACROSS_DAYS for c in family(name).columns]
+    others = (
+        kept.filter(subjects_in)
+        .join(pairs, on=KEYS, how="anti")
+        .drop(across)
+        .join(table.select(*KEYS, *across), on=KEYS, how="left")
+        .select(kept.columns)
+    )
+    table = pl.concat([kept.filter(~subjects_in), others, fresh.select(kept.columns)]).sort(KEYS)
+    untouched_apps = kept_apps.filter(subjects_in).join(pairs, on=KEYS, how="anti")
+    apps = pl.concat([kept_apps.filter(~subjects_in), untouched_apps, apps])
+    apps = apps.sort("subject", "day", "app")
+    return table, apps
 
 
 def read_features(
@@ -328,6 +375,11 @@ def day_schema(sensors: Sequence[str]) -> dict[str, pl.DataType]:
         for feature in family(name).features:
             schema[feature.name] = feature.dtype()
     return schema
+
+
+# Families whose day rows depend on all of a subject's days (places and home are found over
+# them all): recomputed over every day whenever a subject has new data.
+ACROSS_DAYS = ("location",)
 
 
 # ---------------------------------------------------------------------------- one share
@@ -378,22 +430,34 @@ def _subject_share(
         lazy = lazy.drop("batch")
         # A month of 5 Hz motion is a million rows: scanned where needed, never held whole.
         frames[sensor] = lazy if _streamed(sensor) else lazy.collect()
+    only = (job.get("days") or {}).get(subject)
+    every_day = frames
+    if only is not None:  # a later run: the touched days, and location over all days
+        wanted_days = [dt.date.fromisoformat(d) for d in only]
+        # a record lasts until the next one, across midnight: read the days either side too
+        one = dt.timedelta(days=1)
+        context = sorted({d + k * one for d in wanted_days for k in (-1, 0, 1)})
+        frames = {s: f.filter(pl.col("day").is_in(context)) for s, f in frames.items()}
     reasons: Counter[str] = Counter()
     days = []
     for name in list_families():
         entry = family(name)
-        result = entry.compute({s: frames[s] for s in entry.sensors if s in frames})
+        source = every_day if name in ACROSS_DAYS else frames
+        result = entry.compute({s: source[s] for s in entry.sensors if s in source})
         reasons.update(result.reasons)
         days.append((entry, result.table.with_columns(pl.lit(True).alias(f"_has_{name}"))))
     yields = _yields(frames, recorded, {subject: period} if period else {}, registered, share)
     yields = _clip(yields, start, end)
+    if only is not None:
+        yields = yields.filter(pl.col("day").is_in(wanted_days))
     observed = yields.filter(pl.col("records") > 0).select(KEYS)
     keys = pl.concat([observed, *(t.select(KEYS) for _e, t in days)]).unique()
     table = _clip(keys, start, end)
     for _entry, part in days:
         table = table.join(part, on=KEYS, how="left")
     for entry, _part in days:
-        missing = table.get_column(f"_has_{entry.name}").null_count()
+        counted = table if only is None else table.filter(pl.col("day").is_in(wanted_days))
+        missing = counted.get_column(f"_has_{entry.name}").null_count()
         if missing and set(recorded) & set(entry.sensors):
             sensors = " or ".join(entry.sensors)
             reasons[f"{entry.name} (all features): no {sensors} data that day"] += missing
@@ -403,6 +467,8 @@ def _subject_share(
     apps = _clip(app_minutes(frames), start, end) if "application_usage" in frames else None
     if apps is not None:
         apps = apps.with_columns(pl.col("minutes").round(DECIMALS))
+        if only is not None:
+            apps = apps.filter(pl.col("day").is_in(wanted_days))
     return {
         "table": table,
         "apps": apps if apps is not None else pl.DataFrame(schema=APP_TABLE),
@@ -568,25 +634,27 @@ def _table_marks(catalog: Catalog, study: str) -> dict[str, tuple[int, str]]:
     return {row.sensor: (row.watermark, row.zones) for row in rows}
 
 
-def _touched(tables: Path, marks: dict[str, int]) -> set[str]:
-    """Subjects with a live part holding ledger ids past their sensor's mark (from the file
-    names alone: a part ``part-<lo>-<hi>`` holds rows of batches ``lo`` to ``hi``)."""
-    touched: set[str] = set()
+def _touched(tables: Path, marks: dict[str, int]) -> dict[str, set[dt.date]]:
+    """Subjects with a live part holding ledger ids past their sensor's mark, and the local
+    days of those parts (from the file names alone: a part ``part-<lo>-<hi>`` holds rows of
+    batches ``lo`` to ``hi``)."""
+    touched: dict[str, set[dt.date]] = {}
     try:
         sensors = [e for e in os.scandir(tables) if e.is_dir() and e.name != QUARANTINE]
     except FileNotFoundError:
         return touched
     for sensor in sensors:
         mark = marks.get(sensor.name, 0)
-        for day in os.scandir(sensor.path):
-            if day_of_folder(day.name) is None:
+        for day_entry in os.scandir(sensor.path):
+            day = day_of_folder(day_entry.name)
+            if day is None:
                 continue
-            for partition in os.scandir(day.path):
+            for partition in os.scandir(day_entry.path):
                 subject = partition.name.removeprefix("subject=")
-                if subject == partition.name or subject in touched:
+                if subject == partition.name or day in touched.get(subject, ()):
                     continue
                 if any(hi > mark for _lo, hi, _p in parts_of(Path(partition.path))[0]):
-                    touched.add(subject)
+                    touched.setdefault(subject, set()).add(day)
     return touched
 
 
