@@ -361,3 +361,27 @@ def test_consumers_on_a_redis_queue_build_what_one_process_builds(
     for name, frame in alone.items():
         assert frame.equals(shared[name]), name
     assert alone["accelerometer"].height == 3 * 2 * 120
+
+
+def test_a_version_8_catalog_gains_subject_zones_and_table_builds(home):
+    from sqlalchemy import inspect, text
+
+    from workbench.catalog import SCHEMA_VERSION
+
+    catalog = open_catalog(home)
+    with catalog.writing() as conn:
+        conn.execute(text("DROP TABLE table_builds"))
+        conn.execute(text("ALTER TABLE subjects DROP COLUMN timezone"))
+        conn.execute(text("UPDATE schema_info SET value = '8' WHERE key = 'version'"))
+    catalog.dispose()
+    catalog = open_catalog(home)
+    try:
+        assert catalog.version() == SCHEMA_VERSION == 9
+        with catalog.engine.connect() as conn:
+            assert "timezone" in {c["name"] for c in inspect(conn).get_columns("subjects")}
+            assert "table_builds" in inspect(conn).get_table_names()
+    finally:
+        catalog.dispose()
+    catalog = open_catalog(home)  # upgrading is idempotent: opening again changes nothing
+    assert catalog.version() == 9
+    catalog.dispose()
