@@ -156,6 +156,9 @@ def test_ema_prompts_and_labelled_minutes_agree_with_the_truth(plain):
     labelled = joined["labelled_minutes_walking"] + joined["labelled_minutes_commuting"]
     assert (joined["labels_minutes_total"].fill_null(0.0) == labelled).all()
     tasks = task_minutes({"active_labeling": sensor_data(config, "demo", "active_labeling")})
+    import workbench
+
+    assert workbench.labelled_minutes(config, "demo").equals(tasks)  # the public per-task table
     for task in ("walking", "commuting"):
         mine = tasks.filter(pl.col("task") == task).select(*KEYS, computed="minutes")
         both = joined.select(*KEYS, f"labelled_minutes_{task}").join(mine, on=KEYS, how="left")

@@ -62,6 +62,7 @@ _LAZY = {
     "init_home": "workbench.config",
     "instrument": "workbench.instruments",
     "JobConfigManager": "workbench.jobs",
+    "labelled_minutes": "workbench.features.build",
     "ledger_counts": "workbench.ledger",
     "list_alerts": "workbench.alerts",
     "list_instruments": "workbench.instruments",
@@ -98,7 +99,12 @@ if TYPE_CHECKING:  # for type checkers and the API reference
     from workbench.decoded import combine_table
     from workbench.enrollment import enroll
     from workbench.export import export_sources, rebuild_decoded
-    from workbench.features.build import app_usage, read_features, write_features
+    from workbench.features.build import (
+        app_usage,
+        labelled_minutes,
+        read_features,
+        write_features,
+    )
     from workbench.ingest import recover_incoming
     from workbench.instruments import instrument, list_instruments, score
     from workbench.jobs import JobConfigManager, get_job

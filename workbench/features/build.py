@@ -47,9 +47,10 @@ from workbench import scheduler
 from workbench.catalog import Catalog, borrowed_catalog, subjects, table_builds
 from workbench.config import Config
 from workbench.errors import FeaturesError, NoSensorTable
-from workbench.features import app_minutes, family, list_families
+from workbench.features import app_minutes, family, list_families, task_minutes
 from workbench.features.app_usage import APP_TABLE
 from workbench.features.family import KEYS
+from workbench.features.labels import TASK_TABLE
 from workbench.identifiers import check_name
 from workbench.pool import DataPool, make_folders, write_file_atomically
 from workbench.sensors.loading import Bound, sensor_data
@@ -176,6 +177,28 @@ def app_usage(
     except NoSensorTable:
         return pl.DataFrame(schema=APP_TABLE)
     return _clip(app_minutes({"application_usage": frame}), start, end)
+
+
+def labelled_minutes(
+    config: Config,
+    study: str,
+    *,
+    subjects: list[str] | str | None = None,
+    start: Bound = None,
+    end: Bound = None,
+) -> pl.DataFrame:
+    """Labelled minutes and labels per subject, local day and task (active labeling), on the
+    local day each label started.
+
+    Example: ``workbench.labelled_minutes(config, "demo").group_by("task").agg(pl.col("minutes").sum())``.
+    """
+    study = check_name("study", study)
+    wanted = _wanted(subjects)
+    try:
+        frame = sensor_data(config, study, "active_labeling", subjects=wanted, start=start, end=end)
+    except NoSensorTable:
+        return pl.DataFrame(schema=TASK_TABLE)
+    return _clip(task_minutes({"active_labeling": frame}), start, end)
 
 
 def compute_features(
