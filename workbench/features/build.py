@@ -49,7 +49,7 @@ from workbench.config import Config
 from workbench.errors import FeaturesError, NoSensorTable
 from workbench.features import app_minutes, family, list_families, task_minutes
 from workbench.features.app_usage import APP_TABLE
-from workbench.features.family import KEYS
+from workbench.features.family import KEYS, day_windows
 from workbench.features.labels import TASK_TABLE
 from workbench.identifiers import check_name
 from workbench.pool import DataPool, make_folders, write_file_atomically
@@ -519,7 +519,9 @@ def _yields(
         frame = frames.get(sensor)
         if frame is None:
             frame = pl.DataFrame(schema=sensor_schema(sensor).columns())
-        observed = yield_observed(frame.lazy(), sensor, share)
+        windows = day_windows(frame) if isinstance(frame, pl.LazyFrame) else [frame.lazy()]
+        observed = [yield_observed(w, sensor, share) for w in windows]
+        observed = pl.concat(observed) if observed else yield_observed(frame.lazy(), sensor, share)
         parts.append(yield_grid(observed, sensor, periods, registered))
     if not parts:
         return pl.DataFrame(schema=YIELD_SCHEMA)

@@ -116,3 +116,17 @@ def local_day(column: str) -> pl.Expr:
     """The local day of an epoch-millisecond ``column``, using the row's own UTC offset."""
     offset = pl.col("local_time") - pl.col("time").dt.replace_time_zone(None)
     return (pl.from_epoch(pl.col(column), time_unit="ms") + offset).dt.date()
+
+
+def day_windows(frame: pl.LazyFrame | pl.DataFrame, days: int = 7) -> list[pl.LazyFrame]:
+    """A table split into runs of ``days`` local days, scanned one after the other: for motion
+    sensors, whose month is a million rows, memory then holds a week at most.
+
+    Example: ``combine(partial(w) for w in day_windows(frames["accelerometer"]))``.
+    """
+    lazy = frame.lazy()
+    found = lazy.select(pl.col("day").unique().sort()).collect().get_column("day").to_list()
+    return [
+        lazy.filter(pl.col("day").is_in(found[first : first + days]))
+        for first in range(0, len(found), days)
+    ]

@@ -24,6 +24,7 @@ from workbench.features.family import (
     FeatureFamily,
     Frames,
     count_nulls,
+    day_windows,
     empty_table,
 )
 
@@ -145,13 +146,17 @@ def summarise_gyroscope(minutes: pl.DataFrame, params: GyroscopeParams) -> Famil
 
 def _accelerometer(frames: Frames, params: AccelerometerParams) -> FamilyResult:
     frame = frames.get("accelerometer")
-    minutes = partial(frame, gravity=G) if frame is not None else combine([])
+    minutes = (
+        combine(partial(w, gravity=G) for w in day_windows(frame))
+        if frame is not None
+        else combine([])
+    )
     return summarise_accelerometer(minutes, params)
 
 
 def _gyroscope(frames: Frames, params: GyroscopeParams) -> FamilyResult:
     frame = frames.get("gyroscope")
-    minutes = partial(frame) if frame is not None else combine([])
+    minutes = combine(partial(w) for w in day_windows(frame)) if frame is not None else combine([])
     return summarise_gyroscope(minutes, params)
 
 
