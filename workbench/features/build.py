@@ -168,15 +168,8 @@ def app_usage(
 
     Example: ``workbench.app_usage(config, "demo").group_by("app").agg(pl.col("minutes").sum())``.
     """
-    study = check_name("study", study)
-    wanted = _wanted(subjects)
-    try:
-        frame = sensor_data(
-            config, study, "application_usage", subjects=wanted, start=start, end=end
-        )
-    except NoSensorTable:
-        return pl.DataFrame(schema=APP_TABLE)
-    return _clip(app_minutes({"application_usage": frame}), start, end)
+    return _long_table(config, study, "application_usage", app_minutes, APP_TABLE,
+                       subjects=subjects, start=start, end=end)  # fmt: skip
 
 
 def labelled_minutes(
@@ -192,13 +185,18 @@ def labelled_minutes(
 
     Example: ``workbench.labelled_minutes(config, "demo").group_by("task").agg(pl.col("minutes").sum())``.
     """
+    return _long_table(config, study, "active_labeling", task_minutes, TASK_TABLE,
+                       subjects=subjects, start=start, end=end)  # fmt: skip
+
+
+def _long_table(config, study, sensor, table, schema, *, subjects, start, end) -> pl.DataFrame:
+    """A per-day long table (``table`` of the sensor's frame), empty without the sensor."""
     study = check_name("study", study)
-    wanted = _wanted(subjects)
     try:
-        frame = sensor_data(config, study, "active_labeling", subjects=wanted, start=start, end=end)
+        frame = sensor_data(config, study, sensor, subjects=_wanted(subjects), start=start, end=end)
     except NoSensorTable:
-        return pl.DataFrame(schema=TASK_TABLE)
-    return _clip(task_minutes({"active_labeling": frame}), start, end)
+        return pl.DataFrame(schema=schema)
+    return _clip(table({sensor: frame}), start, end)
 
 
 def compute_features(
