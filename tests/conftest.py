@@ -4,12 +4,14 @@ subjects, the WSGI app in-process and a real gunicorn server on loopback."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import os
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -372,3 +374,26 @@ def redis_url(tmp_path):
     yield f"redis://127.0.0.1:{port}/0"
     process.terminate()
     process.wait(timeout=10)
+
+
+@contextlib.contextmanager
+def scheduler_consumers(home, count: int, *, workers: int = 1):
+    """``count`` `workbench scheduler` processes on ``home`` (as on hosts sharing its pool and
+    Redis, with the environment's WORKBENCH_REDIS_URL); stopped with SIGTERM on exit."""
+    command = [sys.executable, "-m", "workbench.cli", "--home", str(home), "scheduler"]
+    consumers = [
+        subprocess.Popen(
+            [*command, "--workers", str(workers)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        for _ in range(count)
+    ]
+    try:
+        yield consumers
+    finally:
+        for consumer in consumers:
+            os.killpg(consumer.pid, signal.SIGTERM)
+        for consumer in consumers:
+            consumer.wait(timeout=60)

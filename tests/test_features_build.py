@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import os
-import signal
 import subprocess
 import sys
 
@@ -15,6 +13,7 @@ import polars as pl
 import pytest
 from click.testing import CliRunner
 
+from tests.conftest import scheduler_consumers
 from workbench.catalog import open_catalog
 from workbench.cli import cli
 from workbench.config import init_home, load_config
@@ -216,31 +215,8 @@ def test_processes_and_two_consumers_give_the_single_process_result(lab, redis_u
 
     monkeypatch.setenv("WORKBENCH_REDIS_URL", redis_url)
     config = load_config(lab.home)
-    consumers = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "workbench.cli",
-                "--home",
-                str(lab.home),
-                "scheduler",
-                "--workers",
-                "1",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-        )  # fmt: skip
-        for _ in range(2)
-    ]
-    try:
+    with scheduler_consumers(lab.home, 2):
         queued = compute_features(config, "demo", queue=True)
-    finally:
-        for consumer in consumers:
-            os.killpg(consumer.pid, signal.SIGTERM)
-        for consumer in consumers:
-            consumer.wait(timeout=60)
     assert queued.table.equals(single.table) and queued.apps.equals(single.apps)
     assert queued.reasons == single.reasons
 

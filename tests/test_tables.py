@@ -16,7 +16,7 @@ import polars as pl
 import pytest
 
 import workbench
-from tests.conftest import START_MS, Phone
+from tests.conftest import START_MS, Phone, scheduler_consumers
 from workbench.catalog import open_catalog, uploads
 from workbench.enrollment import enroll
 from workbench.errors import InvalidTimezone, NoSensorTable
@@ -334,23 +334,8 @@ def test_consumers_on_a_redis_queue_build_what_one_process_builds(
         round_of(phones, START_MS + k * 25 * MINUTE, seed=40 + k)
     monkeypatch.setenv("WORKBENCH_REDIS_URL", redis_url)
     config = workbench.load_config(home.home)
-    consumers = [
-        subprocess.Popen(
-            [sys.executable, "-m", "workbench.cli", "--home", str(home.home), "scheduler"]
-            + ["--workers", "1"],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-        for _ in range(2)
-    ]
-    try:
+    with scheduler_consumers(home.home, 2) as consumers:
         summary = workbench.build_tables(config, "walk", queue=True)
-    finally:
-        for consumer in consumers:
-            os.killpg(consumer.pid, signal.SIGTERM)
-        for consumer in consumers:
-            consumer.wait(timeout=60)
     assert sum(s.batches for s in summary.sensors.values()) == 24
     assert summary.workers and summary.workers <= {
         f"{os.uname().nodename}:{c.pid}" for c in consumers

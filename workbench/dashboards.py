@@ -603,17 +603,32 @@ def serve_dashboards(
     folder = folder or dashboards_folder(config)
     if not folder.is_dir():
         raise WorkbenchError(f"no dashboards folder at {folder}")
+    return start_server(
+        config,
+        voila_command(port=port, host=host, folder=folder, preheat=preheat, access=access),
+        env=dashboard_environment(config, access),
+        cwd=folder,
+        log=log,
+    )
+
+
+def start_server(
+    config: Config, command: list[str], *, env: dict, cwd: Path, log: Path | None
+) -> subprocess.Popen:
+    """Start a Jupyter server (Voila, JupyterLab) in its own process group with the pool's
+    umask (what its kernels write is private too), its output appended to ``log`` (default:
+    this process's)."""
     output = None
     if log is not None:
         make_folders(log.parent)
         output = os.fdopen(open_new_file(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND), "ab")
     try:
         return subprocess.Popen(
-            voila_command(port=port, host=host, folder=folder, preheat=preheat, access=access),
-            env=dashboard_environment(config, access),
-            cwd=folder,
+            command,
+            env=env,
+            cwd=cwd,
             start_new_session=True,
-            umask=modes_in(config.pool).umask,  # what the kernels write is private too
+            umask=modes_in(config.pool).umask,
             stdout=output,
             stderr=subprocess.STDOUT if output else None,
         )

@@ -36,9 +36,14 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from workbench.config import Config
-from workbench.dashboards import DashboardAccess, dashboard_environment, wait_for_dashboards
+from workbench.dashboards import (
+    DashboardAccess,
+    dashboard_environment,
+    start_server,
+    wait_for_dashboards,
+)
 from workbench.errors import PortInUse
-from workbench.pool import make_folders, modes_in, open_new_file, write_file_atomically
+from workbench.pool import make_folders, write_file_atomically
 
 TOKEN_ENV = "WORKBENCH_LAB_TOKEN"
 LAB_FOLDER = ".lab"  # in the home, private to its user
@@ -182,23 +187,13 @@ def serve_lab(
         raise ValueError("the lab is served only behind a token")
     check_port_free(host, port)
     root = notebooks_folder(config)
-    output = None
-    if log is not None:
-        make_folders(log.parent)
-        output = os.fdopen(open_new_file(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND), "ab")
-    try:
-        return subprocess.Popen(
-            lab_command(port=port, host=host, root=root, browser=browser),
-            env=lab_environment(config, access),
-            cwd=root,
-            start_new_session=True,
-            umask=modes_in(config.pool).umask,  # what the kernels write is private too
-            stdout=output,
-            stderr=subprocess.STDOUT if output else None,
-        )
-    finally:
-        if output is not None:
-            output.close()
+    return start_server(
+        config,
+        lab_command(port=port, host=host, root=root, browser=browser),
+        env=lab_environment(config, access),
+        cwd=root,
+        log=log,
+    )
 
 
 def wait_for_lab(

@@ -56,9 +56,14 @@ from workbench.pool import DataPool, make_folders, write_file_atomically
 from workbench.sensors.loading import Bound, sensor_data
 from workbench.sensors.parts import QUARANTINE, day_of_folder, parts_of
 from workbench.sensors.schemas import sensor_schema
-from workbench.sensors.yields import YIELD_SCHEMA, Period, _registered_devices, study_periods
-from workbench.sensors.yields import _observed as yield_observed
-from workbench.sensors.yields import _with_grid as yield_grid
+from workbench.sensors.yields import (
+    YIELD_SCHEMA,
+    Period,
+    observed_yield,
+    registered_devices,
+    study_periods,
+    with_study_days,
+)
 from workbench.studies import get_study
 from workbench.times import now_ms
 from workbench.workers import worker_pool
@@ -411,7 +416,7 @@ def compute_share(config: Config, subjects: list[str], job: dict) -> dict:
     with borrowed_catalog(config) as catalog:
         definition = get_study(catalog, job["study"]).definition
         periods = study_periods(catalog, job["study"])
-        registered = _registered_devices(catalog, job["study"])
+        registered = registered_devices(catalog, job["study"])
     share = float(definition.get("yield_hour_share", 0.5))
     results = [
         _subject_share(config, subject, job, periods.get(subject), registered, share)
@@ -518,9 +523,9 @@ def _yields(
         if frame is None:
             frame = pl.DataFrame(schema=sensor_schema(sensor).columns())
         windows = day_windows(frame) if isinstance(frame, pl.LazyFrame) else [frame.lazy()]
-        observed = [yield_observed(w, sensor, share) for w in windows]
-        observed = pl.concat(observed) if observed else yield_observed(frame.lazy(), sensor, share)
-        parts.append(yield_grid(observed, sensor, periods, registered))
+        observed = [observed_yield(w, sensor, share) for w in windows]
+        observed = pl.concat(observed) if observed else observed_yield(frame.lazy(), sensor, share)
+        parts.append(with_study_days(observed, sensor, periods, registered))
     if not parts:
         return pl.DataFrame(schema=YIELD_SCHEMA)
     return pl.concat(parts, how="vertical")

@@ -83,7 +83,7 @@ def data_yield(
     try:
         definition = get_study(catalog, study).definition
         periods = study_periods(catalog, study)
-        registered = _registered_devices(catalog, study)
+        registered = registered_devices(catalog, study)
     finally:
         catalog.dispose()
     share = float(definition.get("yield_hour_share", 0.5))
@@ -99,15 +99,15 @@ def data_yield(
     frames = []
     for name in names:
         data = sensor_data(config, study, name, subjects=subjects, start=start, end=end)
-        observed = _observed(data, name, share)
-        frames.append(_with_grid(observed, name, periods, registered))
+        observed = observed_yield(data, name, share)
+        frames.append(with_study_days(observed, name, periods, registered))
     result = pl.concat(frames, how="vertical") if frames else pl.DataFrame(schema=YIELD_SCHEMA)
     if isinstance(start, dt.date | str) or isinstance(end, dt.date | str):
         result = _clip_days(result, start, end)
     return result.sort("subject", "device", "sensor", "day")
 
 
-def _observed(data: pl.LazyFrame, sensor: str, share: float) -> pl.DataFrame:
+def observed_yield(data: pl.LazyFrame, sensor: str, share: float) -> pl.DataFrame:
     """Per subject, device and day: counts, valid minutes and hours, intervals, ids."""
     schema = sensor_schema(sensor)
     slot = schema.slot_minutes
@@ -209,7 +209,7 @@ def study_periods(catalog: Catalog, study: str) -> dict[str, Period]:
     return periods
 
 
-def _registered_devices(catalog: Catalog, study: str) -> dict[tuple[str, str], list[str]]:
+def registered_devices(catalog: Catalog, study: str) -> dict[tuple[str, str], list[str]]:
     """(subject, app) -> the devices the subject registered with that app."""
     with catalog.engine.connect() as conn:
         rows = conn.execute(
@@ -223,7 +223,7 @@ def _registered_devices(catalog: Catalog, study: str) -> dict[tuple[str, str], l
     return found
 
 
-def _with_grid(
+def with_study_days(
     observed: pl.DataFrame,
     sensor: str,
     periods: dict[str, Period],
